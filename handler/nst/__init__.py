@@ -1,0 +1,12 @@
+"""Gatys neural style transfer: the pure core (no TorchServe imports)."""
+from .config import Limits, Params
+from .errors import RequestError
+from .params import Request, parse_request
+from .pipeline import Output, run
+from .stylize import BudgetExceeded, Diverged, Progress, Result, stylize
+from .vgg import VGGFeatures
+
+__all__ = [
+    "BudgetExceeded", "Diverged", "Limits", "Output", "Params", "Progress", "Request",
+    "RequestError", "Result", "VGGFeatures", "parse_request", "run", "stylize",
+]

@@ -1,0 +1,116 @@
+"""Every tunable of the product in one place: server limits and request defaults.
+
+`Limits` bounds what one request may ask for (the server's side of the contract);
+`Params` is one request's settings after validation. The defaults of `Params`
+are the fast preset; `SEED_PRESET` holds the reference recipe's values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# The reference recipe's style layers and their weights (the tutorial names the
+# conv layers, but the activations it really reads are post-ReLU: see vgg.py).
+RECIPE_STYLE_LAYERS: Mapping[str, float] = {
+    "conv1_1": 1.0,
+    "conv2_1": 0.75,
+    "conv3_1": 0.2,
+    "conv4_1": 0.2,
+    "conv5_1": 0.2,
+}
+RECIPE_CONTENT_LAYER = "conv4_2"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds. Overridable from the model-config YAML (`limits:` key)."""
+
+    max_steps: int = 3000  # the recipe needs 2000; more is never useful
+    max_size: int = 1024  # longest output side, px; GPU memory grows with H*W
+    min_input_side: int = 16  # px; VGG pools 4 times before conv5_1
+    max_input_pixels: int = 50_000_000  # checked from the header, before decoding
+    max_input_bytes: int = 25 * 1024 * 1024  # one encoded image
+    max_styles: int = 4  # style, style_2 .. style_4
+    time_budget_s: float = 540.0  # below responseTimeout (600 s) so no worker is killed
+    progress_every: int = 10  # steps between streamed progress records
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "Limits":
+        """Build from the YAML's `limits:` mapping; unknown keys are an error."""
+        if not raw:
+            return cls()
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise ValueError(f"unknown limits in model config: {', '.join(unknown)}")
+        values = {}
+        for key, value in raw.items():
+            kind = type(getattr(cls(), key))
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"limits.{key} must be true or false")
+            elif kind is int:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"limits.{key} must be a positive integer")
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"limits.{key} must be a positive number")
+                value = float(value)
+            values[key] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Params:
+    """One request's settings. Defaults = the `fast` preset."""
+
+    preset: str = "fast"  # fast | seed
+    steps: int = 150  # L-BFGS iterations; each is one forward+backward
+    max_size: int = 512  # longest output side, px (never upscales)
+    optimizer: str = "lbfgs"  # lbfgs | adam
+    lr: float = 1.0  # L-BFGS step scale; Adam uses 0.02 in [0,1] pixel space
+    content_weight: float = 1.0  # alpha
+    style_weight: float = 1e6  # beta
+    style_layer_weights: Mapping[str, float] = field(
+        default_factory=lambda: dict(RECIPE_STYLE_LAYERS)
+    )
+    init: str = "content"  # content | noise
+    seed: int | None = None  # noise init and any other randomness
+    stream: bool = False  # NDJSON progress records, then the image
+    preserve_color: bool = False  # keep the content image's colors (luminance transfer)
+    style_blend: tuple[float, ...] | None = None  # weights of the style images, in order
+    style_scale: float = 1.0  # style size relative to the content's longest side
+    tv_weight: float = 0.0  # total-variation penalty
+    pooling: str = "max"  # max | avg
+    format: str = "png"  # png | jpeg | webp
+    quality: int = 90  # jpeg / webp only
+
+    @property
+    def recipe_mode(self) -> bool:
+        """The seed preset optimizes ImageNet-normalized pixels without clamping, as the recipe does."""
+        return self.preset == "seed"
+
+
+# What `preset=seed` changes relative to the dataclass defaults. Fields a request
+# sets explicitly win over the preset.
+SEED_PRESET: Mapping[str, Any] = {
+    "steps": 2000,
+    "max_size": 400,
+    "optimizer": "adam",
+    "lr": 0.003,
+    "content_weight": 1.0,
+    "style_weight": 1e6,
+    "init": "content",
+    "pooling": "max",
+    "tv_weight": 0.0,
+}
+# Adam's learning rate when the fast preset is asked for Adam: [0,1] pixels
+# move far less per unit of lr than L-BFGS's scaled steps.
+FAST_ADAM_LR = 0.02
+
+PRESETS = ("fast", "seed")
+OPTIMIZERS = ("lbfgs", "adam")
+INITS = ("content", "noise")
+POOLINGS = ("max", "avg")
+FORMATS = ("png", "jpeg", "webp")

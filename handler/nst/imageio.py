@@ -1,0 +1,119 @@
+"""Image bytes <-> tensors, with the input limits enforced before any pixel is decoded."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from .config import Limits
+from .errors import RequestError
+
+# Decoders we let Pillow try: obscure ones carry most of its CVEs.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode(data: bytes, field: str, limits: Limits, *, draft_size: int | None = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, EXIF orientation applied.
+
+    Format is sniffed from the bytes (the declared type is ignored); size and
+    pixel count are checked from the header, before decoding. `draft_size`
+    lets JPEG decode at a reduced scale when the result is downscaled anyway."""
+    if not data:
+        raise RequestError(400, field, f"{field}: empty image")
+    if len(data) > limits.max_input_bytes:
+        raise RequestError(
+            413, field, f"{field}: {len(data)} bytes, more than the limit of {limits.max_input_bytes}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        if isinstance(e, UnidentifiedImageError):
+            raise RequestError(
+                415, field, f"{field}: not an accepted image format (PNG, JPEG, WebP, GIF)"
+            ) from None
+        raise RequestError(413, field, f"{field}: too many pixels") from None
+    except (OSError, ValueError, SyntaxError):
+        raise RequestError(400, field, f"{field}: unreadable image data") from None
+    w, h = img.size
+    if w * h > limits.max_input_pixels:
+        raise RequestError(
+            413, field, f"{field}: {w}x{h} px, more than the limit of {limits.max_input_pixels} pixels"
+        )
+    if min(w, h) < limits.min_input_side:
+        raise RequestError(
+            422, field, f"{field}: {w}x{h} px, each side must be at least {limits.min_input_side} px"
+        )
+    try:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise RequestError(400, field, f"{field}: truncated or corrupt image data") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16-bit is rescaled (Pillow's convert
+    clamps it), transparency is composited onto white."""
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or img.mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def fit(img: Image.Image, longest: int) -> Image.Image:
+    """Scale down (never up) so the longest side is at most `longest`."""
+    w, h = img.size
+    if max(w, h) <= longest:
+        return img
+    scale = longest / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+
+
+def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to exactly (width, height)."""
+    return img if img.size == size else img.resize(size, Image.LANCZOS)
+
+
+def to_tensor(img: Image.Image, device: torch.device | str = "cpu") -> Tensor:
+    """RGB PIL image -> (1, 3, H, W) float in [0, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
+    return (t.to(device=device, dtype=torch.float32) / 255.0).contiguous()
+
+
+def to_image(pixels: Tensor) -> Image.Image:
+    """(1, 3, H, W) in [0, 1] -> RGB PIL image."""
+    arr = (pixels.detach()[0].clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H, W)
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy(), "RGB")  # (H, W, 3)
+
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode(pixels: Tensor, fmt: str = "png", quality: int = 90) -> bytes:
+    """(1, 3, H, W) in [0, 1] -> encoded bytes of `fmt` (png, jpeg, webp)."""
+    buf = io.BytesIO()
+    img = to_image(pixels)
+    if fmt == "png":
+        img.save(buf, "PNG")
+    elif fmt == "jpeg":
+        img.save(buf, "JPEG", quality=quality)
+    else:
+        img.save(buf, "WEBP", quality=quality)
+    return buf.getvalue()

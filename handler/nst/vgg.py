@@ -1,0 +1,120 @@
+"""Frozen VGG19 feature extractor, truncated after the deepest layer the losses read.
+
+Layer names follow the tutorial (`conv4_2` ...), but the activation returned
+for `convB_I` is the post-ReLU one: the tutorial stores torchvision's conv
+output and the in-place ReLU that follows overwrites it, so that is what the
+reference recipe really optimizes against. `reluB_I` is accepted as an alias.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Collection, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# VGG19 conv blocks up to conv5_1: (block, index in block, in_ch, out_ch,
+# index of the conv in torchvision's `features` Sequential).
+_CONVS = (
+    (1, 1, 3, 64, 0), (1, 2, 64, 64, 2),
+    (2, 1, 64, 128, 5), (2, 2, 128, 128, 7),
+    (3, 1, 128, 256, 10), (3, 2, 256, 256, 12), (3, 3, 256, 256, 14), (3, 4, 256, 256, 16),
+    (4, 1, 256, 512, 19), (4, 2, 512, 512, 21), (4, 3, 512, 512, 23), (4, 4, 512, 512, 25),
+    (5, 1, 512, 512, 28),
+)
+LAYER_NAMES = tuple(f"conv{b}_{i}" for b, i, *_ in _CONVS)
+TORCHVISION_INDEX = {f"conv{b}_{i}": idx for b, i, _, _, idx in _CONVS}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_NAME = re.compile(r"^(?:conv|relu)([1-5])_([1-4])$")
+
+
+def canonical_layer(name: str) -> str:
+    """`relu3_1` -> `conv3_1`; raises ValueError for names VGG19 (up to conv5_1) lacks."""
+    m = _NAME.match(name)
+    if not m or f"conv{m.group(1)}_{m.group(2)}" not in TORCHVISION_INDEX:
+        raise ValueError(f"unknown VGG19 layer {name!r} (use conv1_1 .. conv5_1)")
+    return f"conv{m.group(1)}_{m.group(2)}"
+
+
+def features_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Accept a full torchvision VGG19 checkpoint (`features.N.weight`) or a
+    features-only one (`N.weight`); keep the convs up to conv5_1, keyed `N.weight`."""
+    out: dict[str, Tensor] = {}
+    for key, value in raw.items():
+        key = key[len("features."):] if key.startswith("features.") else key
+        idx, _, kind = key.partition(".")
+        if idx.isdigit() and kind in ("weight", "bias") and int(idx) <= TORCHVISION_INDEX["conv5_1"]:
+            out[key] = value
+    missing = [
+        f"{i}.{k}" for i in TORCHVISION_INDEX.values() for k in ("weight", "bias") if f"{i}.{k}" not in out
+    ]
+    if missing:
+        raise ValueError(f"weights file lacks VGG19 feature tensors: {', '.join(missing[:4])}...")
+    return out
+
+
+class VGGFeatures(nn.Module):
+    """VGG19 convs up to conv5_1, frozen. Pooling is chosen per call (max or avg)."""
+
+    def __init__(self, state: Mapping[str, Tensor]):
+        super().__init__()
+        state = features_state_dict(state)
+        self.convs = nn.ModuleList()
+        for b, i, cin, cout, idx in _CONVS:
+            conv = nn.Conv2d(cin, cout, 3, padding=1)
+            conv.weight.data.copy_(state[f"{idx}.weight"])
+            conv.bias.data.copy_(state[f"{idx}.bias"])
+            self.convs.append(conv)
+        self.requires_grad_(False)
+        self.eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """[0,1] RGB -> the ImageNet-normalized input VGG was trained on."""
+        return (pixels - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+    def forward(self, x: Tensor, layers: Collection[str], pooling: str = "max") -> dict[str, Tensor]:
+        """Post-ReLU activations of `layers` for the normalized batch `x`.
+
+        Stops after the deepest requested layer: nothing past it is computed."""
+        wanted = {canonical_layer(n) for n in layers}
+        deepest = max(LAYER_NAMES.index(n) for n in wanted)
+        pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
+        out: dict[str, Tensor] = {}
+        block = 1
+        for k, (name, conv) in enumerate(zip(LAYER_NAMES, self.convs)):
+            b = int(name[4])
+            if b != block:  # entering a new block: the previous one ends in a 2x2 pool
+                x = pool(x, 2)
+                block = b
+            x = F.relu(conv(x))
+            if name in wanted:
+                out[name] = x
+            if k == deepest:
+                break
+        return out
+
+
+def random_features_state(seed: int = 0) -> dict[str, Tensor]:
+    """torchvision's VGG19 initialization under `torch.manual_seed(seed)`: the
+    deterministic stand-in used offline and in tests (texture transfer only)."""
+    import torchvision
+
+    saved_rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = torchvision.models.vgg19(weights=None)
+    finally:
+        torch.random.set_rng_state(saved_rng)
+    return features_state_dict(model.features.state_dict())

@@ -1,0 +1,41 @@
+"""Loading the shipped VGG19 feature weights and knowing where they came from."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .vgg import features_state_dict
+
+log = logging.getLogger(__name__)
+
+KINDS = ("imagenet", "random", "custom")
+RANDOM_WARNING = (
+    "VGG19 weights are RANDOM (offline fallback): results are a texture-transfer "
+    "approximation, not ImageNet style transfer. Run scripts/fetch_weights.py "
+    "where the network allows, or pass --weights FILE."
+)
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON beside a weights file that records its kind."""
+    return path.with_suffix(".json")
+
+
+def load(path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """(features state dict, kind). Kind comes from the sidecar JSON written by
+    scripts/fetch_weights.py; a file without one is `custom`."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    kind = "custom"
+    meta = sidecar(path)
+    if meta.exists():
+        kind = json.loads(meta.read_text()).get("kind", "custom")
+        if kind not in KINDS:
+            kind = "custom"
+    if kind == "random":
+        log.warning(RANDOM_WARNING)
+    return features_state_dict(state), kind

@@ -1,0 +1,161 @@
+"""TorchServe adapter for the `nst` core: parse rows, run, encode, set status and headers.
+
+TorchServe requires exactly one class in this module.
+"""
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nst import Limits, RequestError, VGGFeatures, parse_request, run
+from nst import weights as nst_weights
+from nst.stylize import BudgetExceeded, Diverged, Progress
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+def _send_intermediate(line: bytes, idx: int, context: Any) -> None:
+    # Imported lazily so the handler's tests need no running frontend.
+    from ts.handler_utils.utils import send_intermediate_predict_response
+
+    send_intermediate_predict_response(
+        {idx: line}, {idx: context.request_ids[idx]}, "Intermediate Prediction success", 200, context
+    )
+
+
+class StyleTransferHandler:
+    """Loads the frozen VGG19 once per worker; each row of a batch is its own optimization."""
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.vgg: VGGFeatures | None = None
+        self.limits = Limits()
+        self.weights_kind = "custom"
+        self.device = torch.device("cpu")
+        self.send_intermediate = _send_intermediate
+
+    def initialize(self, context: Any) -> None:
+        props = context.system_properties
+        gpu_id = props.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{gpu_id}")
+            torch.backends.cudnn.benchmark = True  # fixed-size convs run for hundreds of steps
+        config = getattr(context, "model_yaml_config", None) or {}
+        self.limits = Limits.from_mapping(config.get("limits"))
+        serialized = context.manifest["model"].get("serializedFile", "vgg19_features.pth")
+        state, self.weights_kind = nst_weights.load(Path(props["model_dir"]) / serialized)
+        self.vgg = VGGFeatures(state).to(self.device)
+        self.initialized = True
+        log.info(
+            "style_transfer ready: device=%s weights=%s limits=%s", self.device, self.weights_kind, self.limits
+        )
+
+    def handle(self, data: list[dict], context: Any) -> list[bytes]:
+        return [self._handle_row(idx, row, context) for idx, row in enumerate(data)]
+
+    # -- one request -------------------------------------------------------
+
+    def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
+        streaming = False
+        try:
+            request = parse_request(_fields(row), self.limits)
+            streaming = request.params.stream
+            callback = None
+            if streaming:
+                context.set_response_content_type(idx, NDJSON)
+                callback = lambda p: self.send_intermediate(_progress_line(p), idx, context)  # noqa: E731
+            output = run(
+                request,
+                self.vgg,
+                self.limits,
+                callback=callback,
+                deadline=time.monotonic() + self.limits.time_budget_s,
+            )
+        except RequestError as e:
+            return self._error(idx, e, context, streaming)
+        except BudgetExceeded as e:
+            return self._error(idx, RequestError(504, None, f"time budget exceeded: {e}"), context, streaming)
+        except Diverged as e:
+            err = RequestError(422, "lr", f"lr: the optimization diverged ({e}); use a smaller lr")
+            return self._error(idx, err, context, streaming)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            oom = True
+        except Exception:  # a bug, not the client's fault: log it, never leak it
+            log.exception("request %d failed", idx)
+            err = RequestError(500, None, "internal error while stylizing; see the server log")
+            return self._error(idx, err, context, streaming)
+        else:
+            oom = False
+        if oom:
+            # Recover outside the except block: the exception's frames hold the tensors.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            err = RequestError(507, None, "out of memory: try a smaller max_size")
+            return self._error(idx, err, context, streaming)
+
+        result = output.result
+        facts = {
+            "X-Steps": str(result.steps),
+            "X-Loss": f"{result.loss:.6g}",
+            "X-Elapsed-Ms": f"{result.elapsed_ms:.0f}",
+            "X-Weights": self.weights_kind,
+        }
+        for key, value in facts.items():
+            context.set_response_header(idx, key, value)
+        if streaming:
+            record = {
+                "done": True,
+                "image": base64.b64encode(output.data).decode("ascii"),
+                "content_type": output.content_type,
+                "steps": result.steps,
+                "loss": result.loss,
+                "elapsed_ms": round(result.elapsed_ms, 1),
+                "weights": self.weights_kind,
+            }
+            return (json.dumps(record) + "\n").encode()
+        context.set_response_content_type(idx, output.content_type)
+        return output.data
+
+    def _error(self, idx: int, err: RequestError, context: Any, streaming: bool) -> bytes:
+        log.info("request %d rejected: %d %s", idx, err.code, err.message)
+        if streaming:
+            # The 200 status went out with the first chunk: report in-band.
+            return (json.dumps({"done": True, "error": {"code": err.code, "message": err.message}}) + "\n").encode()
+        context.set_response_status(err.code, err.message, idx)
+        context.set_response_content_type(idx, JSON)
+        return json.dumps(err.as_dict()).encode()
+
+
+def _fields(row: dict) -> dict:
+    """A TorchServe row -> the request's fields. Multipart rows are the fields
+    themselves; a JSON body arrives parsed under `body` (raw bytes if its
+    Content-Type was not application/json)."""
+    if "body" not in row:
+        return row
+    body = row["body"]
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = json.loads(bytes(body))
+        except ValueError:
+            raise RequestError(
+                400, "body", "body: expected multipart/form-data or a JSON object (Content-Type: application/json)"
+            ) from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "body", "body: expected a JSON object")
+    return body
+
+
+def _progress_line(p: Progress) -> bytes:
+    record = {"step": p.step, "steps": p.steps, "loss": p.loss, "elapsed_ms": round(p.elapsed_ms, 1)}
+    return (json.dumps(record) + "\n").encode()

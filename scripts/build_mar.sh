@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build model_store/style_transfer.mar: the handler, the nst core package,
+# the VGG19 feature weights (+ their kind) and the model config.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+WEIGHTS=${WEIGHTS:-weights/vgg19_features.pth}
+OUT=${OUT:-model_store}
+[ -f "$WEIGHTS" ] || { echo "missing $WEIGHTS: run 'make weights' first" >&2; exit 1; }
+
+# --extra-files copies a directory's *contents* flat into the archive root,
+# so stage a directory that holds the nst/ package itself.
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/extra"
+cp -r handler/nst "$stage/extra/nst"
+find "$stage/extra" -name __pycache__ -prune -exec rm -rf {} +
+cp "${WEIGHTS%.pth}.json" "$stage/extra/"
+
+mkdir -p "$OUT"
+"$BIN/torch-model-archiver" \
+  --model-name style_transfer \
+  --version 1.0 \
+  --handler handler/style_transfer_handler.py \
+  --serialized-file "$WEIGHTS" \
+  --extra-files "$stage/extra" \
+  --config-file handler/model-config.yaml \
+  --export-path "$OUT" \
+  --force
+echo "built $OUT/style_transfer.mar"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# start | stop | status: TorchServe with config.properties and the built archive.
+# Re-running start is safe: a running instance is stopped first, so there is
+# never a duplicate server and the archive loaded is the one on disk now.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+export PATH="$PWD/$VENV/bin:$PATH"   # workers run the venv's python
+case "${1:-}" in
+  start)
+    [ -f model_store/style_transfer.mar ] || { echo "no archive: run 'make mar'" >&2; exit 1; }
+    torchserve --stop >/dev/null 2>&1 || true
+    rm -f key_file.json
+    torchserve --start --ts-config config.properties --ncs >/dev/null
+    python scripts/manage.py wait --timeout "${START_TIMEOUT:-300}"
+    echo "TorchServe is up: inference http://127.0.0.1:8080, management http://127.0.0.1:8081"
+    echo "keys are in key_file.json; stop it with: make stop"
+    ;;
+  stop)
+    torchserve --stop
+    ;;
+  status)
+    python scripts/manage.py describe
+    ;;
+  *)
+    echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

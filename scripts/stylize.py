@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Stylize CONTENT with STYLE, through the server (default) or in-process (--local).
+
+  stylize.py content.jpg style.jpg -o out.png --steps 300
+  stylize.py content.jpg style.jpg -o out.png --local --weights weights/vgg19_features.pth
+
+Every request parameter of the API is an option (--steps, --max-size,
+--preset, --seed, ...); both modes validate them with the same parser.
+Server mode streams progress (stream=true) and prints it; the token is read
+from TorchServe's key_file.json unless --token is given.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handler"))
+from nst.params import PARSERS  # noqa: E402
+
+MODEL = "style_transfer"
+
+
+def _progress(step: int, steps: int, loss: float, elapsed_ms: float) -> None:
+    print(f"step {step}/{steps}  loss {loss:.4g}  {elapsed_ms / 1e3:.1f}s", file=sys.stderr, flush=True)
+
+
+def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
+    import requests
+
+    token = args.token or json.loads(Path(args.key_file).read_text())["inference"]["key"]
+    files = {"content": ("content", content), "style": ("style", styles[0])}
+    for i, data in enumerate(styles[1:], start=2):
+        files[f"style_{i}"] = (f"style_{i}", data)
+    fields = dict(given, stream="true")
+    t0 = time.monotonic()
+    with requests.post(
+        f"{args.server}/predictions/{MODEL}",
+        files=files,
+        data=fields,
+        headers={"Authorization": f"Bearer {token}"},
+        stream=True,
+        timeout=(10, args.timeout),
+    ) as r:
+        if r.headers.get("Content-Type", "").startswith("application/json") or not r.ok:
+            print(f"error {r.status_code}: {r.text.strip()}", file=sys.stderr)
+            return 1
+        final = None
+        for line in r.iter_lines():
+            if not line:
+                continue
+            record = json.loads(line)
+            if record.get("done"):
+                final = record
+            else:
+                _progress(record["step"], record["steps"], record["loss"], record["elapsed_ms"])
+    if final is None:
+        print("error: the stream ended without a result", file=sys.stderr)
+        return 1
+    if "error" in final:
+        print(f"error {final['error']['code']}: {final['error']['message']}", file=sys.stderr)
+        return 1
+    Path(args.output).write_bytes(base64.b64decode(final["image"]))
+    print(
+        f"wrote {args.output}: {final['steps']} steps, loss {final['loss']:.4g}, "
+        f"{final['elapsed_ms'] / 1e3:.1f}s optimizing, {time.monotonic() - t0:.1f}s total, "
+        f"weights {final['weights']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
+    import torch
+
+    from nst import Limits, RequestError, VGGFeatures, parse_request, run
+    from nst import weights as nst_weights
+    from nst.stylize import BudgetExceeded, Diverged
+
+    device = torch.device(args.device)
+    state, kind = nst_weights.load(args.weights)
+    vgg = VGGFeatures(state).to(device)
+    limits = Limits()
+    fields = {"content": content, "style": styles[0], **given}
+    fields.update({f"style_{i}": s for i, s in enumerate(styles[1:], start=2)})
+    try:
+        request = parse_request(fields, limits)
+        out = run(request, vgg, limits, callback=lambda p: _progress(p.step, p.steps, p.loss, p.elapsed_ms))
+    except RequestError as e:
+        print(f"error {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    except (BudgetExceeded, Diverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    Path(args.output).write_bytes(out.data)
+    r = out.result
+    print(f"wrote {args.output}: {r.steps} steps, loss {r.loss:.4g}, {r.elapsed_ms / 1e3:.1f}s, weights {kind}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("content")
+    ap.add_argument("style")
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--extra-style", action="append", default=[], metavar="FILE",
+                    help="another style image (style_2, style_3, ... in order); repeatable")
+    ap.add_argument("--server", default="http://127.0.0.1:8080", help="inference address")
+    ap.add_argument("--key-file", default="key_file.json", help="TorchServe's key file (for the token)")
+    ap.add_argument("--token", help="inference key, instead of reading --key-file")
+    ap.add_argument("--timeout", type=float, default=900.0, help="read timeout, s")
+    ap.add_argument("--local", action="store_true", help="run in-process instead of calling the server")
+    ap.add_argument("--weights", default=str(ROOT / "weights" / "vgg19_features.pth"), help="--local: weights file")
+    ap.add_argument("--device", default="cpu", help="--local: cpu or cuda")
+    for name in PARSERS:
+        if name == "stream":
+            continue  # server mode always streams, to show progress
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=f"param_{name}", metavar="VALUE",
+                        help=f"request parameter `{name}` (see the API contract)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    given = {k[len("param_"):]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    content = Path(args.content).read_bytes()
+    styles = [Path(p).read_bytes() for p in [args.style, *args.extra_style]]
+    if args.local:
+        return run_local(args, content, styles, given)
+    return run_server(args, content, styles, given)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
