@@ -12,7 +12,7 @@ case "${1:-}" in
     torchserve --stop >/dev/null 2>&1 || true
     rm -f key_file.json
     torchserve --start --ts-config config.properties --ncs >/dev/null
-    python scripts/manage.py wait --timeout "${START_TIMEOUT:-300}"
+    python scripts/manage.py --timeout "${START_TIMEOUT:-300}" wait
     echo "TorchServe is up: inference http://127.0.0.1:8080, management http://127.0.0.1:8081"
     echo "keys are in key_file.json; stop it with: make stop"
     ;;
