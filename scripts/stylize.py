@@ -82,14 +82,13 @@ def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) 
     from nst import weights as nst_weights
     from nst.stylize import BudgetExceeded, Diverged
 
-    device = torch.device(args.device)
-    state, kind = nst_weights.load(args.weights)
-    vgg = VGGFeatures(state).to(device)
     limits = Limits()
     fields = {"content": content, "style": styles[0], **given}
     fields.update({f"style_{i}": s for i, s in enumerate(styles[1:], start=2)})
     try:
-        request = parse_request(fields, limits)
+        request = parse_request(fields, limits)  # before loading weights: fail fast
+        state, kind = nst_weights.load(args.weights)
+        vgg = VGGFeatures(state).to(torch.device(args.device))
         out = run(request, vgg, limits, callback=lambda p: _progress(p.step, p.steps, p.loss, p.elapsed_ms))
     except RequestError as e:
         print(f"error {e.code}: {e.message}", file=sys.stderr)

@@ -1,0 +1,47 @@
+# Style-transfer TorchServe image with the real ImageNet VGG19 weights baked in.
+#   docker build -t style-transfer .
+#   docker run --rm -p 127.0.0.1:8080-8082:8080-8082 style-transfer          (CPU)
+#   docker run --rm --gpus all -p 127.0.0.1:8080-8082:8080-8082 style-transfer  (GPU)
+# torch 2.14.1 from PyPI is the CUDA build, so one image serves both; the GPU
+# run needs the NVIDIA Container Toolkit on the host.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# Java 17 runs TorchServe's frontend. Debian's point releases carry security
+# fixes, so the package is not pinned to one build.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 model-server
+WORKDIR /home/model-server
+
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY handler handler
+COPY scripts scripts
+COPY config.properties ./
+
+# --require-imagenet: the build fails rather than ship random weights. The
+# download cache is dropped in the same layer; the archive keeps its own copy.
+RUN python scripts/fetch_weights.py --require-imagenet --out weights/vgg19_features.pth \
+ && VENV=/usr/local scripts/build_mar.sh \
+ && rm -rf weights /root/.cache \
+ && sed -i 's#http://127.0.0.1:#http://0.0.0.0:#' config.properties \
+ && chown -R model-server:model-server /home/model-server
+
+USER 10001
+EXPOSE 8080 8081 8082
+
+# /ping needs the inference key, which TorchServe writes to ./key_file.json at start.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+  CMD ["python", "scripts/manage.py", "--timeout", "8", "wait"]
+
+CMD ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"]

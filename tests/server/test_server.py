@@ -1,0 +1,188 @@
+"""Through the real server: real HTTP, real archive, token auth on."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+from PIL import Image
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.server
+
+
+def _small(name: str, fmt: str, size: int = 96) -> bytes:
+    img = Image.open(ROOT / "examples" / name).convert("RGB")
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+CONTENT = _small("tubingen.jpg", "PNG")  # 96x72
+STYLE = _small("starry_night.jpg", "JPEG")
+
+
+def _png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    return img
+
+
+def test_multipart_returns_png_of_right_size(server):
+    r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "3", "max_size": "64"})
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"] == "image/png"
+    assert _png(r.content).size == (64, 48)
+    assert r.headers["X-Steps"] == "3"
+    assert float(r.headers["X-Loss"]) > 0
+    assert int(r.headers["X-Elapsed-Ms"]) >= 0
+    assert r.headers["X-Weights"] == "random"
+
+
+def test_json_base64_request(server):
+    body = {
+        "content": base64.b64encode(CONTENT).decode(),
+        "style": "data:image/jpeg;base64," + base64.b64encode(STYLE).decode().rstrip("="),
+        "steps": 2,
+        "max_size": 40,
+        "seed": 7,
+    }
+    r = server.predict(json=body)
+    assert r.status_code == 200, r.text
+    assert _png(r.content).size == (40, 30)
+
+
+def test_seed_is_reproducible_through_http(server):
+    fields = {"steps": "2", "max_size": "32", "init": "noise", "seed": "11"}
+    a = server.predict(files={"content": CONTENT, "style": STYLE}, data=fields)
+    b = server.predict(files={"content": CONTENT, "style": STYLE}, data=fields)
+    assert a.status_code == b.status_code == 200
+    assert a.content == b.content
+
+
+@pytest.mark.parametrize(
+    "files, data, code, field",
+    [
+        ({"style": STYLE}, {}, 400, "content"),
+        ({"content": CONTENT}, {}, 400, "style"),
+        ({"content": b"this is not an image", "style": STYLE}, {}, 415, "content"),
+        ({"content": CONTENT[: len(CONTENT) // 2], "style": STYLE}, {}, 400, "content"),
+        ({"content": CONTENT, "style": STYLE}, {"stepz": "3"}, 422, "stepz"),
+        ({"content": CONTENT, "style": STYLE}, {"steps": "0"}, 422, "steps"),
+        ({"content": CONTENT, "style": STYLE}, {"steps": "999999"}, 422, "steps"),
+        ({"content": CONTENT, "style": STYLE}, {"lr": "nan"}, 422, "lr"),
+        ({"content": CONTENT, "style": STYLE}, {"preset": "slow"}, 422, "preset"),
+    ],
+)
+def test_bad_requests_get_contract_errors_and_worker_survives(server, files, data, code, field):
+    pids = server.worker_pids()
+    r = server.predict(files=files, data=data)
+    assert r.status_code == code, r.text
+    body = r.json()
+    assert body["code"] == code and body["type"]
+    assert body["message"].startswith(field)
+    assert "Traceback" not in r.text and "/" not in body["message"]
+    assert server.worker_pids() == pids
+
+
+def test_malformed_json_body_is_400(server):
+    r = server.predict(data=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["message"].startswith("body")
+
+
+def test_stream_sends_progress_then_image(server):
+    r = server.predict(
+        files={"content": CONTENT, "style": STYLE}, data={"steps": "20", "max_size": "48", "stream": "true"}
+    )
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("application/x-ndjson")
+    records = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    progress, final = records[:-1], records[-1]
+    assert [p["step"] for p in progress] == [10, 20]
+    assert all(p["steps"] == 20 and p["loss"] > 0 for p in progress)
+    assert final["done"] is True and final["steps"] == 20 and final["weights"] == "random"
+    assert _png(base64.b64decode(final["image"])).size == (48, 36)
+
+
+def test_no_or_wrong_token_is_refused(server):
+    url = f"{server.inference}/predictions/style_transfer"
+    r = requests.post(url, files={"content": CONTENT, "style": STYLE}, timeout=30)
+    assert r.status_code == 400 and "Token" in r.json()["message"]
+    r = requests.post(url, files={"content": CONTENT, "style": STYLE},
+                      headers={"Authorization": "Bearer wrongkey"}, timeout=30)
+    assert r.status_code == 400
+    r = requests.get(f"{server.management}/models", timeout=30)
+    assert r.status_code == 400
+
+
+def test_model_registration_api_is_off(server):
+    r = requests.post(f"{server.management}/models", params={"url": "x.mar"},
+                      headers=server.auth("management"), timeout=30)
+    assert r.status_code == 405
+
+
+def test_prometheus_metrics(server):
+    r = requests.get(f"{server.metrics}/metrics", timeout=30)
+    assert r.status_code == 200
+    assert "# TYPE" in r.text
+
+
+def _script(server, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args],
+        cwd=server.workdir, env=server.env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_stylize_cli_server_mode(server, tmp_path):
+    (tmp_path / "c.png").write_bytes(CONTENT)
+    (tmp_path / "s.jpg").write_bytes(STYLE)
+    out = tmp_path / "out.png"
+    p = _script(server, "stylize.py", str(tmp_path / "c.png"), str(tmp_path / "s.jpg"), "-o", str(out),
+                "--server", server.inference, "--steps", "10", "--max-size", "40")
+    assert p.returncode == 0, p.stderr
+    assert "step 10/10" in p.stderr
+    assert _png(out.read_bytes()).size == (40, 30)
+    bad = _script(server, "stylize.py", str(tmp_path / "c.png"), str(tmp_path / "s.jpg"), "-o", str(out),
+                  "--server", server.inference, "--steps", "-1")
+    assert bad.returncode == 1 and "422" in bad.stderr and "steps" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_readme_curl_example(server, tmp_path):
+    (tmp_path / "content.png").write_bytes(CONTENT)
+    (tmp_path / "style.jpg").write_bytes(STYLE)
+    token = server.key("inference")
+    # The README's example, with this test server's port and tiny settings.
+    cmd = (f'curl -sf -H "Authorization: Bearer {token}" -F content=@content.png -F style=@style.jpg '
+           f'-F steps=3 -F max_size=32 {server.inference}/predictions/style_transfer -o out.png')
+    subprocess.run(cmd, shell=True, cwd=tmp_path, check=True, timeout=300)
+    assert _png((tmp_path / "out.png").read_bytes()).size == (32, 24)
+
+
+def test_scale_workers_with_manage_script(server):
+    common = ["--management", server.management, "--inference", server.inference,
+              "--key-file", str(server.key_file)]
+    try:
+        p = _script(server, "manage.py", *common, "scale", "2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        p = _script(server, "manage.py", *common, "describe")
+        assert p.returncode == 0
+        described = json.loads(p.stdout)[0]
+        assert described["minWorkers"] == 2
+        assert len(described["workers"]) == 2
+        r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "1", "max_size": "32"})
+        assert r.status_code == 200
+    finally:
+        _script(server, "manage.py", *common, "scale", "1")
+    assert len(server.describe()["workers"]) == 1
