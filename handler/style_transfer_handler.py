@@ -66,14 +66,17 @@ class StyleTransferHandler:
     # -- one request -------------------------------------------------------
 
     def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
-        streaming = False
+        streaming = False  # True once a progress record (and with it the 200 status) went out
         try:
             request = parse_request(_fields(row), self.limits)
-            streaming = request.params.stream
             callback = None
-            if streaming:
+            if request.params.stream:
                 context.set_response_content_type(idx, NDJSON)
-                callback = lambda p: self.send_intermediate(_progress_line(p), idx, context)  # noqa: E731
+
+                def callback(p: Progress) -> None:
+                    nonlocal streaming
+                    self.send_intermediate(_progress_line(p), idx, context)
+                    streaming = True
             output = run(
                 request,
                 self.vgg,
@@ -113,7 +116,7 @@ class StyleTransferHandler:
         }
         for key, value in facts.items():
             context.set_response_header(idx, key, value)
-        if streaming:
+        if request.params.stream:
             record = {
                 "done": True,
                 "image": base64.b64encode(output.data).decode("ascii"),
@@ -140,13 +143,13 @@ class StyleTransferHandler:
 def _fields(row: dict) -> dict:
     """A TorchServe row -> the request's fields. Multipart rows are the fields
     themselves; a JSON body arrives parsed under `body` (raw bytes if its
-    Content-Type was not application/json)."""
+    Content-Type was not application/json, str if it was text/*)."""
     if "body" not in row:
         return row
     body = row["body"]
-    if isinstance(body, (bytes, bytearray)):
+    if isinstance(body, (bytes, bytearray, str)):
         try:
-            body = json.loads(bytes(body))
+            body = json.loads(body if isinstance(body, str) else bytes(body))
         except ValueError:
             raise RequestError(
                 400, "body", "body: expected multipart/form-data or a JSON object (Content-Type: application/json)"

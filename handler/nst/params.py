@@ -222,7 +222,9 @@ def parse_request(fields: Mapping[str, Any], limits: Limits) -> Request:
     content = _image_bytes(fields.pop("content"), "content", limits)
 
     style_value = fields.pop("style")
-    style_values = style_value if isinstance(style_value, list) else [style_value]
+    style_values = list(style_value) if isinstance(style_value, list) else [style_value]
+    if not style_values:
+        raise RequestError(400, "style", "style: required image missing (empty list)")
     names = ["style"] if len(style_values) == 1 else [f"style[{i}]" for i in range(len(style_values))]
     extra = sorted((k for k in fields if _STYLE_N.match(k)), key=lambda k: int(k.split("_")[1]))
     expected = [f"style_{i}" for i in range(2, 2 + len(extra))]

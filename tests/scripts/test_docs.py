@@ -1,0 +1,56 @@
+"""The README's tables say what the code does."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from nst.config import Limits, Params
+from nst.params import PARSERS
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def _table_rows(header_start: str) -> dict[str, list[str]]:
+    table = README.split(header_start, 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        for name in re.findall(r"`(\w+)`", cells[0]):
+            rows[name] = cells
+    return rows
+
+
+def test_parameter_table_lists_every_parameter_with_its_default():
+    rows = _table_rows("| name | type / range | default | meaning |")
+    assert set(PARSERS) <= set(rows)
+    defaults = Params()
+    for name in PARSERS:
+        documented = rows[name][2].strip("`")
+        value = getattr(defaults, name)
+        if value is None:
+            assert documented in ("none", "equal"), name
+        elif isinstance(value, bool):
+            assert documented == str(value).lower(), name
+        elif isinstance(value, dict):
+            assert json.loads(documented) == value, name
+        else:
+            assert documented == str(value), name
+
+
+def test_limits_table_matches_code_and_shipped_yaml():
+    rows = _table_rows("| limit | default | meaning |")
+    shipped = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["limits"]
+    assert Limits.from_mapping(shipped) == Limits()
+    for f in dataclasses.fields(Limits):
+        assert f.name in rows, f.name
+        assert float(rows[f.name][1]) == float(getattr(Limits(), f.name)), f.name
+
+
+def test_response_timeout_above_time_budget():
+    cfg = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    assert cfg["responseTimeout"] > cfg["limits"]["time_budget_s"]
