@@ -16,7 +16,7 @@ import torch
 
 from nst import Limits, RequestError, VGGFeatures, parse_request, run
 from nst import weights as nst_weights
-from nst.stylize import BudgetExceeded, Diverged, Progress
+from nst.optimize import BudgetExceeded, Diverged, Progress
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) 
 
     from nst import Limits, RequestError, VGGFeatures, parse_request, run
     from nst import weights as nst_weights
-    from nst.stylize import BudgetExceeded, Diverged
+    from nst.optimize import BudgetExceeded, Diverged
 
     limits = Limits()
     fields = {"content": content, "style": styles[0], **given}

@@ -3,7 +3,7 @@ from .config import Limits, Params
 from .errors import RequestError
 from .params import Request, parse_request
 from .pipeline import Output, run
-from .stylize import BudgetExceeded, Diverged, Progress, Result, stylize
+from .optimize import BudgetExceeded, Diverged, Progress, Result, stylize
 from .vgg import VGGFeatures
 
 __all__ = [

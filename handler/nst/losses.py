@@ -49,7 +49,7 @@ class Terms:
     tv: Tensor
 
 
-Objective = Callable[[Tensor], Terms]
+Objective = Callable[..., Terms]  # (normalized image, dtype=float32) -> Terms
 
 
 def make_objective(
@@ -69,7 +69,9 @@ def make_objective(
     normalized image (1,3,H,W) to its loss terms.
 
     Several style images are blended by mixing their Gram targets with the
-    normalized `style_blend` weights (equal weights when not given)."""
+    normalized `style_blend` weights (equal weights when not given).
+    Targets are always float32; the returned function takes the dtype of its
+    VGG pass as a second argument (float32 by default)."""
     layer_weights = {canonical_layer(k): float(v) for k, v in style_layer_weights.items() if v != 0}
     content_layer = canonical_layer(content_layer)
     layers = set(layer_weights) | {content_layer}
@@ -86,8 +88,8 @@ def make_objective(
                 g = gram(feats[name]) * weight
                 targets[name] = targets[name] + g if name in targets else g
 
-    def objective(x: Tensor) -> Terms:
-        feats = vgg(x, layers, pooling)
+    def objective(x: Tensor, dtype: torch.dtype = torch.float32) -> Terms:
+        feats = vgg(x, layers, pooling, dtype)
         c = content_loss(feats[content_layer], content_target)
         s = sum(
             (w * style_layer_loss(feats[n], targets[n]) for n, w in layer_weights.items()),

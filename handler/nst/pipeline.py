@@ -9,7 +9,7 @@ from . import imageio
 from .config import Limits
 from .errors import RequestError
 from .params import Request
-from .stylize import Callback, Result, stylize
+from .optimize import Callback, Result, stylize
 from .vgg import VGGFeatures
 
 

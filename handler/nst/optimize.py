@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .config import Params
+from .config import LBFGS_HISTORY, LBFGS_MEMORY, LOWP_STEPS, Params
 from .losses import make_objective
 from .vgg import VGGFeatures
 
@@ -75,6 +75,25 @@ def _initial_image(content: Tensor, params: Params) -> Tensor:
     return torch.rand(content.shape, generator=gen).to(content.device)
 
 
+def compute_dtype(device: torch.device, params: Params) -> torch.dtype:
+    """bf16 for the first VGG passes of the fast preset where the hardware does
+    bf16 (Grams and losses stay float32: see losses.py). The seed preset stays
+    float32 so it matches the recipe step for step."""
+    if params.recipe_mode or LOWP_STEPS == 0:
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def lbfgs_history(pixels: int) -> int:
+    """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes."""
+    per_pair = 2 * 3 * pixels * 4  # two float32 image-sized vectors
+    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // per_pair))
+
+
 def stylize(
     vgg: VGGFeatures,
     content: Tensor,
@@ -89,12 +108,14 @@ def stylize(
     (1,3,h,w)), all [0,1] RGB on the extractor's device.
 
     The seed preset (recipe mode) optimizes ImageNet-normalized pixels with no
-    constraint, step for step as the tutorial does; the fast preset optimizes
-    [0,1] pixels and projects them back into range after every step, so the
-    image it optimizes is the image it delivers. `deadline` is a
-    `time.monotonic()` value; past it, `BudgetExceeded` is raised.
+    constraint, step for step as the tutorial does. The fast preset optimizes
+    pixels and the objective sees them clamped to [0,1]: the image it scores is
+    the image it delivers (clamping inside the objective keeps L-BFGS's
+    curvature pairs consistent, where projecting after each step breaks them).
+    `deadline` is a `time.monotonic()` value; past it, `BudgetExceeded` is raised.
     """
     start = time.monotonic()
+    lowp = compute_dtype(content.device, params)
     objective = make_objective(
         vgg,
         vgg.normalize(content),
@@ -107,29 +128,31 @@ def stylize(
         pooling=params.pooling,
     )
     if params.recipe_mode:
-        var = vgg.normalize(_initial_image(content, params)).requires_grad_(True)
+        var = vgg.normalize(_initial_image(content, params))
         to_input = lambda v: v  # noqa: E731  the variable already is VGG's input
         to_pixels = vgg.denormalize
     else:
-        var = _initial_image(content, params).requires_grad_(True)
-        to_input = vgg.normalize
-        to_pixels = lambda v: v  # noqa: E731
+        var = _initial_image(content, params)
+        to_input = lambda v: vgg.normalize(v.clamp(0, 1))  # noqa: E731
+        to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
+    var = var.contiguous().requires_grad_(True)
 
     if params.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam([var], lr=params.lr)
     else:
         # One L-BFGS iteration per .step(): steps count iterations, and the
-        # deadline and progress are checked between them. Short history: the
-        # two-loop recursion is vector work on image-sized buffers.
-        opt = torch.optim.LBFGS([var], lr=params.lr, max_iter=1, history_size=10)
+        # deadline and progress are checked between them.
+        history_size = lbfgs_history(content.shape[-2] * content.shape[-1])
+        opt = torch.optim.LBFGS([var], lr=params.lr, max_iter=1, history_size=history_size)
 
     history: list[Progress] = []
     last_loss = math.nan
+    dtype = lowp
 
     def closure() -> Tensor:
         nonlocal last_loss
         opt.zero_grad(set_to_none=True)
-        loss = objective(to_input(var)).total
+        loss = objective(to_input(var), dtype).total
         loss.backward()
         last_loss = loss.item()
         return loss
@@ -138,12 +161,12 @@ def stylize(
         for step in range(1, params.steps + 1):
             if deadline is not None and time.monotonic() > deadline:
                 raise BudgetExceeded(f"time budget ran out after {step - 1} of {params.steps} steps")
+            # bf16 gradients are good enough to get near the optimum and stall
+            # there: finish in float32.
+            dtype = lowp if step <= LOWP_STEPS else torch.float32
             opt.step(closure)
             if not math.isfinite(last_loss):
                 raise Diverged(f"loss became {last_loss} at step {step}")
-            if not params.recipe_mode:
-                with torch.no_grad():
-                    var.clamp_(0, 1)
             if step % progress_every == 0 or step == params.steps:
                 p = Progress(step, params.steps, last_loss, (time.monotonic() - start) * 1e3)
                 history.append(p)
@@ -154,7 +177,7 @@ def stylize(
         delivered = quantize(to_pixels(var.detach()))
         if params.preserve_color:
             delivered = quantize(transfer_luminance(delivered, content))
-        final = objective(vgg.normalize(delivered)).total.item()
+        final = objective(vgg.normalize(delivered), torch.float32).total.item()
     if not math.isfinite(final):
         raise Diverged(f"loss of the delivered image is {final}")
     return Result(delivered, final, params.steps, (time.monotonic() - start) * 1e3, history)

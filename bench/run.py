@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""`make bench`: the product against the reference recipe, side by side, in one run.
+
+Writes bench/results.json, bench/loss_vs_time.png and docs/PERFORMANCE.md.
+Every method uses the same weights file and the same input pixels (content
+and style resized once to --size), and every result is scored with the
+reference recipe's own loss function on the 8-bit PNG it delivers.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import io
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "scripts"), str(ROOT / "bench")]
+import reference_recipe as ref  # noqa: E402
+from nst import Limits, VGGFeatures, parse_request, run  # noqa: E402
+from nst import weights as nst_weights  # noqa: E402
+from nst.config import Params  # noqa: E402
+
+OUT_DIR = ROOT / "bench"
+SWEEP = (10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100, 150)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).unsqueeze(0).float() / 255  # (1,3,H,W)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}; torch {torch.__version__}"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        w, h = (int(v) for v in args.size.split("x"))
+        self.size = (w, h)
+        state, self.weights_kind = nst_weights.load(args.weights)
+        self.vgg = VGGFeatures(state)
+        self.ref_vgg = ref.load_vgg(state)
+        content = Image.open(ROOT / "examples" / "tubingen.jpg").convert("RGB").resize((w, h), Image.LANCZOS)
+        style = Image.open(ROOT / "examples" / "starry_night.jpg").convert("RGB").resize((w, h), Image.LANCZOS)
+        self.content_png, self.style_png = png_bytes(content), png_bytes(style)
+        self.content_n = ref.load_image(Image.open(io.BytesIO(self.content_png)), shape=(h, w))
+        self.style_n = ref.load_image(Image.open(io.BytesIO(self.style_png)), shape=(h, w))
+        self.limits = Limits()
+        self.results: dict = {"machine": machine(), "size": args.size, "weights": self.weights_kind}
+
+    def score_png(self, data: bytes) -> float:
+        return ref.score(decode_png(data), self.content_n, self.style_n, self.ref_vgg)
+
+    def product(self, **fields):
+        """One in-process request through the core; wall time includes decode and encode."""
+        req = parse_request({"content": self.content_png, "style": self.style_png,
+                             "max_size": max(self.size), **fields}, self.limits)
+        curve = []
+        t0 = time.perf_counter()
+        out = run(req, self.vgg, self.limits, callback=lambda p: curve.append((time.perf_counter() - t0, p.loss)))
+        wall = time.perf_counter() - t0
+        return out, wall, curve
+
+    # -- the reference recipe -------------------------------------------------
+    def reference(self):
+        steps = self.args.reference_steps
+        curve = []
+        target = ref.run(self.content_n, self.style_n, self.ref_vgg, steps=steps,
+                         on_step=lambda i, loss, t: curve.append((t, loss)))
+        wall = curve[-1][0]
+        pixels = (target * torch.tensor(ref.STD).view(1, 3, 1, 1) + torch.tensor(ref.MEAN).view(1, 3, 1, 1))
+        data = png_bytes(Image.fromarray(
+            (pixels[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy(), "RGB"))
+        per_step = wall / steps
+        self.results["reference"] = {
+            "steps_run": steps,
+            "per_step_s": per_step,
+            "time_2000_s": per_step * 2000,
+            "extrapolated": steps != 2000,
+            "final_loss_png": self.score_png(data),
+            "curve": curve[:: max(1, steps // 200)],
+        }
+        print(f"reference: {steps} steps, {per_step * 1e3:.1f} ms/step, "
+              f"loss {self.results['reference']['final_loss_png']:.3f}", flush=True)
+
+    # -- the product's presets ---------------------------------------------
+    def seed_preset(self):
+        n = self.args.seed_steps
+        out, wall, curve = self.product(preset="seed", steps=n)
+        per_step = out.result.elapsed_ms / 1e3 / n
+        self.results["seed_preset"] = {
+            "steps_run": n, "per_step_s": per_step,
+            "per_step_vs_reference": per_step / self.results["reference"]["per_step_s"],
+            "loss_png": self.score_png(out.data), "curve": curve,
+        }
+        print(f"seed preset: {per_step * 1e3:.1f} ms/step", flush=True)
+
+    def default(self):
+        out, wall, curve = self.product()
+        ref_res = self.results["reference"]
+        loss = self.score_png(out.data)
+        self.results["default"] = {
+            "steps": Params().steps, "wall_s": wall, "loss_png": loss,
+            "loss_vs_reference": loss / ref_res["final_loss_png"],
+            "speedup_vs_reference": ref_res["time_2000_s"] / wall, "curve": curve,
+        }
+        print(f"default: {wall:.2f}s loss {loss:.3f}", flush=True)
+
+    def time_to_reference_quality(self):
+        target = self.results["reference"]["final_loss_png"]
+        sweep = []
+        for steps in SWEEP:
+            out, wall, _ = self.product(steps=steps)
+            loss = self.score_png(out.data)
+            sweep.append({"steps": steps, "wall_s": wall, "loss_png": loss})
+            print(f"  sweep {steps} steps: {wall:.2f}s loss {loss:.3f}", flush=True)
+            if loss <= target:
+                break
+        hit = next((s for s in sweep if s["loss_png"] <= target), None)
+        self.results["time_to_reference_quality"] = {
+            "target_loss_png": target, "sweep": sweep,
+            "steps": hit and hit["steps"], "wall_s": hit and hit["wall_s"],
+            "speedup_vs_reference": hit and self.results["reference"]["time_2000_s"] / hit["wall_s"],
+        }
+
+    # -- through the server ----------------------------------------------------
+    def server(self):
+        from local_server import running_server
+
+        fields = {"steps": str(self.args.http_steps), "max_size": str(max(self.size))}
+        with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp), Path(self.args.weights)) as srv:
+            files = {"content": self.content_png, "style": self.style_png}
+            srv.predict(files=files, data=fields).raise_for_status()  # warm-up
+            local, http = [], []
+            for _ in range(self.args.repeats):
+                t0 = time.perf_counter()
+                self.product(steps=self.args.http_steps)
+                local.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                srv.predict(files=files, data=fields).raise_for_status()
+                http.append(time.perf_counter() - t0)
+            self.results["http_overhead"] = {
+                "steps": self.args.http_steps, "local_s": statistics.median(local),
+                "http_s": statistics.median(http),
+                "overhead": statistics.median(http) / statistics.median(local) - 1,
+            }
+            print(f"http overhead: {self.results['http_overhead']['overhead'] * 100:.1f}%", flush=True)
+
+            worker = psutil.Process(srv.worker_pids()[0])
+            rss_peak = worker.memory_info().rss
+            small = {"steps": "10", "max_size": "64"}
+            throughput = {}
+            for clients in (1, 2, 4):
+                n = clients * self.args.requests_per_client
+                lat = []
+
+                def one(_):
+                    t = time.perf_counter()
+                    srv.predict(files=files, data=small).raise_for_status()
+                    return time.perf_counter() - t
+                t0 = time.perf_counter()
+                with cf.ThreadPoolExecutor(clients) as pool:
+                    futures = [pool.submit(one, i) for i in range(n)]
+                    while not all(f.done() for f in futures):
+                        rss_peak = max(rss_peak, worker.memory_info().rss)
+                        time.sleep(0.05)
+                    lat = [f.result() for f in futures]
+                wall = time.perf_counter() - t0
+                throughput[str(clients)] = {"requests": n, "req_per_s": n / wall,
+                                            "p50_s": statistics.median(lat), "max_s": max(lat)}
+                print(f"throughput {clients} clients: {n / wall:.2f} req/s", flush=True)
+            self.results["throughput"] = throughput
+            self.results["worker_peak_rss_mib"] = rss_peak / 2**20
+        self.results["bench_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("reference", "reference recipe (Adam, 2000 steps)"),
+                       ("seed_preset", "product preset=seed"), ("default", "product default")):
+        curve = results.get(key, {}).get("curve")
+        if curve:
+            ax.plot([t for t, _ in curve], [loss for _, loss in curve], label=label)
+    ref_res = results["reference"]
+    ax.axhline(ref_res["final_loss_png"], color="gray", ls="--", lw=0.8, label="reference final loss (PNG)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time, s")
+    ax.set_ylabel("loss (optimizer's own, per step)")
+    ax.set_title(f"Loss against time at {results['size']} px, {results['weights']} weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(r: dict) -> str:
+    ref_res, d, q = r["reference"], r["default"], r["time_to_reference_quality"]
+    lines = [
+        "# Performance",
+        "",
+        "Written by `make bench` (bench/run.py); do not edit by hand. All figures come",
+        "from one run on one machine, the reference recipe measured side by side.",
+        "",
+        f"- Machine: {r['machine']}",
+        f"- Image: {r['size']} px (tubingen / starry_night), weights: {r['weights']}",
+        f"- Reference recipe (bench/reference_recipe.py, the tutorial's own code): "
+        f"{ref_res['per_step_s'] * 1e3:.1f} ms/step, 2000 steps = {ref_res['time_2000_s']:.1f} s"
+        + (f" (extrapolated from {ref_res['steps_run']} steps)" if ref_res["extrapolated"] else " (all 2000 run)")
+        + f", final loss on its PNG {ref_res['final_loss_png']:.3f}.",
+        "",
+        "Scores are the recipe's own loss of the delivered 8-bit PNG. Times are wall",
+        "times of a whole in-process request (decode, optimize, encode).",
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+    ]
+    if q["steps"]:
+        lines.append(f"| time to the reference quality | {q['speedup_vs_reference']:.0f}x faster "
+                     f"({q['steps']} steps, loss {q['sweep'][-1]['loss_png']:.3f}) | >= 100x |")
+    else:
+        lines.append("| time to the reference quality | not reached in the sweep | >= 100x |")
+    lines += [
+        f"| default quality (steps={d['steps']}) | loss {d['loss_vs_reference']:.3f} of the reference's, "
+        f"{d['speedup_vs_reference']:.0f}x faster | <= 0.1, >= 20x |",
+        f"| preset=seed per-step cost | {r['seed_preset']['per_step_vs_reference']:.2f}x the reference's | <= 1x |",
+    ]
+    if "http_overhead" in r:
+        h = r["http_overhead"]
+        lines.append(f"| HTTP vs in-process ({h['steps']} steps) | {h['overhead'] * 100:+.1f}% "
+                     f"({h['http_s']:.2f} s vs {h['local_s']:.2f} s) | <= 5% |")
+    lines += ["", "![loss against wall time](../bench/loss_vs_time.png)", ""]
+    if "throughput" in r:
+        lines += ["Throughput (1 worker, 64 px, 10 steps per request):", "",
+                  "| clients | requests | req/s | p50 latency, s |", "|---|---|---|---|"]
+        for c, t in r["throughput"].items():
+            lines.append(f"| {c} | {t['requests']} | {t['req_per_s']:.2f} | {t['p50_s']:.2f} |")
+        lines += ["", f"Peak RSS: worker {r['worker_peak_rss_mib']:.0f} MiB, "
+                  f"benchmark process {r['bench_peak_rss_mib']:.0f} MiB.", ""]
+    lines += ["Time-to-quality sweep (default settings, steps varied):", "",
+              "| steps | wall, s | loss (PNG) |", "|---|---|---|"]
+    for s in q["sweep"]:
+        lines.append(f"| {s['steps']} | {s['wall_s']:.2f} | {s['loss_png']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=str(ROOT / "weights" / "vgg19_features.pth"))
+    ap.add_argument("--size", default="170x128", help="WxH of both images")
+    ap.add_argument("--reference-steps", type=int, default=2000,
+                    help="reference steps actually run; fewer = per-step time extrapolated to 2000")
+    ap.add_argument("--seed-steps", type=int, default=100, help="preset=seed steps timed")
+    ap.add_argument("--http-steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--no-server", action="store_true", help="skip the HTTP measurements")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    b = Bench(args)
+    b.reference()
+    b.seed_preset()
+    b.default()
+    b.time_to_reference_quality()
+    if not args.no_server:
+        b.server()
+    OUT_DIR.mkdir(exist_ok=True)
+    (OUT_DIR / "results.json").write_text(json.dumps(b.results, indent=2))
+    plot(b.results, OUT_DIR / "loss_vs_time.png")
+    (ROOT / "docs" / "PERFORMANCE.md").write_text(report(b.results))
+    print(report(b.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

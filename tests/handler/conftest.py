@@ -1,0 +1,95 @@
+"""The TorchServe handler without a server: a fake Context that stores what
+the handler sets, the way ts/context.py's Context + RequestProcessor do."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from style_transfer_handler import StyleTransferHandler
+
+SERIALIZED = "vgg19_features.pth"
+
+
+class FakeContext:
+    """Per-index response status and headers, like ts.context.Context backed by
+    one RequestProcessor per row (status defaults to 200, headers to {})."""
+
+    def __init__(self, model_dir: Path, *, limits: dict | None = None, rows: int = 1, gpu_id=None):
+        self.model_name = "style_transfer"
+        self.manifest = {"model": {"modelName": "style_transfer", "serializedFile": SERIALIZED, "handler": "style_transfer_handler.py"}}
+        self.system_properties = {
+            "model_dir": str(model_dir),
+            "gpu_id": gpu_id,
+            "batch_size": rows,
+            "server_name": "MMS",
+            "server_version": "test",
+            "limit_max_image_pixels": True,
+        }
+        self.model_yaml_config = {"minWorkers": 1, "limits": limits} if limits is not None else {}
+        self.request_ids = {i: f"r{i}" for i in range(rows)}
+        self._status: dict[int, tuple[int, str | None]] = {}
+        self._headers: dict[int, dict[str, str]] = {}
+
+    def get_request_id(self, idx: int = 0):
+        return self.request_ids.get(idx)
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self._status[idx] = (code, phrase)
+
+    def get_response_status(self, idx: int) -> tuple[int, str | None]:
+        return self._status.get(idx, (200, None))
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self._headers.setdefault(idx, {})[key] = value
+
+    def get_response_headers(self, idx: int) -> dict[str, str]:
+        return self._headers.get(idx, {})
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.set_response_header(idx, "content-type", value)
+
+    def get_response_content_type(self, idx: int) -> str | None:
+        return self.get_response_headers(idx).get("content-type")
+
+    # what a test reads
+    def status(self, idx: int = 0) -> int:
+        return self.get_response_status(idx)[0]
+
+    def status_was_set(self, idx: int = 0) -> bool:
+        return idx in self._status
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, vgg_state) -> Path:
+    d = tmp_path_factory.mktemp("model_dir")
+    torch.save(vgg_state, d / SERIALIZED)
+    (d / "vgg19_features.json").write_text(json.dumps({"kind": "random"}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_handler(model_dir):
+    """Initialize a handler from `model_dir` with the given `limits:` config."""
+
+    def make(limits: dict | None = None, rows: int = 1) -> StyleTransferHandler:
+        handler = StyleTransferHandler()
+        handler.initialize(FakeContext(model_dir, limits=limits, rows=rows))
+        return handler
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def handler(make_handler) -> StyleTransferHandler:
+    return make_handler({"progress_every": 1})
+
+
+@pytest.fixture
+def make_context(model_dir):
+    def make(rows: int = 1, **kwargs) -> FakeContext:
+        return FakeContext(model_dir, rows=rows, **kwargs)
+
+    return make

@@ -1,0 +1,382 @@
+"""StyleTransferHandler with TorchServe-shaped rows and a fake Context."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+import style_transfer_handler
+from nst import BudgetExceeded, Diverged, Progress
+from style_transfer_handler import StyleTransferHandler
+
+
+@pytest.fixture(scope="module")
+def inputs(images):
+    return {
+        "content": images.png(images.content(64, 48)),
+        "style": images.jpeg(images.style(40, 40)),
+    }
+
+
+def multipart_row(inputs, **fields) -> dict:
+    """What TorchServe hands the handler for a multipart/form-data request."""
+    row = {"content": bytearray(inputs["content"]), "style": bytearray(inputs["style"])}
+    row.update({k: bytearray(str(v).encode()) if not isinstance(v, (bytes, bytearray)) else bytearray(v) for k, v in fields.items()})
+    return row
+
+
+def json_fields(inputs, **fields) -> dict:
+    return {
+        "content": base64.b64encode(inputs["content"]).decode(),
+        "style": base64.b64encode(inputs["style"]).decode(),
+        **fields,
+    }
+
+
+# what must never reach a client: tracebacks, source paths, exception reprs
+LEAK = re.compile(r"Traceback|\.py\b|File \"|/work/|Error\(")
+
+
+def png_of(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    img.load()
+    return img
+
+
+def assert_error(ctx, idx: int, body: bytes, code: int, field: str | None) -> dict:
+    assert ctx.status(idx) == code
+    assert ctx.get_response_content_type(idx) == "application/json"
+    err = json.loads(body)
+    assert set(err) == {"code", "type", "message"}
+    assert err["code"] == code and isinstance(err["type"], str) and err["type"]
+    if field is not None:
+        assert err["message"].startswith(field)
+    assert not LEAK.search(err["message"]), err["message"]
+    return err
+
+
+# --- initialize --------------------------------------------------------------
+
+
+def test_initialize_reads_weights_kind_and_limits(make_handler):
+    h = make_handler({"max_steps": 5, "time_budget_s": 30})
+    assert h.initialized and h.weights_kind == "random"
+    assert h.limits.max_steps == 5 and h.limits.time_budget_s == 30.0
+    assert h.device == torch.device("cpu")
+    assert h.vgg is not None and not any(p.requires_grad for p in h.vgg.parameters())
+
+
+def test_initialize_without_limits_uses_defaults(make_handler):
+    from nst import Limits
+
+    assert make_handler(None).limits == Limits()
+
+
+def test_initialize_rejects_bad_limits(make_context):
+    with pytest.raises(ValueError, match="max_stepz"):
+        StyleTransferHandler().initialize(make_context(limits={"max_stepz": 5}))
+
+
+def test_initialize_ignores_gpu_id_without_cuda(make_context, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    h = StyleTransferHandler()
+    h.initialize(make_context(gpu_id=0))
+    assert h.device == torch.device("cpu")
+
+
+# --- success -----------------------------------------------------------------
+
+
+def test_multipart_row_returns_png_with_facts(handler, make_context, inputs):
+    ctx = make_context()
+    row = {
+        "content": bytearray(inputs["content"]),
+        "style": bytearray(inputs["style"]),
+        "steps": bytearray(b"3"),
+        "max_size": bytearray(b"48"),
+    }
+    [out] = handler.handle([row], ctx)
+    assert isinstance(out, bytes)
+    assert png_of(out).size == (48, 36)
+    assert not ctx.status_was_set(0) and ctx.status(0) == 200
+    headers = ctx.get_response_headers(0)
+    assert headers["content-type"] == "image/png"
+    assert headers["X-Steps"] == "3"
+    loss = float(headers["X-Loss"])
+    assert math.isfinite(loss) and loss > 0
+    assert int(headers["X-Elapsed-Ms"]) >= 0
+    assert headers["X-Weights"] == "random"
+
+
+def test_json_row_returns_png(handler, make_context, inputs):
+    ctx = make_context()
+    [out] = handler.handle([{"body": json_fields(inputs, steps=3, max_size=32)}], ctx)
+    assert png_of(out).size == (32, 24)
+    assert ctx.status(0) == 200 and ctx.get_response_content_type(0) == "image/png"
+    assert ctx.get_response_headers(0)["X-Steps"] == "3"
+
+
+@pytest.mark.parametrize("wrap", [bytes, bytearray, lambda b: b.decode()], ids=["bytes", "bytearray", "str"])
+def test_json_body_as_raw_bytes_also_works(handler, make_context, inputs, wrap):
+    """Sent with a Content-Type other than application/json, TorchServe passes
+    the body undecoded (bytes) or, for text/*, as str."""
+    ctx = make_context()
+    body = wrap(json.dumps(json_fields(inputs, steps=2, max_size=32)).encode())
+    [out] = handler.handle([{"body": body}], ctx)
+    assert ctx.status(0) == 200, out[:200]
+    assert png_of(out).size == (32, 24)
+
+
+def test_x_loss_is_the_delivered_images_loss(handler, make_context, inputs, vgg):
+    from nst.config import RECIPE_STYLE_LAYERS
+    from nst.losses import make_objective
+    from nst import imageio, Limits
+
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=3, max_size=64)], ctx)
+    limits = Limits()
+    content = imageio.to_tensor(imageio.decode(inputs["content"], "content", limits))  # 64x48 already
+    style = imageio.to_tensor(imageio.decode(inputs["style"], "style", limits).resize((64, 64), Image.LANCZOS))
+    delivered = imageio.to_tensor(png_of(out).convert("RGB"))
+    objective = make_objective(
+        vgg, vgg.normalize(content), [vgg.normalize(style)],
+        style_layer_weights=RECIPE_STYLE_LAYERS, content_weight=1.0, style_weight=1e6,
+    )
+    with torch.no_grad():
+        expected = objective(vgg.normalize(delivered)).total.item()
+    assert float(ctx.get_response_headers(0)["X-Loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+# --- errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"{not json", bytearray(b"\xff\xfe"), "not json either", b"[1, 2]", [1, 2], "42"])
+def test_body_that_is_not_a_json_object_is_400(handler, make_context, body):
+    ctx = make_context()
+    [out] = handler.handle([{"body": body}], ctx)
+    assert_error(ctx, 0, out, 400, "body")
+
+
+@pytest.mark.parametrize(
+    "row, code, field",
+    [
+        ({"style": b"x"}, 400, "content"),
+        ({"content": b"x"}, 400, "style"),
+        ({"content": bytearray(b"not an image"), "style": bytearray(b"x"), "steps": bytearray(b"2")}, 415, "content"),
+        ({"content": bytearray(b""), "style": bytearray(b"x")}, 400, "content"),
+    ],
+)
+def test_bad_rows_get_contract_errors(handler, make_context, row, code, field):
+    ctx = make_context()
+    [out] = handler.handle([row], ctx)
+    assert_error(ctx, 0, out, code, field)
+
+
+def test_batch_with_a_bad_middle_row_gets_per_row_statuses(make_handler, make_context, inputs):
+    handler = make_handler({"progress_every": 1}, rows=3)
+    ctx = make_context(rows=3)
+    rows = [
+        multipart_row(inputs, steps=2, max_size=32),
+        multipart_row(inputs, steps=2, stepz=3),
+        {"body": json_fields(inputs, steps=2, max_size=40)},
+    ]
+    outs = handler.handle(rows, ctx)
+    assert len(outs) == 3
+    assert ctx.status(0) == 200 and png_of(outs[0]).size == (32, 24)
+    err = assert_error(ctx, 1, outs[1], 422, "stepz")
+    assert err["type"] == "InvalidParameter"
+    assert ctx.status(2) == 200 and png_of(outs[2]).size == (40, 30)
+    assert ctx.get_response_content_type(0) == ctx.get_response_content_type(2) == "image/png"
+    assert "X-Steps" not in ctx.get_response_headers(1)
+
+
+def test_limits_from_model_config_are_applied(make_handler, make_context, inputs):
+    handler = make_handler({"max_steps": 5, "max_size": 32})
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=6)], ctx)
+    assert_error(ctx, 0, out, 422, "steps")
+
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, max_size=48)], ctx)
+    assert_error(ctx, 0, out, 422, "max_size")
+
+    ctx = make_context()  # the defaults are capped too
+    [out] = handler.handle([multipart_row(inputs, steps=1)], ctx)
+    assert ctx.status(0) == 200 and max(png_of(out).size) == 32
+
+
+def test_internal_error_is_500_without_details(handler, make_context, inputs, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in /work/main/handler/nst/secret.py line 3")
+
+    monkeypatch.setattr(style_transfer_handler, "run", broken)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
+    err = assert_error(ctx, 0, out, 500, None)
+    assert "boom" not in err["message"] and "secret" not in err["message"]
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory")], ids=["MemoryError", "cuda-oom"])
+def test_out_of_memory_is_507(handler, make_context, inputs, monkeypatch, exc):
+    def oom(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(style_transfer_handler, "run", oom)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
+    err = assert_error(ctx, 0, out, 507, None)
+    assert "max_size" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "exc, code, field",
+    [(BudgetExceeded("after 3 of 9 steps"), 504, None), (Diverged("loss became nan"), 422, "lr")],
+)
+def test_budget_and_divergence_map_to_contract_codes(handler, make_context, inputs, monkeypatch, exc, code, field):
+    def failing(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(style_transfer_handler, "run", failing)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
+    assert_error(ctx, 0, out, code, field)
+
+
+def test_real_time_budget_gives_504(make_handler, make_context, inputs):
+    handler = make_handler({"time_budget_s": 1e-9})
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=3)], ctx)
+    assert_error(ctx, 0, out, 504, None)
+
+
+def test_handler_survives_errors(handler, make_context, inputs):
+    for _ in range(2):
+        ctx = make_context()
+        handler.handle([multipart_row(inputs, steps="x")], ctx)
+        assert ctx.status(0) == 422
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=1, max_size=32)], ctx)
+    assert ctx.status(0) == 200 and png_of(out).size == (32, 24)
+
+
+# --- streaming -----------------------------------------------------------------
+
+
+@pytest.fixture
+def sent(handler, monkeypatch):
+    lines: list[tuple[bytes, int]] = []
+    monkeypatch.setattr(handler, "send_intermediate", lambda line, idx, context: lines.append((line, idx)))
+    return lines
+
+
+def test_stream_sends_progress_then_final_record(handler, make_context, inputs, sent):
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=3, max_size=48, stream="true")], ctx)
+    assert ctx.status(0) == 200
+    assert ctx.get_response_content_type(0) == "application/x-ndjson"
+
+    assert [idx for _, idx in sent] == [0, 0, 0]
+    progress = []
+    for line, _ in sent:
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        progress.append(json.loads(line))
+    assert [p["step"] for p in progress] == [1, 2, 3]
+    for p in progress:
+        assert p["steps"] == 3 and p["loss"] > 0 and p["elapsed_ms"] >= 0
+        assert {"step", "steps", "loss", "elapsed_ms"} <= set(p)
+
+    assert out.endswith(b"\n") and out.count(b"\n") == 1
+    final = json.loads(out)
+    assert final["done"] is True
+    assert final["steps"] == 3 and final["weights"] == "random"
+    assert final["loss"] > 0 and final["elapsed_ms"] >= 0
+    assert png_of(base64.b64decode(final["image"])).size == (48, 36)
+    assert final["loss"] == pytest.approx(float(ctx.get_response_headers(0)["X-Loss"]), rel=1e-5)
+
+
+def test_stream_json_row(handler, make_context, inputs, sent):
+    ctx = make_context()
+    [out] = handler.handle([{"body": json_fields(inputs, steps=2, max_size=32, stream=True)}], ctx)
+    assert [json.loads(line)["step"] for line, _ in sent] == [1, 2]
+    assert json.loads(out)["done"] is True
+
+
+def test_stream_progress_every_from_limits(make_handler, make_context, inputs, monkeypatch):
+    handler = make_handler({"progress_every": 2})
+    lines = []
+    monkeypatch.setattr(handler, "send_intermediate", lambda line, idx, context: lines.append(line))
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=5, max_size=32, stream=1)], ctx)
+    assert [json.loads(line)["step"] for line in lines] == [2, 4, 5]
+    assert json.loads(out)["done"] is True
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [(Diverged("loss became inf at step 2"), 422), (BudgetExceeded("after 1 of 3 steps"), 504), (RuntimeError("bug at /x.py"), 500)],
+)
+def test_error_after_stream_started_is_an_in_band_record(handler, make_context, inputs, sent, monkeypatch, exc, code):
+    def fails_after_one_step(request, vgg, limits, *, callback=None, deadline=None):
+        callback(Progress(1, request.params.steps, 123.0, 5.0))
+        raise exc
+
+    monkeypatch.setattr(style_transfer_handler, "run", fails_after_one_step)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=3, stream="true")], ctx)
+    assert len(sent) == 1 and json.loads(sent[0][0])["step"] == 1
+    assert not ctx.status_was_set(0)  # the 200 went out with the first chunk
+    assert ctx.get_response_content_type(0) == "application/x-ndjson"
+    record = json.loads(out)
+    assert record["done"] is True and "image" not in record
+    assert record["error"]["code"] == code and record["error"]["message"]
+    assert not LEAK.search(record["error"]["message"])
+
+
+def test_real_divergence_during_stream_is_in_band(handler, make_context, inputs, sent, monkeypatch):
+    """A run that really diverges after progress went out: Adam with an absurd
+    lr in recipe mode (unclamped) overflows at step 2."""
+    from nst.pipeline import stylize as real_stylize
+
+    def absurd_lr(vgg, content, styles, params, **kwargs):
+        return real_stylize(vgg, content, styles, dataclasses.replace(params, lr=1e30), **kwargs)
+
+    monkeypatch.setattr("nst.pipeline.stylize", absurd_lr)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=4, max_size=32, preset="seed", stream="true")], ctx)
+    assert len(sent) >= 1
+    record = json.loads(out)
+    assert record == {"done": True, "error": {"code": 422, "message": record["error"]["message"]}}
+    assert record["error"]["message"].startswith("lr")
+
+
+@pytest.mark.parametrize(
+    "fields, code, field",
+    [
+        ({"content": b"not an image"}, 415, "content"),
+        ({"style_2": b"not an image"}, 415, "style_2"),
+    ],
+)
+def test_error_before_any_chunk_keeps_its_status(handler, make_context, inputs, sent, fields, code, field):
+    """With stream=true but nothing sent yet, the status line is still ours:
+    the client gets the contract's code, not a 200 with an in-band error."""
+    ctx = make_context()
+    row = multipart_row(inputs, steps=3, stream="true")
+    row.update({k: bytearray(v) for k, v in fields.items()})
+    [out] = handler.handle([row], ctx)
+    assert sent == []
+    assert_error(ctx, 0, out, code, field)
+
+
+def test_stream_parse_error_is_a_plain_error(handler, make_context, inputs, sent):
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=0, stream="true")], ctx)
+    assert sent == []
+    assert_error(ctx, 0, out, 422, "steps")
