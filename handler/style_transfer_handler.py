@@ -114,8 +114,6 @@ class StyleTransferHandler:
             "X-Elapsed-Ms": f"{result.elapsed_ms:.0f}",
             "X-Weights": self.weights_kind,
         }
-        for key, value in facts.items():
-            context.set_response_header(idx, key, value)
         if request.params.stream:
             record = {
                 "done": True,
@@ -126,9 +124,20 @@ class StyleTransferHandler:
                 "elapsed_ms": round(result.elapsed_ms, 1),
                 "weights": self.weights_kind,
             }
-            return (json.dumps(record) + "\n").encode()
-        context.set_response_content_type(idx, output.content_type)
-        return output.data
+            body = (json.dumps(record) + "\n").encode()
+        else:
+            body = output.data
+        if len(body) > self.limits.max_response_bytes:
+            err = RequestError(
+                413, "max_size", f"max_size: the result is {len(body)} bytes, over this server's response limit "
+                f"of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg",
+            )
+            return self._error(idx, err, context, streaming)
+        for key, value in facts.items():
+            context.set_response_header(idx, key, value)
+        if not request.params.stream:
+            context.set_response_content_type(idx, output.content_type)
+        return body
 
     def _error(self, idx: int, err: RequestError, context: Any, streaming: bool) -> bytes:
         log.info("request %d rejected: %d %s", idx, err.code, err.message)

@@ -7,6 +7,7 @@ are the fast preset; `SEED_PRESET` holds the reference recipe's values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -34,6 +35,9 @@ class Limits:
     max_styles: int = 4  # style, style_2 .. style_4
     time_budget_s: float = 540.0  # below responseTimeout (600 s) so no worker is killed
     progress_every: int = 10  # steps between streamed progress records
+    # Below config.properties' max_response_size (64 MiB): TorchServe kills a
+    # worker whose response is larger, so the handler refuses first.
+    max_response_bytes: int = 60 * 1024 * 1024
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "Limits":
@@ -54,7 +58,7 @@ class Limits:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"limits.{key} must be a positive integer")
             else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                     raise ValueError(f"limits.{key} must be a positive number")
                 value = float(value)
             values[key] = value

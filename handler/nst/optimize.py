@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -71,7 +72,8 @@ def _initial_image(content: Tensor, params: Params) -> Tensor:
     if params.init == "content":
         return content.clone()
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    # No seed: fresh entropy, without reseeding torch's global generator.
+    gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
     return torch.rand(content.shape, generator=gen).to(content.device)
 
 

@@ -380,3 +380,13 @@ def test_stream_parse_error_is_a_plain_error(handler, make_context, inputs, sent
     [out] = handler.handle([multipart_row(inputs, steps=0, stream="true")], ctx)
     assert sent == []
     assert_error(ctx, 0, out, 422, "steps")
+
+
+def test_result_over_the_response_limit_is_refused_not_sent(make_handler, make_context, inputs):
+    """TorchServe kills a worker whose response passes max_response_size: refuse first."""
+    handler = make_handler({"max_response_bytes": 200})
+    ctx = make_context()
+    out = handler.handle([multipart_row(inputs, steps=1, max_size=32)], ctx)[0]
+    err = assert_error(ctx, 0, out, 413, "max_size")
+    assert "response limit" in err["message"]
+    assert "X-Loss" not in ctx.get_response_headers(0)
