@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 WEIGHTS=${WEIGHTS:-weights/vgg19_features.pth}
 OUT=${OUT:-model_store}
+MODEL_CONFIG=${MODEL_CONFIG:-handler/model-config.yaml}
 [ -f "$WEIGHTS" ] || { echo "missing $WEIGHTS: run 'make weights' first" >&2; exit 1; }
 
 # --extra-files copies a directory's *contents* flat into the archive root,
@@ -24,7 +25,7 @@ mkdir -p "$OUT"
   --handler handler/style_transfer_handler.py \
   --serialized-file "$WEIGHTS" \
   --extra-files "$stage/extra" \
-  --config-file handler/model-config.yaml \
+  --config-file "$MODEL_CONFIG" \
   --export-path "$OUT" \
   --force
 echo "built $OUT/style_transfer.mar"

@@ -63,10 +63,10 @@ class Server:
         return sorted(w["pid"] for w in self.describe()["workers"])
 
 
-def _config(store: Path, ports: dict[str, int]) -> str:
-    """The repo's config.properties with this server's ports and model store."""
+def _config(store: Path, ports: dict[str, int], overrides: dict[str, str]) -> str:
+    """The repo's config.properties with this server's ports, model store and overrides."""
     text = (ROOT / "config.properties").read_text()
-    replace = {
+    replace = {**overrides,
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
         "management_address": f"http://127.0.0.1:{ports['management']}",
         "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
@@ -75,8 +75,25 @@ def _config(store: Path, ports: dict[str, int]) -> str:
         "model_store": str(store),
     }
     for key, value in replace.items():
-        text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        text, found = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        if not found:
+            text += f"{key}={value}\n"
     return text
+
+
+def _model_config(workdir: Path, overrides: dict) -> Path:
+    """handler/model-config.yaml with test-only overrides; `limits` merge key by key."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    for key, value in overrides.items():
+        if key == "limits":
+            config["limits"].update(value)
+        else:
+            config[key] = value
+    path = workdir / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> None:
@@ -86,7 +103,10 @@ def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> Non
             raise RuntimeError(f"torchserve exited with {proc.returncode}; see {server.workdir}/logs")
         try:
             r = requests.get(f"{server.inference}/ping", headers=server.auth(), timeout=5)
-            if r.ok and r.json().get("status") == "Healthy":
+            # /ping turns healthy before the worker reports its PID: wait for both.
+            if r.ok and r.json().get("status") == "Healthy" and all(
+                w["status"] == "READY" and w["pid"] > 0 for w in server.describe()["workers"]
+            ):
                 return
         except (OSError, ValueError, KeyError, requests.RequestException):
             pass  # not listening yet, or the key file is not written yet
@@ -95,20 +115,33 @@ def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> Non
 
 
 @contextlib.contextmanager
-def running_server(workdir: Path, weights: Path | None = None, timeout: float = 300) -> Iterator[Server]:
-    """Build the archive into `workdir` and serve it there until the block exits."""
+def running_server(
+    workdir: Path,
+    weights: Path | None = None,
+    timeout: float = 300,
+    *,
+    config: dict[str, str] | None = None,
+    model_config: dict | None = None,
+) -> Iterator[Server]:
+    """Build the archive into `workdir` and serve it there until the block exits.
+
+    `config` overrides config.properties keys, `model_config` the archive's
+    model-config.yaml (test-only settings such as a tiny time budget)."""
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", TMPDIR=str(workdir))
     weights = weights or ROOT / "weights" / "vgg19_features.pth"
+    build_env = dict(env, VENV=str(VENV_BIN.parent), OUT=str(store), WEIGHTS=str(weights))
+    if model_config:
+        build_env["MODEL_CONFIG"] = str(_model_config(workdir, model_config))
     subprocess.run(
         [str(ROOT / "scripts" / "build_mar.sh")],
-        env=dict(env, VENV=str(VENV_BIN.parent), OUT=str(store), WEIGHTS=str(weights)),
+        env=build_env,
         check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
     )
     names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
     ports = {name: free_port() for name in names}
-    (workdir / "config.properties").write_text(_config(store, ports))
+    (workdir / "config.properties").write_text(_config(store, ports, config or {}))
     server = Server(
         inference=f"http://127.0.0.1:{ports['inference']}",
         management=f"http://127.0.0.1:{ports['management']}",

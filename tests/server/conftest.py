@@ -11,3 +11,14 @@ def server(tmp_path_factory):
     assert "disable_token_authorization=false" in (ROOT / "config.properties").read_text()
     with running_server(tmp_path_factory.mktemp("torchserve")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def strict_server(tmp_path_factory):
+    """Test-only limits for fault injection: a 3 s time budget and a job queue of 2."""
+    with running_server(
+        tmp_path_factory.mktemp("torchserve-strict"),
+        config={"job_queue_size": "2"},
+        model_config={"limits": {"time_budget_s": 3}},
+    ) as srv:
+        yield srv
