@@ -12,7 +12,6 @@ import argparse
 import concurrent.futures as cf
 import io
 import json
-import platform
 import resource
 import statistics
 import sys

@@ -1,7 +1,6 @@
 """The optimization loop: content + style tensors in, the delivered image out."""
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 import time
@@ -14,8 +13,6 @@ from torch import Tensor
 from .config import LBFGS_HISTORY, LBFGS_MEMORY, LOWP_STEPS, Params
 from .losses import make_objective
 from .vgg import VGGFeatures
-
-log = logging.getLogger(__name__)
 
 
 class BudgetExceeded(Exception):

@@ -7,15 +7,12 @@ reference recipe really optimizes against. `reluB_I` is accepted as an alias.
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 # VGG19 conv blocks up to conv5_1: (block, index in block, in_ch, out_ch,
 # index of the conv in torchvision's `features` Sequential).
@@ -67,7 +64,7 @@ class VGGFeatures(nn.Module):
         super().__init__()
         state = features_state_dict(state)
         self.convs = nn.ModuleList()
-        for b, i, cin, cout, idx in _CONVS:
+        for _, _, cin, cout, idx in _CONVS:
             conv = nn.Conv2d(cin, cout, 3, padding=1)
             conv.weight.data.copy_(state[f"{idx}.weight"])
             conv.bias.data.copy_(state[f"{idx}.bias"])
