@@ -7,12 +7,14 @@ WEIGHTS := weights/vgg19_features.pth
 MAR    := model_store/style_transfer.mar
 SOURCES := $(wildcard handler/*.py handler/nst/*.py) handler/model-config.yaml scripts/build_mar.sh
 
-.PHONY: help venv weights mar serve stop demo test bench clean
+.PHONY: help venv weights mar serve stop demo test bench load clean
 help:
 	@echo "make demo   - venv, weights, archive, start TorchServe, stylize examples -> out/demo.png"
 	@echo "make test   - venv, weights, archive, then the whole test suite"
 	@echo "make serve / make stop - start / stop TorchServe with the built archive"
 	@echo "make mar    - rebuild model_store/style_transfer.mar"
+	@echo "make bench  - benchmark against the reference recipe -> docs/PERFORMANCE.md"
+	@echo "make load   - load test with a share of bad requests -> docs/LOAD.md"
 	@echo "make weights - (re)write $(WEIGHTS) (ImageNet if reachable, else random)"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -46,6 +48,9 @@ test: $(MAR)
 
 bench: $(MAR)
 	$(BIN)/python bench/run.py
+
+load: $(MAR)
+	$(BIN)/python bench/load.py $(LOAD_ARGS)
 
 clean:
 	rm -rf out $(MAR) weights
