@@ -16,6 +16,7 @@ import torch
 
 from nst import Limits, RequestError, VGGFeatures, parse_request, run
 from nst import weights as nst_weights
+from nst.fetch import fetch
 from nst.optimize import BudgetExceeded, Diverged, Progress
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class StyleTransferHandler:
             "style_transfer ready: device=%s weights=%s limits=%s", self.device, self.weights_kind, self.limits
         )
 
+    def _fetch(self, url: str, field: str) -> bytes:
+        return fetch(url, field, self.limits)
+
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
         return [self._handle_row(idx, row, context) for idx, row in enumerate(data)]
 
@@ -68,7 +72,7 @@ class StyleTransferHandler:
     def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
         streaming = False  # True once a progress record (and with it the 200 status) went out
         try:
-            request = parse_request(_fields(row), self.limits)
+            request = parse_request(_fields(row), self.limits, fetch=self._fetch)
             callback = None
             if request.params.stream:
                 context.set_response_content_type(idx, NDJSON)

@@ -38,6 +38,11 @@ class Limits:
     # Below config.properties' max_response_size (64 MiB): TorchServe kills a
     # worker whose response is larger, so the handler refuses first.
     max_response_bytes: int = 60 * 1024 * 1024
+    allow_urls: bool = False  # fetch content_url / style_url (public http(s) addresses only)
+    url_max_redirects: int = 3  # each hop re-checked
+    url_connect_timeout_s: float = 3.0
+    url_read_timeout_s: float = 5.0  # per socket read
+    url_total_timeout_s: float = 15.0  # whole download, however it trickles
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "Limits":

@@ -7,6 +7,7 @@ class RequestError(Exception):
 
     TYPES = {
         400: "BadRequest",
+        403: "Forbidden",
         413: "PayloadTooLarge",
         415: "UnsupportedMediaType",
         422: "InvalidParameter",

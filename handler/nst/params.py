@@ -206,15 +206,27 @@ def _image_bytes(value: Any, name: str, limits: Limits) -> bytes:
     raise RequestError(400, name, f"{name}: expected an image file or a base64 string")
 
 
-def parse_request(fields: Mapping[str, Any], limits: Limits) -> Request:
+Fetcher = Callable[[str, str], bytes]  # (url, field) -> the image bytes
+
+
+def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | None = None) -> Request:
     """One request's fields (multipart parts or JSON keys) -> `Request`.
 
-    Images: `content`, `style`, `style_2` ... (or `style` as a JSON list).
-    Everything else must be a known parameter."""
+    Images: `content`, `style`, `style_2` ... (or `style` as a JSON list), or
+    `content_url` / `style_url` when the server allows URLs and a `fetch` is
+    given. Everything else must be a known parameter. Parameters are checked
+    before anything is fetched."""
     fields = dict(fields)
-    for url_field in ("content_url", "style_url"):
-        if url_field in fields:
+    urls = {}
+    for url_field, image_field in (("content_url", "content"), ("style_url", "style")):
+        if url_field not in fields:
+            continue
+        if not limits.allow_urls or fetch is None:
             raise RequestError(422, url_field, f"{url_field}: URL inputs are disabled on this server")
+        if image_field in fields:
+            raise RequestError(400, url_field, f"{url_field}: give {image_field} or {url_field}, not both")
+        urls[image_field] = fields.pop(url_field)
+        fields[image_field] = b""  # placeholder until the parameters are known to be valid
     if "content" not in fields:
         raise RequestError(400, "content", "content: required image missing")
     if "style" not in fields:
@@ -246,4 +258,8 @@ def parse_request(fields: Mapping[str, Any], limits: Limits) -> Request:
         raise RequestError(
             422, "style_blend", f"style_blend: {len(params.style_blend)} weights for {len(styles)} style images"
         )
+    if "content" in urls:
+        content = fetch(urls["content"], "content_url")
+    if "style" in urls:
+        styles[0] = fetch(urls["style"], "style_url")
     return Request(content, styles, params)

@@ -133,3 +133,31 @@ def test_body_over_max_request_size_is_413_from_the_frontend(strict_server):
     r = strict_server.predict(files={"content": b"\0" * 3_000_000, "style": GOOD})
     assert r.status_code == 413
     assert strict_server.worker_pids() == pids
+
+
+def test_url_inputs_are_off_by_default(server):
+    r = server.predict(json={"content_url": "https://example.com/a.png",
+                             "style": base64.b64encode(GOOD).decode()})
+    assert r.status_code == 422 and r.json()["message"].startswith("content_url")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "0x7f000001", "[::ffff:127.0.0.1]", "localhost"])
+def test_url_inputs_never_reach_loopback(strict_server, host):
+    """strict_server allows URLs; a local image server stands where an attacker would point."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
+    from image_server import ImageServer
+
+    pids = strict_server.worker_pids()
+    try:  # port 80, so the allowed-ports rule passes and the address check is what refuses
+        site = ImageServer(port=80)
+    except OSError:
+        pytest.skip("port 80 is not free or not bindable here")
+    with site:
+        r = strict_server.predict(json={"content_url": site.url("/img.png", host),
+                                        "style": base64.b64encode(GOOD).decode(), "steps": 1})
+        assert site.hits == 0
+    assert r.status_code == 403, r.text
+    assert r.json()["message"] == "content_url: the address is not public (loopback, private, link-local...)"
+    assert strict_server.worker_pids() == pids

@@ -1,0 +1,102 @@
+"""URL inputs: only public http(s) addresses, checked where the connection is
+made; every hop, byte and second bounded. The production session is tried
+against loopback in many spellings and must never reach the local server; a
+test-only session that allows loopback exercises the rest of the rules."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from requests_hardened import Config, Manager
+
+from nst import Limits, RequestError, parse_request
+from nst.fetch import fetch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from image_server import PNG, ImageServer  # noqa: E402
+
+LIMITS = Limits(allow_urls=True, max_input_bytes=100_000, url_total_timeout_s=1.0, url_read_timeout_s=2.0)
+LOOPBACK_OK = Manager(Config(ip_filter_enable=True, ip_filter_allow_loopback_ips=True,
+                             never_redirect=True, default_timeout=(2, 2))).get_session
+
+
+@pytest.fixture(scope="module")
+def site():
+    with ImageServer() as server:
+        yield server
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "127.1", "0x7f000001", "2130706433", "0177.0.0.1", "localhost",
+    "[::ffff:127.0.0.1]", "[::1]", "0.0.0.0", "169.254.169.254", "10.0.0.1", "192.168.1.1", "100.64.0.1",
+])
+def test_non_public_addresses_are_refused_before_any_request(site, host):
+    before = site.hits
+    with pytest.raises(RequestError) as e:
+        fetch(site.url("/img.png", host), "content_url", LIMITS, allowed_ports=None)
+    assert e.value.code == 403 and e.value.message.startswith("content_url")
+    assert site.hits == before
+
+
+@pytest.mark.parametrize("url, code", [
+    ("ftp://example.com/a.png", 400),
+    ("file:///etc/passwd", 400),
+    ("http://user:secret@example.com/a.png", 400),
+    ("http:///a.png", 400),
+    ("http://example.com:8080/a.png", 403),
+    ("http://[::1/a.png", 400),
+])
+def test_unusable_urls_are_refused_without_a_connection(url, code):
+    with pytest.raises(RequestError) as e:
+        fetch(url, "style_url", LIMITS)
+    assert e.value.code == code and e.value.message.startswith("style_url")
+
+
+def test_fetches_an_image(site):
+    assert fetch(site.url("/img.png"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None) == PNG
+
+
+def test_follows_a_few_redirects_and_counts_them(site):
+    get = lambda path: fetch(site.url(path), "content_url", LIMITS,  # noqa: E731
+                             session_factory=LOOPBACK_OK, allowed_ports=None)
+    assert get("/redirect/2") == PNG  # 3 hops: within url_max_redirects
+    with pytest.raises(RequestError) as e:
+        get("/redirect/5")
+    assert e.value.code == 400 and "redirects" in e.value.message
+
+
+@pytest.mark.parametrize("path, code", [
+    ("/to-file", 400),  # a redirect hop is re-validated: no file:// behind an http URL
+    ("/huge", 413),  # counted as received, no Content-Length
+    ("/declared-huge", 413),
+    ("/slow", 504),  # trickles one byte at a time: the total deadline still holds
+    ("/missing", 400),
+])
+def test_bad_answers_get_their_status(site, path, code):
+    with pytest.raises(RequestError) as e:
+        fetch(site.url(path), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None)
+    assert e.value.code == code, e.value.message
+    assert e.value.message.startswith("content_url")
+
+
+def test_parse_request_fetches_only_when_allowed_and_after_validation(site):
+    calls = []
+
+    def fake_fetch(url, field):
+        calls.append((url, field))
+        return PNG
+
+    fields = {"content_url": "https://example.com/c.png", "style": PNG, "steps": "3"}
+    request = parse_request(fields, LIMITS, fetch=fake_fetch)
+    assert request.content == PNG and calls == [("https://example.com/c.png", "content_url")]
+
+    with pytest.raises(RequestError) as e:  # a bad parameter: nothing is fetched
+        parse_request({**fields, "steps": "0"}, LIMITS, fetch=fake_fetch)
+    assert e.value.code == 422 and len(calls) == 1
+    with pytest.raises(RequestError) as e:  # URLs off (the default)
+        parse_request(fields, Limits(), fetch=fake_fetch)
+    assert e.value.code == 422 and e.value.message.startswith("content_url")
+    with pytest.raises(RequestError) as e:
+        parse_request({**fields, "content": PNG}, LIMITS, fetch=fake_fetch)
+    assert e.value.code == 400 and "not both" in e.value.message
