@@ -38,6 +38,10 @@ class Limits:
     # Below config.properties' max_response_size (64 MiB): TorchServe kills a
     # worker whose response is larger, so the handler refuses first.
     max_response_bytes: int = 60 * 1024 * 1024
+    # Admission control: a request whose estimated peak memory (nst.memory)
+    # exceeds this many MiB is refused (507) before anything is allocated.
+    # 0 = whatever the device has free at that moment.
+    memory_budget_mb: int = 0
     allow_urls: bool = False  # fetch content_url / style_url (public http(s) addresses only)
     url_max_redirects: int = 3  # each hop re-checked
     url_connect_timeout_s: float = 3.0
@@ -60,8 +64,9 @@ class Limits:
                 if not isinstance(value, bool):
                     raise ValueError(f"limits.{key} must be true or false")
             elif kind is int:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"limits.{key} must be a positive integer")
+                lowest = 0 if getattr(cls(), key) == 0 else 1  # 0 means "automatic" where it is the default
+                if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                    raise ValueError(f"limits.{key} must be an integer >= {lowest}")
             else:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                     raise ValueError(f"limits.{key} must be a positive number")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from . import imageio
+from . import imageio, memory
 from .config import Limits
 from .errors import RequestError
 from .params import Request
@@ -33,6 +33,18 @@ def size_style(style: Image.Image, content: Image.Image, style_scale: float, rec
     return imageio.resize_to(style, size)
 
 
+def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limits, device) -> None:
+    """Refuse (507) a request whose estimated peak memory is over the budget, before allocating it."""
+    w, h = content.size
+    need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params)
+    budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+    if need > budget:
+        raise RequestError(
+            507, "max_size", f"max_size: this request needs about {need // 2**20} MiB, the worker can spend "
+            f"{budget // 2**20} MiB now; ask for a smaller max_size or retry later",
+        )
+
+
 def run(
     request: Request,
     vgg: VGGFeatures,
@@ -55,6 +67,7 @@ def run(
         size_style(imageio.decode(data, name, limits), content_img, p.style_scale, p.recipe_mode, limits)
         for data, name in zip(request.styles, names)
     ]
+    admit(content_img, style_imgs, p, limits, device)
     content = imageio.to_tensor(content_img, device)
     styles = [imageio.to_tensor(s, device) for s in style_imgs]
     result = stylize(

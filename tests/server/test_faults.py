@@ -130,3 +130,14 @@ def _drain(lines):
                 yield line
     except requests.RequestException:
         return  # the server closed the broken stream
+
+
+def test_request_over_the_memory_budget_is_507_before_allocating(strict_server):
+    """strict_server's budget is 300 MiB: a 1024 px optimization is estimated far above it."""
+    pids = strict_server.worker_pids()
+    big = (ROOT / "examples" / "tubingen.jpg").read_bytes()
+    r = strict_server.predict(files={"content": big, "style": FILES["style"]}, data={"max_size": "1024"})
+    assert r.status_code == 507, r.text
+    assert r.json()["message"].startswith("max_size")
+    assert strict_server.worker_pids() == pids
+    assert strict_server.predict(files=FILES, data=QUICK).status_code == 200
