@@ -100,3 +100,34 @@ def test_parse_request_fetches_only_when_allowed_and_after_validation(site):
     with pytest.raises(RequestError) as e:
         parse_request({**fields, "content": PNG}, LIMITS, fetch=fake_fetch)
     assert e.value.code == 400 and "not both" in e.value.message
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def loopback_spellings(draw):
+    """127.0.0.0/8 written as dotted, integer, hex, octal or IPv4-mapped IPv6."""
+    a, b, c = draw(st.integers(0, 255)), draw(st.integers(0, 255)), draw(st.integers(1, 254))
+    value = (127 << 24) | (a << 16) | (b << 8) | c
+    form = draw(st.sampled_from(["dotted", "int", "hex", "octal", "mapped"]))
+    if form == "dotted":
+        return f"127.{a}.{b}.{c}"
+    if form == "int":
+        return str(value)
+    if form == "hex":
+        return hex(value)
+    if form == "octal":
+        return f"0177.{a}.{b}.{c}"
+    return f"[::ffff:127.{a}.{b}.{c}]"
+
+
+@settings(max_examples=60, deadline=None)
+@given(host=loopback_spellings())
+def test_no_spelling_of_loopback_gets_through(site, host):
+    before = site.hits
+    with pytest.raises(RequestError) as e:
+        fetch(site.url("/img.png", host), "content_url", LIMITS, allowed_ports=None)
+    assert e.value.code == 403
+    assert site.hits == before
