@@ -161,3 +161,21 @@ def test_url_inputs_never_reach_loopback(strict_server, host):
     assert r.status_code == 403, r.text
     assert r.json()["message"] == "content_url: the address is not public (loopback, private, link-local...)"
     assert strict_server.worker_pids() == pids
+
+
+def test_decompression_bombs_leave_worker_memory_flat(server):
+    """A real 100-megapixel PNG (a ~100 KB file of zeros) and a forged header, ten times each:
+    refused from the header, so the worker's memory does not move."""
+    import psutil
+
+    real_bomb = _encode(Image.new("L", (10_000, 10_000)), "PNG", optimize=True)
+    assert len(real_bomb) < 1_000_000
+    pid = server.worker_pids()[0]
+    server.predict(files={"content": real_bomb, "style": GOOD})  # first use warms the code path
+    before = psutil.Process(pid).memory_info().rss
+    for bomb in [real_bomb, _png_claiming(100_000, 100_000)] * 10:
+        r = server.predict(files={"content": bomb, "style": GOOD}, data={"steps": "1"})
+        assert r.status_code == 413 and r.json()["message"].startswith("content")
+    after = psutil.Process(pid).memory_info().rss
+    assert server.worker_pids() == [pid]
+    assert after - before < 32 * 2**20  # decoding one bomb would take 100 MB
