@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 from PIL import Image
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "scripts"), str(ROOT / "bench")]
 import reference_recipe as ref  # noqa: E402
 from nst import Limits, VGGFeatures, parse_request, run  # noqa: E402
+from nst import imageio  # noqa: E402
 from nst import weights as nst_weights  # noqa: E402
 from nst.config import Params  # noqa: E402
 
@@ -42,8 +42,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def decode_png(data: bytes) -> torch.Tensor:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).unsqueeze(0).float() / 255  # (1,3,H,W)
+    return imageio.to_tensor(Image.open(io.BytesIO(data)))  # (1,3,H,W) in [0,1]
 
 
 def machine() -> str:
@@ -107,8 +106,7 @@ class Bench:
                          on_step=lambda i, loss, t: curve.append((t, loss)))
         wall = curve[-1][0]
         pixels = (target * torch.tensor(ref.STD).view(1, 3, 1, 1) + torch.tensor(ref.MEAN).view(1, 3, 1, 1))
-        data = png_bytes(Image.fromarray(
-            (pixels[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy(), "RGB"))
+        data = imageio.encode(pixels)  # clamped and rounded to 8 bits, as the tutorial's im_convert
         per_step = steady_per_step([(i + 1, t) for i, (t, _) in enumerate(curve)], steps)
         self.results["reference"] = {
             "steps_run": steps,

@@ -62,6 +62,16 @@ class Server:
     def worker_pids(self) -> list[int]:
         return sorted(w["pid"] for w in self.describe()["workers"])
 
+    def healthy(self) -> bool:
+        """/ping is healthy and every worker is READY with a PID (/ping turns
+        healthy before a new worker reports its PID)."""
+        try:
+            r = requests.get(f"{self.inference}/ping", headers=self.auth(), timeout=5)
+            workers = self.describe()["workers"] if r.ok and r.json().get("status") == "Healthy" else []
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            return False  # not listening yet, or the key file is not written yet
+        return bool(workers) and all(w["status"] == "READY" and w["pid"] > 0 for w in workers)
+
 
 def _config(store: Path, ports: dict[str, int], overrides: dict[str, str]) -> str:
     """The repo's config.properties with this server's ports, model store and overrides."""
@@ -101,15 +111,8 @@ def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> Non
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"torchserve exited with {proc.returncode}; see {server.workdir}/logs")
-        try:
-            r = requests.get(f"{server.inference}/ping", headers=server.auth(), timeout=5)
-            # /ping turns healthy before the worker reports its PID: wait for both.
-            if r.ok and r.json().get("status") == "Healthy" and all(
-                w["status"] == "READY" and w["pid"] > 0 for w in server.describe()["workers"]
-            ):
-                return
-        except (OSError, ValueError, KeyError, requests.RequestException):
-            pass  # not listening yet, or the key file is not written yet
+        if server.healthy():
+            return
         time.sleep(1)
     raise RuntimeError(f"torchserve not healthy after {timeout} s; see {server.workdir}/logs")
 

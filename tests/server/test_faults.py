@@ -39,12 +39,8 @@ LONG = {"steps": "3000", "max_size": "96"}  # far more than the 3 s budget allow
 def _healthy(server, timeout: float = 180) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            r = requests.get(f"{server.inference}/ping", headers=server.auth(), timeout=5)
-            if r.ok and r.json().get("status") == "Healthy" and server.describe()["workers"][0]["status"] == "READY":
-                return True
-        except (requests.RequestException, ValueError, KeyError, IndexError):
-            pass
+        if server.healthy():
+            return True
         time.sleep(0.5)
     return False
 
