@@ -17,6 +17,7 @@ import torch
 from nst import Limits, RequestError, VGGFeatures, parse_request, run
 from nst import weights as nst_weights
 from nst.fetch import fetch
+from nst.memory import is_out_of_memory
 from nst.optimize import BudgetExceeded, Diverged, Progress
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,13 @@ class StyleTransferHandler:
         except Diverged as e:
             err = RequestError(422, "lr", f"lr: the optimization diverged ({e}); use a smaller lr")
             return self._error(idx, err, context, streaming)
-        except (torch.cuda.OutOfMemoryError, MemoryError):
+        except Exception as e:
+            if not is_out_of_memory(e):  # a bug, not the client's fault: log it, never leak it
+                log.exception("request %d failed", idx)
+                err = RequestError(500, None, "internal error while stylizing; see the server log")
+                return self._error(idx, err, context, streaming)
+            log.warning("request %d ran out of memory: %s", idx, e)
             oom = True
-        except Exception:  # a bug, not the client's fault: log it, never leak it
-            log.exception("request %d failed", idx)
-            err = RequestError(500, None, "internal error while stylizing; see the server log")
-            return self._error(idx, err, context, streaming)
         else:
             oom = False
         if oom:

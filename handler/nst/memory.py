@@ -43,6 +43,21 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params) -
     return int(SAFETY * max(step + grads + history, styles) + BASE)
 
 
+# How the CPU allocator words a failed allocation: c10's alloc_cpu raises a
+# plain RuntimeError, not torch.OutOfMemoryError (torch 2.14; older releases
+# said "not enough memory").
+_HOST_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for every way an allocation failure surfaces: CUDA's
+    OutOfMemoryError, Python's and numpy's MemoryError, and torch's host
+    allocator, whose RuntimeError is otherwise indistinguishable from a bug."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _HOST_OOM_TEXT)
+
+
 def available_bytes(device: torch.device) -> int:
     """What the device can still give: free GPU memory plus PyTorch's cached
     blocks, or the host's available memory."""

@@ -9,7 +9,7 @@ import torch
 import nst.pipeline as pipeline_mod
 from nst import Limits, RequestError, parse_request, run
 from nst.config import Params
-from nst.memory import activation_elements_per_pixel, estimate_bytes
+from nst.memory import activation_elements_per_pixel, estimate_bytes, is_out_of_memory
 from nst.optimize import stylize
 
 
@@ -67,3 +67,25 @@ def test_estimate_bounds_the_measured_gpu_peak(vgg_state, size):
     stylize(model, content, [style], dataclasses.replace(Params(), steps=3))
     peak = torch.cuda.max_memory_allocated() - before
     assert estimate_bytes(size, size, size * size, Params()) >= peak
+
+
+def _caught(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - the exception itself is under test
+        return e
+    raise AssertionError("no exception")
+
+
+def test_real_allocation_failures_are_out_of_memory():
+    """torch's host allocator raises a plain RuntimeError; it must count as OOM (507), not a bug (500)."""
+    host = _caught(lambda: torch.empty(2**50, dtype=torch.uint8))
+    assert type(host) is RuntimeError and is_out_of_memory(host)
+    assert is_out_of_memory(_caught(lambda: bytearray(2**62)))  # Python's own MemoryError
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+
+
+def test_other_runtime_errors_are_not_out_of_memory():
+    shape = _caught(lambda: torch.ones(2, 3) @ torch.ones(2, 3))
+    assert isinstance(shape, RuntimeError) and not is_out_of_memory(shape)
+    assert not is_out_of_memory(ValueError("can't allocate memory"))

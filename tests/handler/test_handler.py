@@ -224,10 +224,22 @@ def test_internal_error_is_500_without_details(handler, make_context, inputs, mo
     assert "boom" not in err["message"] and "secret" not in err["message"]
 
 
-@pytest.mark.parametrize("exc", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory")], ids=["MemoryError", "cuda-oom"])
-def test_out_of_memory_is_507(handler, make_context, inputs, monkeypatch, exc):
+def _raise(exc):
+    raise exc
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        lambda: _raise(MemoryError()),
+        lambda: _raise(torch.cuda.OutOfMemoryError("CUDA out of memory")),
+        lambda: torch.empty(2**50, dtype=torch.uint8),  # the host allocator's real RuntimeError
+    ],
+    ids=["MemoryError", "cuda-oom", "host-allocator"],
+)
+def test_out_of_memory_is_507(handler, make_context, inputs, monkeypatch, fail):
     def oom(*args, **kwargs):
-        raise exc
+        fail()
 
     monkeypatch.setattr(style_transfer_handler, "run", oom)
     ctx = make_context()

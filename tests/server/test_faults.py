@@ -1,13 +1,17 @@
 """Faults through the real server, injected with test-only configuration
-(strict_server: 3 s time budget, job queue of 2): slow requests, a killed
-worker, a full queue, a client that hangs up. The worker must survive, or be
-replaced, and every accepted request must get an answer."""
+(strict_server: 3 s time budget, job queue of 2, 30 s responseTimeout) or from
+outside the worker (signals, an address-space limit): slow requests, a killed
+or hung worker, a full queue, a client that hangs up, running out of memory.
+The worker must survive, or be replaced, and every accepted request must get
+an answer."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -137,3 +141,53 @@ def test_request_over_the_memory_budget_is_507_before_allocating(strict_server):
     assert r.json()["message"].startswith("max_size")
     assert strict_server.worker_pids() == pids
     assert strict_server.predict(files=FILES, data=QUICK).status_code == 200
+
+
+def test_hung_worker_past_response_timeout_is_replaced(strict_server):
+    """A worker that stops answering (frozen with SIGSTOP, as a hung driver call
+    would leave it) is killed by the frontend after responseTimeout: its request
+    gets TorchServe's 500 "Worker died.", and a new worker serves the next one."""
+    old = strict_server.worker_pids()
+    os.kill(old[0], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = strict_server.predict(files=FILES, data=QUICK, timeout=300)
+        waited = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old[0], signal.SIGCONT)  # lets a SIGTERM the frontend sent take effect
+    assert r.status_code == 500, r.text
+    assert "Worker died" in r.text
+    assert waited >= 30 * 0.9  # it was the responseTimeout, not something quicker, that answered
+    assert _healthy(strict_server)
+    assert strict_server.worker_pids() != old
+    assert strict_server.predict(files=FILES, data=QUICK, timeout=300).status_code == 200
+
+
+def _proc_status_bytes(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise KeyError(key)
+
+
+def test_host_out_of_memory_is_507_and_the_same_worker_recovers(server):
+    """Real allocation failure in the worker: its address space is capped from
+    outside (prlimit) at what it uses now plus 256 MiB, then it is asked for a
+    1024 px optimization (about 4 GB). The default memory budget reads the
+    host's free memory, so admission lets it in and the allocator fails."""
+    [pid] = server.worker_pids()
+    assert server.predict(files=FILES, data=QUICK).status_code == 200  # warm: thread pools, caches
+    baseline = _proc_status_bytes(pid, "VmRSS")
+    big = {"content": (ROOT / "examples" / "tubingen.jpg").read_bytes(), "style": FILES["style"]}
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+    resource.prlimit(pid, resource.RLIMIT_AS, (_proc_status_bytes(pid, "VmSize") + 256 * 2**20, hard))
+    try:
+        r = server.predict(files=big, data={"max_size": "1024", "steps": "5"})
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+    assert r.status_code == 507, r.text
+    assert r.json()["message"].startswith("out of memory")
+    assert server.worker_pids() == [pid]
+    assert server.predict(files=FILES, data=QUICK).status_code == 200
+    assert _proc_status_bytes(pid, "VmRSS") < baseline + 64 * 2**20  # the failed request's memory is back
