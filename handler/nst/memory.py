@@ -43,19 +43,25 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params) -
     return int(SAFETY * max(step + grads + history, styles) + BASE)
 
 
-# How the CPU allocator words a failed allocation: c10's alloc_cpu raises a
-# plain RuntimeError, not torch.OutOfMemoryError (torch 2.14; older releases
-# said "not enough memory").
-_HOST_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+# Allocation failures that torch raises as a plain RuntimeError, not
+# torch.OutOfMemoryError: c10's host allocator (torch 2.14; older releases said
+# "not enough memory"), and cuBLAS / cuDNN failing to get a workspace on a
+# full GPU.
+_OOM_TEXT = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for every way an allocation failure surfaces: CUDA's
-    OutOfMemoryError, Python's and numpy's MemoryError, and torch's host
-    allocator, whose RuntimeError is otherwise indistinguishable from a bug."""
+    OutOfMemoryError, Python's and numpy's MemoryError, and the RuntimeErrors
+    above, which are otherwise indistinguishable from a bug."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _HOST_OOM_TEXT)
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OOM_TEXT)
 
 
 def available_bytes(device: torch.device) -> int:

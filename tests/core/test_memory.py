@@ -85,6 +85,12 @@ def test_real_allocation_failures_are_out_of_memory():
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
 
 
+@pytest.mark.parametrize("library", ["CUBLAS", "CUDNN"])
+def test_gpu_library_workspace_failures_are_out_of_memory(library):
+    exc = RuntimeError(f"CUDA error: {library}_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert is_out_of_memory(exc)
+
+
 def test_other_runtime_errors_are_not_out_of_memory():
     shape = _caught(lambda: torch.ones(2, 3) @ torch.ones(2, 3))
     assert isinstance(shape, RuntimeError) and not is_out_of_memory(shape)

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,3 +192,26 @@ def test_host_out_of_memory_is_507_and_the_same_worker_recovers(server):
     assert server.worker_pids() == [pid]
     assert server.predict(files=FILES, data=QUICK).status_code == 200
     assert _proc_status_bytes(pid, "VmRSS") < baseline + 64 * 2**20  # the failed request's memory is back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the worker then runs on it")
+def test_cuda_out_of_memory_is_507_and_the_same_worker_recovers(strict_server):
+    """Real CUDA OOM: this test process takes all but 32 MiB of the GPU's free
+    memory, then asks for a 128 px optimization, which strict_server's 300 MiB
+    budget admits (estimate about 165 MiB) and which needs far more than the
+    worker has cached from a 32 px warm-up."""
+    pids = strict_server.worker_pids()
+    assert strict_server.predict(files=FILES, data=QUICK).status_code == 200
+    free_before, _ = torch.cuda.mem_get_info()  # after this process's own CUDA context
+    hog = torch.empty(free_before - 32 * 2**20, dtype=torch.uint8, device="cuda")
+    try:
+        r = strict_server.predict(files=FILES, data={"steps": "5", "max_size": "128"})
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert r.status_code == 507, r.text
+    assert r.json()["message"].startswith("out of memory")
+    free_after, _ = torch.cuda.mem_get_info()
+    assert free_after >= free_before - 64 * 2**20  # the worker gave back what the failed request took
+    assert strict_server.worker_pids() == pids
+    assert strict_server.predict(files=FILES, data={"steps": "5", "max_size": "128"}).status_code == 200
