@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
-import io
 import json
 import random
 import statistics
@@ -25,23 +24,15 @@ from pathlib import Path
 
 import psutil
 import requests
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+from example_images import thumbnail  # noqa: E402
 from local_server import running_server  # noqa: E402
 
 
-def _png(name: str, size: int) -> bytes:
-    img = Image.open(ROOT / "examples" / name).convert("RGB")
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-CONTENT = _png("tubingen.jpg", 48)
-STYLE = _png("starry_night.jpg", 48)
+CONTENT = thumbnail("tubingen.jpg", 48)
+STYLE = thumbnail("starry_night.jpg", 48)
 GOOD = {"steps": "5", "max_size": "48"}
 
 # kind -> (expected status, how to send it)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import io
 import json
 import os
 import resource
@@ -22,21 +21,14 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import torch
-from PIL import Image
+
+from example_images import thumbnail
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
 
 
-def _image(name: str, size: int = 96) -> bytes:
-    img = Image.open(ROOT / "examples" / name).convert("RGB")
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-FILES = {"content": _image("tubingen.jpg"), "style": _image("starry_night.jpg")}
+FILES = {"content": thumbnail("tubingen.jpg", 96), "style": thumbnail("starry_night.jpg", 96)}
 QUICK = {"steps": "2", "max_size": "32"}
 LONG = {"steps": "3000", "max_size": "96"}  # far more than the 3 s budget allows
 

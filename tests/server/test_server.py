@@ -12,6 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
+from example_images import thumbnail
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,16 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
 
 
-def _small(name: str, fmt: str, size: int = 96) -> bytes:
-    img = Image.open(ROOT / "examples" / name).convert("RGB")
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
-
-
-CONTENT = _small("tubingen.jpg", "PNG")  # 96x72
-STYLE = _small("starry_night.jpg", "JPEG")
+CONTENT = thumbnail("tubingen.jpg", 96)  # 96x72
+STYLE = thumbnail("starry_night.jpg", 96, "JPEG")
 
 
 def _png(data: bytes) -> Image.Image:
