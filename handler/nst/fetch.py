@@ -3,7 +3,8 @@
 Off unless the model config sets `limits.allow_urls`. The address check runs
 at connect time on the address actually dialled (requests-hardened pins the
 resolved IP), so DNS rebinding and redirects cannot reach loopback, private,
-link-local or metadata addresses; every redirect hop is re-validated here
+link-local or metadata addresses; proxies from the environment are ignored
+for the same reason; every redirect hop is re-validated here
 (scheme, port, no userinfo) and counted; connect, read and total time and the
 bytes received are all capped.
 """
@@ -64,6 +65,9 @@ def fetch(
     deadline = time.monotonic() + limits.url_total_timeout_s
     timeout = (limits.url_connect_timeout_s, limits.url_read_timeout_s)
     with session_factory() as session:
+        # No *_PROXY variables and no ~/.netrc: a proxy would be the address
+        # checked at connect time instead of the target's.
+        session.trust_env = False
         for _hop in range(limits.url_max_redirects + 1):
             _check_url(url, field, allowed_ports)
             try:

@@ -57,6 +57,20 @@ def test_fetches_an_image(site):
     assert fetch(site.url("/img.png"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None) == PNG
 
 
+def test_environment_proxies_are_ignored(site, monkeypatch):
+    """A proxy from the environment would make the connection this check sees
+    the proxy's, not the target's; the fetch goes direct (here: a proxy that is
+    not listening would make it fail)."""
+    from local_server import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, dead)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert fetch(site.url("/img.png"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None) == PNG
+
+
 def test_follows_a_few_redirects_and_counts_them(site):
     get = lambda path: fetch(site.url(path), "content_url", LIMITS,  # noqa: E731
                              session_factory=LOOPBACK_OK, allowed_ports=None)
