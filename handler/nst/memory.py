@@ -45,11 +45,13 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params) -
 
 # Allocation failures that torch raises as a plain RuntimeError, not
 # torch.OutOfMemoryError: c10's host allocator (torch 2.14; older releases said
-# "not enough memory"), and cuBLAS / cuDNN failing to get a workspace on a
-# full GPU.
+# "not enough memory"), a raw cudaErrorMemoryAllocation from C10_CUDA_CHECK
+# (a library handle or stream created on a full GPU), and cuBLAS / cuDNN
+# failing to get a workspace.
 _OOM_TEXT = (
     "DefaultCPUAllocator: can't allocate memory",
     "DefaultCPUAllocator: not enough memory",
+    "CUDA error: out of memory",
     "CUBLAS_STATUS_ALLOC_FAILED",
     "CUDNN_STATUS_ALLOC_FAILED",
 )

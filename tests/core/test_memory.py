@@ -85,10 +85,14 @@ def test_real_allocation_failures_are_out_of_memory():
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
 
 
-@pytest.mark.parametrize("library", ["CUBLAS", "CUDNN"])
-def test_gpu_library_workspace_failures_are_out_of_memory(library):
-    exc = RuntimeError(f"CUDA error: {library}_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-    assert is_out_of_memory(exc)
+@pytest.mark.parametrize("text", [
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+])
+def test_gpu_library_allocation_failures_are_out_of_memory(text):
+    """How cuBLAS, cuDNN and C10_CUDA_CHECK word them (RuntimeError or its subclass AcceleratorError)."""
+    assert is_out_of_memory(RuntimeError(text))
 
 
 def test_other_runtime_errors_are_not_out_of_memory():
