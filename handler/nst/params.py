@@ -176,6 +176,10 @@ class Request:
     content: bytes
     styles: list[bytes]
     params: Params
+    # The field each image came from, for error messages about its bytes:
+    # "content" or "content_url"; "style", "style[1]", "style_2" or "style_url".
+    content_field: str
+    style_fields: tuple[str, ...]  # one per style
 
 
 _STYLE_N = re.compile(r"^style_([2-9]|[1-9]\d)$")
@@ -258,8 +262,9 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         raise RequestError(
             422, "style_blend", f"style_blend: {len(params.style_blend)} weights for {len(styles)} style images"
         )
+    content_field = "content"
     if "content" in urls:
-        content = fetch(urls["content"], "content_url")
+        content, content_field = fetch(urls["content"], "content_url"), "content_url"
     if "style" in urls:
-        styles[0] = fetch(urls["style"], "style_url")
-    return Request(content, styles, params)
+        styles[0], names[0] = fetch(urls["style"], "style_url"), "style_url"
+    return Request(content, styles, params, content_field, tuple(names))

@@ -55,17 +55,17 @@ def run(
 ) -> Output:
     p = request.params
     device = vgg.mean.device
-    content_img = imageio.fit(imageio.decode(request.content, "content", limits, draft_size=p.max_size), p.max_size)
+    field = request.content_field
+    content_img = imageio.fit(imageio.decode(request.content, field, limits, draft_size=p.max_size), p.max_size)
     if min(content_img.size) < limits.min_input_side:  # an elongated image scaled down to max_size
         w, h = content_img.size
         raise RequestError(
-            422, "content", f"content: scaled to max_size {p.max_size} it is {w}x{h} px, "
+            422, field, f"{field}: scaled to max_size {p.max_size} it is {w}x{h} px, "
             f"each side must be at least {limits.min_input_side} px"
         )
-    names = ["style"] + [f"style_{i}" for i in range(2, len(request.styles) + 1)]
     style_imgs = [
         size_style(imageio.decode(data, name, limits), content_img, p.style_scale, p.recipe_mode, limits)
-        for data, name in zip(request.styles, names)
+        for data, name in zip(request.styles, request.style_fields, strict=True)
     ]
     admit(content_img, style_imgs, p, limits, device)
     content = imageio.to_tensor(content_img, device)

@@ -1,6 +1,7 @@
 """pipeline.run: bytes in, encoded image out, every option through the real loop."""
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -191,6 +192,29 @@ def test_bad_style_image_names_its_field(vgg, images):
         stylize_bytes(vgg, fields)
     assert (info.value.code, info.value.field) == (415, "style_2")
     assert info.value.message.startswith("style_2")
+
+
+def test_bad_item_of_a_json_style_list_names_its_index(vgg, images):
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    fields = {"content": b64(images.png(images.content(32, 32))),
+              "style": [b64(images.png(images.style())), b64(b"not an image")], "steps": 1}
+    with pytest.raises(RequestError) as info:
+        stylize_bytes(vgg, fields)
+    assert (info.value.code, info.value.field) == (415, "style[1]")
+
+
+@pytest.mark.parametrize("field", ["content_url", "style_url"])
+def test_fetched_bytes_that_are_not_an_image_name_the_url_field(vgg, images, field):
+    """The client gave a URL, so the error names the URL field, not the image it stands for."""
+    limits = Limits(allow_urls=True)
+    image = field.removesuffix("_url")
+    other = "style" if image == "content" else "content"
+    fields = {field: "https://example.com/x", other: images.png(images.style()), "steps": b"1"}
+    request = parse_request(fields, limits, fetch=lambda url, name: b"<html>not an image</html>")
+    with pytest.raises(RequestError) as info:
+        run(request, vgg, limits)
+    assert (info.value.code, info.value.field) == (415, field)
+    assert info.value.message.startswith(field)
 
 
 def test_elongated_content_that_max_size_shrinks_below_min_side_is_422(vgg, images):

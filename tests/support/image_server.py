@@ -1,5 +1,6 @@
-"""A tiny HTTP server on 127.0.0.1 for URL-fetch tests: an image, redirects,
-a huge body, a trickle, a 404. It counts every request it receives."""
+"""A tiny HTTP server for URL-fetch tests (127.0.0.1 unless told otherwise):
+an image, redirects, a huge body, a trickle, text, a 404. It counts every
+request it receives."""
 from __future__ import annotations
 
 import http.server
@@ -20,7 +21,7 @@ PNG = _png()
 
 
 class ImageServer:
-    def __init__(self, huge_bytes: int = 300_000, port: int = 0):
+    def __init__(self, huge_bytes: int = 300_000, port: int = 0, host: str = "127.0.0.1"):
         self.hits = 0
         self.huge_bytes = huge_bytes
         outer = self
@@ -47,6 +48,9 @@ class ImageServer:
                     n = int(path.rsplit("/", 1)[1])
                     target = "/img.png" if n == 0 else f"/redirect/{n - 1}"
                     self._send(302, headers=[("Location", target)])
+                elif path.startswith("/redirect-to/"):  # another host's image
+                    host = path.split("/", 2)[2]
+                    self._send(302, headers=[("Location", f"http://{host}/img.png")])
                 elif path == "/to-file":
                     self._send(302, headers=[("Location", "file:///etc/passwd")])
                 elif path == "/huge":  # no Content-Length: only counting catches it
@@ -69,13 +73,14 @@ class ImageServer:
                 else:
                     self._send(404, b"missing")
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        self.host = host
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
+    def url(self, path: str, host: str | None = None) -> str:
         port = "" if self.port == 80 else f":{self.port}"
-        return f"http://{host}{port}{path}"
+        return f"http://{host or self.host}{port}{path}"
 
     def __enter__(self) -> "ImageServer":
         self.thread.start()
