@@ -54,3 +54,11 @@ def test_limits_table_matches_code_and_shipped_yaml():
 def test_response_timeout_above_time_budget():
     cfg = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     assert cfg["responseTimeout"] > cfg["limits"]["time_budget_s"]
+
+
+def test_every_test_named_in_the_fault_matrix_exists():
+    text = (ROOT / "docs" / "FAULTS.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(named) >= 25
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name}"

@@ -63,7 +63,7 @@ def test_time_budget_in_a_stream_ends_with_an_error_record(strict_server):
 
 def test_full_queue_gets_503_and_accepted_requests_complete(strict_server):
     pids = strict_server.worker_pids()
-    slow = {"steps": "60", "max_size": "96"}  # a second or two each: the queue fills up
+    slow = {"steps": "60", "max_size": "96", "format": "jpeg"}  # a second or two each: the queue fills up
     with cf.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: strict_server.predict(files=FILES, data=slow).status_code, range(8)))
     assert set(codes) <= {200, 503}, codes
@@ -134,6 +134,19 @@ def test_request_over_the_memory_budget_is_507_before_allocating(strict_server):
     assert r.json()["message"].startswith("max_size")
     assert strict_server.worker_pids() == pids
     assert strict_server.predict(files=FILES, data=QUICK).status_code == 200
+
+
+def test_result_over_the_response_limit_is_413_and_the_worker_survives(strict_server):
+    """strict_server's max_response_bytes is 20 kB: a 160 px PNG is refused
+    before TorchServe sees it (over max_response_size it would kill the worker)."""
+    pids = strict_server.worker_pids()
+    files = {**FILES, "content": thumbnail("tubingen.jpg", 160)}  # 160x120
+    r = strict_server.predict(files=files, data={"steps": "1", "max_size": "160"})
+    assert r.status_code == 413, r.headers
+    body = r.json()
+    assert body["code"] == 413 and body["message"].startswith("max_size") and "response limit" in body["message"]
+    assert strict_server.worker_pids() == pids
+    assert strict_server.predict(files=files, data={"steps": "1", "max_size": "160", "format": "jpeg"}).ok
 
 
 def test_hung_worker_past_response_timeout_is_replaced(strict_server):
@@ -214,4 +227,4 @@ def test_cuda_out_of_memory_is_507_and_the_same_worker_recovers(strict_server):
     free_after, _ = torch.cuda.mem_get_info()
     assert free_after >= free_before - 64 * 2**20  # the worker gave back what the failed request took
     assert strict_server.worker_pids() == pids
-    assert strict_server.predict(files=FILES, data={"steps": "5", "max_size": "128"}).status_code == 200
+    assert strict_server.predict(files=FILES, data=QUICK).status_code == 200
