@@ -86,9 +86,11 @@ def test_bad_base64_is_400_naming_the_field(server, style, code):
 def test_wrong_typed_json_parameters_are_422(server, field, value):
     body = {"content": base64.b64encode(GOOD).decode(), "style": base64.b64encode(GOOD).decode(),
             "steps": 1, field: value}
+    pids = server.worker_pids()
     r = server.predict(json=body)
     assert r.status_code == 422, r.text
     assert r.json()["message"].startswith(field)
+    assert server.worker_pids() == pids
 
 
 def _exif_rotated() -> bytes:
@@ -136,9 +138,11 @@ def test_body_over_max_request_size_is_413_from_the_frontend(strict_server):
 
 
 def test_url_inputs_are_off_by_default(server):
+    pids = server.worker_pids()
     r = server.predict(json={"content_url": "https://example.com/a.png",
                              "style": base64.b64encode(GOOD).decode()})
     assert r.status_code == 422 and r.json()["message"].startswith("content_url")
+    assert server.worker_pids() == pids
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "0x7f000001", "[::ffff:127.0.0.1]", "localhost"])

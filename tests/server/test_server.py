@@ -89,9 +89,11 @@ def test_bad_requests_get_contract_errors_and_worker_survives(server, files, dat
 
 
 def test_malformed_json_body_is_400(server):
+    pids = server.worker_pids()
     r = server.predict(data=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert r.json()["message"].startswith("body")
+    assert server.worker_pids() == pids
 
 
 def test_stream_sends_progress_then_image(server):
@@ -109,6 +111,7 @@ def test_stream_sends_progress_then_image(server):
 
 
 def test_no_or_wrong_token_is_refused(server):
+    pids = server.worker_pids()
     url = f"{server.inference}/predictions/style_transfer"
     r = requests.post(url, files={"content": CONTENT, "style": STYLE}, timeout=30)
     assert r.status_code == 400 and "Token" in r.json()["message"]
@@ -117,6 +120,7 @@ def test_no_or_wrong_token_is_refused(server):
     assert r.status_code == 400
     r = requests.get(f"{server.management}/models", timeout=30)
     assert r.status_code == 400
+    assert server.worker_pids() == pids
 
 
 def test_model_registration_api_is_off(server):
