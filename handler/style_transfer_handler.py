@@ -22,6 +22,8 @@ from nst.optimize import BudgetExceeded, Diverged, Progress
 
 log = logging.getLogger(__name__)
 
+# What the frontend applies when the model config names no responseTimeout.
+TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 
@@ -54,6 +56,7 @@ class StyleTransferHandler:
             torch.backends.cudnn.benchmark = True  # fixed-size convs run for hundreds of steps
         config = getattr(context, "model_yaml_config", None) or {}
         self.limits = Limits.from_mapping(config.get("limits"))
+        self.limits.check_response_timeout(config.get("responseTimeout", TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S))
         serialized = context.manifest["model"].get("serializedFile", "vgg19_features.pth")
         state, self.weights_kind = nst_weights.load(Path(props["model_dir"]) / serialized)
         self.vgg = VGGFeatures(state).to(self.device)
@@ -72,6 +75,7 @@ class StyleTransferHandler:
 
     def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
         streaming = False  # True once a progress record (and with it the 200 status) went out
+        deadline = time.monotonic() + self.limits.time_budget_s  # URL downloads count too
         try:
             request = parse_request(_fields(row), self.limits, fetch=self._fetch)
             callback = None
@@ -87,7 +91,7 @@ class StyleTransferHandler:
                 self.vgg,
                 self.limits,
                 callback=callback,
-                deadline=time.monotonic() + self.limits.time_budget_s,
+                deadline=deadline,
             )
         except RequestError as e:
             return self._error(idx, e, context, streaming)

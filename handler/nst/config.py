@@ -23,6 +23,12 @@ RECIPE_STYLE_LAYERS: Mapping[str, float] = {
 RECIPE_CONTENT_LAYER = "conv4_2"
 
 
+# Seconds a request may run past its time budget: the budget is checked
+# between optimizer steps, and one L-BFGS step at 1024 px takes seconds on a
+# CPU; then the result is encoded and sent.
+RESPONSE_MARGIN_S = 30
+
+
 @dataclass(frozen=True)
 class Limits:
     """Server-side bounds. Overridable from the model-config YAML (`limits:` key)."""
@@ -33,7 +39,9 @@ class Limits:
     max_input_pixels: int = 50_000_000  # checked from the header, before decoding
     max_input_bytes: int = 25 * 1024 * 1024  # one encoded image
     max_styles: int = 4  # style, style_2 .. style_4
-    time_budget_s: float = 540.0  # below responseTimeout (600 s) so no worker is killed
+    # The whole request from when the worker takes it, URL downloads included;
+    # at least RESPONSE_MARGIN_S below responseTimeout (600 s) so no worker is killed.
+    time_budget_s: float = 540.0
     progress_every: int = 10  # steps between streamed progress records
     # Below config.properties' max_response_size (64 MiB): TorchServe kills a
     # worker whose response is larger, so the handler refuses first.
@@ -47,6 +55,15 @@ class Limits:
     url_connect_timeout_s: float = 3.0
     url_read_timeout_s: float = 5.0  # per socket read
     url_total_timeout_s: float = 15.0  # whole download, however it trickles
+
+    def check_response_timeout(self, response_timeout_s: float) -> None:
+        """Refuse a budget that the server's response timeout would cut short:
+        the frontend kills a worker that answers late, mid-request."""
+        if self.time_budget_s > response_timeout_s - RESPONSE_MARGIN_S:
+            raise ValueError(
+                f"limits.time_budget_s ({self.time_budget_s:g} s) must be at least {RESPONSE_MARGIN_S} s below "
+                f"responseTimeout ({response_timeout_s:g} s), or slow requests kill the worker"
+            )
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "Limits":

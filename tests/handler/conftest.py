@@ -17,7 +17,8 @@ class FakeContext:
     """Per-index response status and headers, like ts.context.Context backed by
     one RequestProcessor per row (status defaults to 200, headers to {})."""
 
-    def __init__(self, model_dir: Path, *, limits: dict | None = None, rows: int = 1, gpu_id=None):
+    def __init__(self, model_dir: Path, *, limits: dict | None = None, rows: int = 1, gpu_id=None,
+                 response_timeout: int = 600):
         self.model_name = "style_transfer"
         self.manifest = {"model": {"modelName": "style_transfer", "serializedFile": SERIALIZED, "handler": "style_transfer_handler.py"}}
         self.system_properties = {
@@ -28,7 +29,9 @@ class FakeContext:
             "server_version": "test",
             "limit_max_image_pixels": True,
         }
-        self.model_yaml_config = {"minWorkers": 1, "limits": limits} if limits is not None else {}
+        self.model_yaml_config = {"minWorkers": 1, "responseTimeout": response_timeout}
+        if limits is not None:
+            self.model_yaml_config["limits"] = limits
         self.request_ids = {i: f"r{i}" for i in range(rows)}
         self._status: dict[int, tuple[int, str | None]] = {}
         self._headers: dict[int, dict[str, str]] = {}

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -83,6 +84,40 @@ def test_initialize_without_limits_uses_defaults(make_handler):
 def test_initialize_rejects_bad_limits(make_context):
     with pytest.raises(ValueError, match="max_stepz"):
         StyleTransferHandler().initialize(make_context(limits={"max_stepz": 5}))
+
+
+@pytest.mark.parametrize("response_timeout", [120, 560])
+def test_initialize_rejects_a_budget_the_response_timeout_would_cut_short(make_context, response_timeout):
+    """540 s of budget needs a responseTimeout of at least 570 s."""
+    ctx = make_context(response_timeout=response_timeout)
+    with pytest.raises(ValueError, match=r"time_budget_s \(540 s\).*responseTimeout"):
+        StyleTransferHandler().initialize(ctx)
+    fits = make_context(limits={"time_budget_s": response_timeout - 30}, response_timeout=response_timeout)
+    StyleTransferHandler().initialize(fits)
+
+
+def test_initialize_assumes_torchserves_120_s_without_a_response_timeout(make_context):
+    ctx = make_context()
+    del ctx.model_yaml_config["responseTimeout"]
+    with pytest.raises(ValueError, match=r"responseTimeout \(120 s\)"):
+        StyleTransferHandler().initialize(ctx)
+
+
+def test_url_download_time_counts_against_the_budget(make_handler, make_context, inputs, monkeypatch):
+    handler = make_handler({"time_budget_s": 0.3, "allow_urls": True})
+
+    def slow_fetch(url, field):
+        time.sleep(0.5)
+        return inputs["content"]
+
+    monkeypatch.setattr(handler, "_fetch", slow_fetch)
+    row = multipart_row(inputs, steps=3, max_size=32)
+    row["content_url"] = bytearray(b"https://example.com/c.png")
+    del row["content"]
+    ctx = make_context()
+    [out] = handler.handle([row], ctx)
+    err = assert_error(ctx, 0, out, 504, None)
+    assert "after 0 of 3 steps" in err["message"]
 
 
 def test_initialize_ignores_gpu_id_without_cuda(make_context, monkeypatch):

@@ -18,13 +18,13 @@ def strict_server(tmp_path_factory):
     """Test-only limits for fault injection: a 3 s time budget, a job queue of 2,
     a 2 MB request limit, a 300 MiB memory budget, a 20 kB response limit
     (a 32 px PNG or a 96 px JPEG fits, a 160 px PNG does not), URL inputs
-    switched on, and a 30 s responseTimeout (still above the budget plus the
-    15 s URL deadline)."""
+    switched on, and a 40 s responseTimeout (the least a 3 s budget allows:
+    the handler refuses a budget less than 30 s below it)."""
     with running_server(
         tmp_path_factory.mktemp("torchserve-strict"),
         config={"job_queue_size": "2", "max_request_size": "2000000"},
         model_config={
-            "responseTimeout": 30,
+            "responseTimeout": 40,
             "limits": {"time_budget_s": 3, "allow_urls": True, "memory_budget_mb": 300,
                        "max_response_bytes": 20_000},
         },

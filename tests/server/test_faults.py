@@ -1,5 +1,5 @@
 """Faults through the real server, injected with test-only configuration
-(strict_server: 3 s time budget, job queue of 2, 30 s responseTimeout) or from
+(strict_server: 3 s time budget, job queue of 2, 40 s responseTimeout) or from
 outside the worker (signals, an address-space limit): slow requests, a killed
 or hung worker, a full queue, a client that hangs up, running out of memory.
 The worker must survive, or be replaced, and every accepted request must get
