@@ -76,6 +76,7 @@ class StyleTransferHandler:
     def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
         streaming = False  # True once a progress record (and with it the 200 status) went out
         deadline = time.monotonic() + self.limits.time_budget_s  # URL downloads count too
+        oom = False
         try:
             request = parse_request(_fields(row), self.limits, fetch=self._fetch)
             callback = None
@@ -107,8 +108,6 @@ class StyleTransferHandler:
                 return self._error(idx, err, context, streaming)
             log.warning("request %d ran out of memory: %s", idx, e)
             oom = True
-        else:
-            oom = False
         if oom:
             # Recover outside the except block: the exception's frames hold the tensors.
             gc.collect()

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import requests
 
@@ -106,15 +106,24 @@ def _model_config(workdir: Path, overrides: dict) -> Path:
     return path
 
 
-def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> None:
+    def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"torchserve exited with {proc.returncode}; see {server.workdir}/logs")
-        if server.healthy():
-            return
-        time.sleep(1)
-    raise RuntimeError(f"torchserve not healthy after {timeout} s; see {server.workdir}/logs")
+        return server.healthy()
+
+    if not wait_for(up, timeout, interval=1):
+        raise RuntimeError(f"torchserve not healthy after {timeout} s; see {server.workdir}/logs")
 
 
 @contextlib.contextmanager

@@ -4,17 +4,13 @@ against loopback in many spellings and must never reach the local server; a
 test-only session that allows loopback exercises the rest of the rules."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from image_server import PNG, ImageServer
 from requests_hardened import Config, Manager
 
 from nst import Limits, RequestError, parse_request
 from nst.fetch import fetch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from image_server import PNG, ImageServer  # noqa: E402
 
 LIMITS = Limits(allow_urls=True, max_input_bytes=100_000, url_total_timeout_s=1.0, url_read_timeout_s=2.0)
 LOOPBACK_OK = Manager(Config(ip_filter_enable=True, ip_filter_allow_loopback_ips=True,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from image_server import ImageServer
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,11 +149,6 @@ def test_url_inputs_are_off_by_default(server):
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "0x7f000001", "[::ffff:127.0.0.1]", "localhost"])
 def test_url_inputs_never_reach_loopback(strict_server, host):
     """strict_server allows URLs; a local image server stands where an attacker would point."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests" / "support"))
-    from image_server import ImageServer
-
     pids = strict_server.worker_pids()
     try:  # port 80, so the allowed-ports rule passes and the address check is what refuses
         site = ImageServer(port=80)

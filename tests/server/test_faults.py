@@ -13,16 +13,17 @@ import os
 import resource
 import signal
 import socket
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import requests
 import torch
 
 from example_images import thumbnail
+from local_server import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
@@ -34,12 +35,7 @@ LONG = {"steps": "3000", "max_size": "96"}  # far more than the 3 s budget allow
 
 
 def _healthy(server, timeout: float = 180) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.healthy():
-            return True
-        time.sleep(0.5)
-    return False
+    return wait_for(server.healthy, timeout)
 
 
 def test_time_budget_gives_504_and_the_worker_survives(strict_server):
@@ -170,19 +166,8 @@ def test_hung_worker_past_response_timeout_is_replaced(strict_server):
 
 def _logged(server, text: str, timeout: float = 10) -> bool:
     log = server.workdir / "logs" / "ts_log.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:  # the frontend's log may trail its answer
-        if log.exists() and text in log.read_text(errors="replace"):
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def _proc_status_bytes(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024  # the kernel reports kB
-    raise KeyError(key)
+    # the frontend's log may trail its answer
+    return wait_for(lambda: log.exists() and text in log.read_text(errors="replace"), timeout)
 
 
 def test_host_out_of_memory_is_507_and_the_same_worker_recovers(server):
@@ -191,11 +176,12 @@ def test_host_out_of_memory_is_507_and_the_same_worker_recovers(server):
     1024 px optimization (about 4 GB). The default memory budget reads the
     host's free memory, so admission lets it in and the allocator fails."""
     [pid] = server.worker_pids()
+    worker = psutil.Process(pid)
     assert server.predict(files=FILES, data=QUICK).status_code == 200  # warm: thread pools, caches
-    baseline = _proc_status_bytes(pid, "VmRSS")
+    baseline = worker.memory_info().rss
     big = {"content": (ROOT / "examples" / "tubingen.jpg").read_bytes(), "style": FILES["style"]}
     soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
-    resource.prlimit(pid, resource.RLIMIT_AS, (_proc_status_bytes(pid, "VmSize") + 256 * 2**20, hard))
+    resource.prlimit(pid, resource.RLIMIT_AS, (worker.memory_info().vms + 256 * 2**20, hard))
     try:
         r = server.predict(files=big, data={"max_size": "1024", "steps": "5"})
     finally:
@@ -204,21 +190,22 @@ def test_host_out_of_memory_is_507_and_the_same_worker_recovers(server):
     assert r.json()["message"].startswith("out of memory")
     assert server.worker_pids() == [pid]
     assert server.predict(files=FILES, data=QUICK).status_code == 200
-    assert _proc_status_bytes(pid, "VmRSS") < baseline + 64 * 2**20  # the failed request's memory is back
+    assert worker.memory_info().rss < baseline + 64 * 2**20  # the failed request's memory is back
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the worker then runs on it")
 def test_cuda_out_of_memory_is_507_and_the_same_worker_recovers(strict_server):
     """Real CUDA OOM: this test process takes all but 32 MiB of the GPU's free
     memory, then asks for a 128 px optimization, which strict_server's 300 MiB
-    budget admits (estimate about 165 MiB) and which needs far more than the
+    budget admits (estimate about 140 MiB at 128x96) and which needs far more than the
     worker has cached from a 32 px warm-up."""
     pids = strict_server.worker_pids()
+    files = {**FILES, "content": thumbnail("tubingen.jpg", 128)}  # 128x96
     assert strict_server.predict(files=FILES, data=QUICK).status_code == 200
     free_before, _ = torch.cuda.mem_get_info()  # after this process's own CUDA context
     hog = torch.empty(free_before - 32 * 2**20, dtype=torch.uint8, device="cuda")
     try:
-        r = strict_server.predict(files=FILES, data={"steps": "5", "max_size": "128"})
+        r = strict_server.predict(files=files, data={"steps": "5", "max_size": "128"})
     finally:
         del hog
         torch.cuda.empty_cache()
