@@ -12,7 +12,7 @@ import psutil
 import torch
 
 from .config import Params
-from .optimize import lbfgs_history
+from .optimize import lbfgs_history, lbfgs_pair_bytes
 from .vgg import _CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
@@ -38,7 +38,7 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params) -
     grads = 2 * 64 * pixels * FLOAT  # backward holds about two conv1 gradients at once
     history = 0
     if params.optimizer == "lbfgs":
-        history = 2 * lbfgs_history(pixels) * 3 * pixels * FLOAT
+        history = lbfgs_history(pixels) * lbfgs_pair_bytes(pixels)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
     return int(SAFETY * max(step + grads + history, styles) + BASE)
 

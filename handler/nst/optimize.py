@@ -87,10 +87,14 @@ def compute_dtype(device: torch.device, params: Params) -> torch.dtype:
     return torch.float32
 
 
+def lbfgs_pair_bytes(pixels: int) -> int:
+    """One L-BFGS history pair: two float32 image-sized (3 x pixels) vectors."""
+    return 2 * 3 * pixels * 4
+
+
 def lbfgs_history(pixels: int) -> int:
     """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes."""
-    per_pair = 2 * 3 * pixels * 4  # two float32 image-sized vectors
-    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // per_pair))
+    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // lbfgs_pair_bytes(pixels)))
 
 
 def stylize(
