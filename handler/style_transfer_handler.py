@@ -153,7 +153,7 @@ class StyleTransferHandler:
         if streaming:
             # The 200 status went out with the first chunk: report in-band.
             return (json.dumps({"done": True, "error": {"code": err.code, "message": err.message}}) + "\n").encode()
-        context.set_response_status(err.code, err.message, idx)
+        context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
 

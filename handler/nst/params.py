@@ -26,7 +26,7 @@ from .config import (
     Limits,
     Params,
 )
-from .errors import RequestError
+from .errors import RequestError, quote_field
 from .vgg import canonical_layer
 
 
@@ -256,7 +256,7 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
 
     unknown = sorted(set(fields) - set(PARSERS))
     if unknown:
-        raise RequestError(422, unknown[0], f"{unknown[0]}: unknown parameter")
+        raise RequestError(422, unknown[0], f"{quote_field(unknown[0])}: unknown parameter")
     params = build_params(fields, limits)
     if params.style_blend is not None and len(params.style_blend) != len(styles):
         raise RequestError(
