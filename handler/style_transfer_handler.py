@@ -75,10 +75,13 @@ class StyleTransferHandler:
 
     def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
         streaming = False  # True once a progress record (and with it the 200 status) went out
-        deadline = time.monotonic() + self.limits.time_budget_s  # URL downloads count too
+        taken = time.monotonic()
+        deadline = taken + self.limits.time_budget_s  # URL downloads and decoding count too
+        deadline_field = None  # the client's parameter when its deadline is the earlier one
         oom = False
         try:
             request = parse_request(_fields(row), self.limits, fetch=self._fetch)
+            deadline, deadline_field = _client_deadline(request.params, taken, deadline)
             callback = None
             if request.params.stream:
                 context.set_response_content_type(idx, NDJSON)
@@ -97,7 +100,11 @@ class StyleTransferHandler:
         except RequestError as e:
             return self._error(idx, e, context, streaming)
         except BudgetExceeded as e:
-            return self._error(idx, RequestError(504, None, f"time budget exceeded: {e}"), context, streaming)
+            if deadline_field is None:
+                err = RequestError(504, None, f"time budget exceeded: {e}")
+            else:
+                err = RequestError(504, deadline_field, f"{deadline_field}: the client's deadline passed: {e}")
+            return self._error(idx, err, context, streaming)
         except Diverged as e:
             err = RequestError(422, "lr", f"lr: the optimization diverged ({e}); use a smaller lr")
             return self._error(idx, err, context, streaming)
@@ -117,10 +124,14 @@ class StyleTransferHandler:
             return self._error(idx, err, context, streaming)
 
         result = output.result
+        total_ms = (time.monotonic() - taken) * 1e3
         facts = {
             "X-Steps": str(result.steps),
             "X-Loss": f"{result.loss:.6g}",
             "X-Elapsed-Ms": f"{result.elapsed_ms:.0f}",
+            "X-Decode-Ms": f"{output.decode_ms:.0f}",
+            "X-Encode-Ms": f"{output.encode_ms:.0f}",
+            "X-Total-Ms": f"{total_ms:.0f}",
             "X-Weights": self.weights_kind,
         }
         if request.params.stream:
@@ -131,6 +142,9 @@ class StyleTransferHandler:
                 "steps": result.steps,
                 "loss": result.loss,
                 "elapsed_ms": round(result.elapsed_ms, 1),
+                "decode_ms": round(output.decode_ms, 1),
+                "encode_ms": round(output.encode_ms, 1),
+                "total_ms": round(total_ms, 1),
                 "weights": self.weights_kind,
             }
             body = (json.dumps(record) + "\n").encode()
@@ -175,6 +189,27 @@ def _fields(row: dict) -> dict:
     if not isinstance(body, dict):
         raise RequestError(400, "body", "body: expected a JSON object")
     return body
+
+
+def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float, str | None]:
+    """The earliest of the server's budget and the client's own deadlines, as a
+    `time.monotonic()` value. TorchServe tells a worker nothing of a client that
+    hung up or gave up, so a client that says when it stops waiting is the only
+    way to drop work nobody waits for: a request still queued past `deadline`
+    is refused before any work is done. Returns the deadline and the parameter
+    that set it (None for the server's budget)."""
+    field = None
+    if params.timeout_s is not None and taken + params.timeout_s < deadline:
+        deadline, field = taken + params.timeout_s, "timeout_s"
+    if params.deadline is not None:
+        left = params.deadline - time.time()
+        if left <= 0:
+            raise RequestError(
+                504, "deadline", f"deadline: passed {-left:.1f} s before a worker took the request; not started"
+            )
+        if taken + left < deadline:
+            deadline, field = taken + left, "deadline"
+    return deadline, field
 
 
 def _progress_line(p: Progress) -> bytes:

@@ -38,6 +38,10 @@ class Limits:
     min_input_side: int = 16  # px; VGG pools 4 times before conv5_1
     max_input_pixels: int = 50_000_000  # checked from the header, before decoding
     max_input_bytes: int = 25 * 1024 * 1024  # one encoded image
+    # A progressive JPEG's decode cost is scans x pixels; encoders write about
+    # 10 scans, libjpeg-turbo's own fuzzing refuses more than 500. 100 scans of
+    # the largest allowed image decode in about 2 s on one core.
+    max_jpeg_scans: int = 100
     max_styles: int = 4  # style, style_2 .. style_4
     # The whole request from when the worker takes it, URL downloads included;
     # at least RESPONSE_MARGIN_S below responseTimeout (600 s) so no worker is killed.
@@ -116,6 +120,9 @@ class Params:
     pooling: str = "max"  # max | avg
     format: str = "png"  # png | jpeg | webp
     quality: int = 90  # jpeg / webp only
+    # The client's own deadlines; the server's time_budget_s still applies.
+    timeout_s: float | None = None  # seconds from when a worker takes the request
+    deadline: float | None = None  # Unix time; a request still queued past it is dropped unstarted
 
     @property
     def recipe_mode(self) -> bool:

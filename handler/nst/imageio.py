@@ -17,6 +17,53 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+_RST_OR_STUFFED = frozenset([0x00, *range(0xD0, 0xD8)])  # not markers inside entropy-coded data
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xDA)])  # TEM, RSTn, SOI, EOI: no length field
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """Count the start-of-scan markers of a JPEG by walking its segments,
+    stopping once the count passes `stop_after`.
+
+    Decode cost grows with the number of scans times the pixels: a progressive
+    JPEG can repeat scans tens of thousands of times within the byte and pixel
+    limits and keep a decoder busy for minutes, so this is checked before any
+    pixel is decoded. Bytes inside other segments (an EXIF thumbnail) and
+    inside entropy-coded data are skipped, not counted."""
+    scans, pos, end = 0, 2, len(data)
+    while pos + 1 < end:
+        if data[pos] != 0xFF:
+            pos += 1  # garbage between segments: libjpeg skips it too
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker in _STANDALONE or marker == 0x00:
+            pos += 2
+            continue
+        if pos + 3 >= end:
+            break
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > stop_after:
+            break
+        # Entropy-coded data runs to the next 0xFF that is not stuffing or RSTn.
+        while True:
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= end:
+                return scans
+            if data[pos + 1] in _RST_OR_STUFFED or data[pos + 1] == 0xFF:
+                pos += 1 if data[pos + 1] == 0xFF else 2
+                continue
+            break
+    return scans
+
+
 def decode(data: bytes, field: str, limits: Limits, *, draft_size: int | None = None) -> Image.Image:
     """Encoded bytes -> RGB PIL image, EXIF orientation applied.
 
@@ -50,6 +97,13 @@ def decode(data: bytes, field: str, limits: Limits, *, draft_size: int | None = 
         raise RequestError(
             422, field, f"{field}: {w}x{h} px, each side must be at least {limits.min_input_side} px"
         )
+    if img.format == "JPEG":
+        scans = jpeg_scans(data, limits.max_jpeg_scans)
+        if scans > limits.max_jpeg_scans:
+            raise RequestError(
+                413, field, f"{field}: a JPEG of more than {limits.max_jpeg_scans} scans "
+                f"(this server's limit); re-encode it as baseline or standard progressive JPEG"
+            )
     try:
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))

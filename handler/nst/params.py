@@ -153,6 +153,8 @@ PARSERS: dict[str, Callable[[Any, Limits], Any]] = {
     "pooling": lambda v, lim: parse_choice(v, "pooling", POOLINGS),
     "format": lambda v, lim: parse_choice(v, "format", FORMATS),
     "quality": lambda v, lim: parse_int(v, "quality", 1, 100),
+    "timeout_s": lambda v, lim: parse_float(v, "timeout_s", 0.0, 1e6, lo_open=True),
+    "deadline": lambda v, lim: parse_float(v, "deadline", 0.0, 1e11, lo_open=True),
 }
 
 

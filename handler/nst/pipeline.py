@@ -1,6 +1,7 @@
 """One request end to end, without any server: bytes in, encoded image out."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from PIL import Image
@@ -9,7 +10,7 @@ from . import imageio, memory
 from .config import Limits
 from .errors import RequestError
 from .params import Request
-from .optimize import Callback, Result, stylize
+from .optimize import BudgetExceeded, Callback, Result, stylize
 from .vgg import VGGFeatures
 
 
@@ -18,6 +19,8 @@ class Output:
     data: bytes  # the encoded image
     content_type: str
     result: Result
+    decode_ms: float  # decoding and resizing the inputs, before the optimization
+    encode_ms: float
 
 
 def size_style(style: Image.Image, content: Image.Image, style_scale: float, recipe_mode: bool, limits: Limits) -> Image.Image:
@@ -55,6 +58,7 @@ def run(
 ) -> Output:
     p = request.params
     device = vgg.mean.device
+    start = time.monotonic()
     field = request.content_field
     content_img = imageio.fit(imageio.decode(request.content, field, limits, draft_size=p.max_size), p.max_size)
     if min(content_img.size) < limits.min_input_side:  # an elongated image scaled down to max_size
@@ -67,10 +71,17 @@ def run(
         size_style(imageio.decode(data, name, limits), content_img, p.style_scale, p.recipe_mode, limits)
         for data, name in zip(request.styles, request.style_fields, strict=True)
     ]
+    decode_ms = (time.monotonic() - start) * 1e3
+    if deadline is not None and time.monotonic() > deadline:
+        # A decoder cannot be interrupted; the scan limit bounds it, the budget still counts it.
+        raise BudgetExceeded(f"ran out before the first step (decoding took {decode_ms / 1e3:.1f} s)")
     admit(content_img, style_imgs, p, limits, device)
     content = imageio.to_tensor(content_img, device)
     styles = [imageio.to_tensor(s, device) for s in style_imgs]
     result = stylize(
         vgg, content, styles, p, callback=callback, deadline=deadline, progress_every=limits.progress_every
     )
-    return Output(imageio.encode(result.image, p.format, p.quality), imageio.CONTENT_TYPES[p.format], result)
+    start = time.monotonic()
+    data = imageio.encode(result.image, p.format, p.quality)
+    encode_ms = (time.monotonic() - start) * 1e3
+    return Output(data, imageio.CONTENT_TYPES[p.format], result, decode_ms, encode_ms)

@@ -117,7 +117,7 @@ def test_url_download_time_counts_against_the_budget(make_handler, make_context,
     ctx = make_context()
     [out] = handler.handle([row], ctx)
     err = assert_error(ctx, 0, out, 504, None)
-    assert "after 0 of 3 steps" in err["message"]
+    assert "before the first step" in err["message"]
 
 
 def test_initialize_ignores_gpu_id_without_cuda(make_context, monkeypatch):

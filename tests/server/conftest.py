@@ -17,7 +17,8 @@ def server(tmp_path_factory):
 def strict_server(tmp_path_factory):
     """Test-only limits for fault injection: a 3 s time budget, a job queue of 2,
     a 2 MB request limit, a 300 MiB memory budget, a 20 kB response limit
-    (a 32 px PNG or a 96 px JPEG fits, a 160 px PNG does not), URL inputs
+    (a 32 px PNG or a 96 px JPEG fits, a 160 px PNG does not), 2000 JPEG scans
+    (so a scan bomb decodes for longer than the budget), URL inputs
     switched on, and a 40 s responseTimeout (the least a 3 s budget allows:
     the handler refuses a budget less than 30 s below it)."""
     with running_server(
@@ -26,7 +27,7 @@ def strict_server(tmp_path_factory):
         model_config={
             "responseTimeout": 40,
             "limits": {"time_budget_s": 3, "allow_urls": True, "memory_budget_mb": 300,
-                       "max_response_bytes": 20_000},
+                       "max_response_bytes": 20_000, "max_jpeg_scans": 2000},
         },
     ) as srv:
         yield srv

@@ -1,0 +1,121 @@
+"""Issue #10 at the handler tier: request text never reaches the status line,
+error messages are escaped and bounded, the client's deadlines are honoured,
+and the facts count decoding."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from nst.errors import MAX_MESSAGE_CHARS, RequestError, printable
+from test_handler import assert_error, json_fields, multipart_row
+
+
+@pytest.fixture(scope="module")
+def inputs(images):
+    return {"content": images.png(images.content(48, 32)), "style": images.png(images.style(32, 32))}
+
+
+def _phrase(ctx, idx=0) -> str:
+    return ctx.get_response_status(idx)[1]
+
+
+HOSTILE = ["größe", "10步", "a\r\nb", "x\ud800y", "\x1b[31mred", "n" * 65536]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=["umlaut", "cjk", "crlf", "surrogate", "ansi", "64k"])
+def test_hostile_field_names_get_a_fixed_ascii_phrase_and_a_bounded_printable_message(
+    handler, make_context, inputs, text
+):
+    ctx = make_context()
+    [out] = handler.handle([{"body": json_fields(inputs, **{text: 1})}], ctx)
+    err = assert_error(ctx, 0, out, 422, None)
+    assert _phrase(ctx) == "Unprocessable Entity"
+    assert out.isascii()  # json.dumps escapes the rest
+    message = err["message"]
+    assert message.endswith("unknown parameter")
+    assert message.isprintable() and len(message) < 100  # a 64 KB name is cut, never whole
+    if text.isprintable() and len(text) < 64:
+        assert message.startswith(text)  # readable names stay readable
+
+
+@pytest.mark.parametrize("value", ["10步", "1\r\n0", "\ud800", "9" * 100_000])
+def test_hostile_values_name_the_field_in_a_bounded_printable_message(handler, make_context, inputs, value):
+    ctx = make_context()
+    [out] = handler.handle([{"body": json_fields(inputs, steps=value)}], ctx)
+    err = assert_error(ctx, 0, out, 422, "steps")
+    assert _phrase(ctx) == "Unprocessable Entity"
+    assert err["message"].startswith("steps:") and err["message"].isprintable()
+    assert len(err["message"]) <= MAX_MESSAGE_CHARS + 3
+
+
+def test_invalid_utf8_in_a_multipart_value_is_422_naming_the_field(handler, make_context, inputs):
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=b"\xed\xa0\x80")], ctx)  # an encoded surrogate
+    err = assert_error(ctx, 0, out, 422, "steps")
+    assert err["message"] == "steps: not valid UTF-8 text"
+    assert _phrase(ctx) == "Unprocessable Entity"
+
+
+def test_every_status_has_a_fixed_ascii_reason():
+    for code in RequestError.TYPES:
+        reason = RequestError(code, None, "x").reason
+        assert reason.isascii() and reason.isprintable() and reason != "Error"
+
+
+def test_printable_escapes_and_bounds():
+    assert printable("a\r\nb\x1b\ud800", 100) == "a\\r\\nb\\x1b\\ud800"
+    assert printable("größe 步", 100) == "größe 步"  # printable text stays readable in the JSON body
+    assert printable("x" * 50, 10) == "x" * 10 + "..."
+
+
+def test_a_deadline_already_passed_is_refused_before_any_work(handler, make_context, inputs, monkeypatch):
+    import nst.pipeline
+
+    monkeypatch.setattr(nst.pipeline, "stylize", lambda *a, **k: pytest.fail("work started"))
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=3, deadline=time.time() - 5)], ctx)
+    err = assert_error(ctx, 0, out, 504, "deadline")
+    assert "not started" in err["message"]
+
+
+def test_timeout_s_cuts_the_optimization_and_names_the_field(make_handler, make_context, inputs, monkeypatch):
+    import nst.optimize
+
+    handler = make_handler({"progress_every": 1})
+    real = nst.optimize.make_objective
+
+    def slow_objective(*args, **kwargs):
+        objective = real(*args, **kwargs)
+
+        def slow(*a, **k):
+            time.sleep(0.05)
+            return objective(*a, **k)
+
+        return slow
+
+    monkeypatch.setattr(nst.optimize, "make_objective", slow_objective)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=1000, max_size=32, timeout_s=0.3)], ctx)
+    err = assert_error(ctx, 0, out, 504, "timeout_s")
+    assert err["message"].startswith("timeout_s: the client's deadline passed")
+    assert "of 1000 steps" in err["message"]
+
+
+def test_a_far_deadline_changes_nothing(handler, make_context, inputs):
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=2, deadline=time.time() + 600, timeout_s=600)], ctx)
+    assert ctx.status(0) == 200
+    headers = ctx.get_response_headers(0)
+    total = int(headers["X-Total-Ms"])
+    assert total >= int(headers["X-Elapsed-Ms"]) and total >= int(headers["X-Decode-Ms"])
+    assert int(headers["X-Encode-Ms"]) >= 0
+
+
+def test_stream_final_record_counts_decode_and_total(handler, make_context, inputs, monkeypatch):
+    monkeypatch.setattr(handler, "send_intermediate", lambda line, idx, ctx: None)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=2, stream="true")], ctx)
+    final = json.loads(out)
+    assert final["done"] and final["total_ms"] >= final["elapsed_ms"] and final["decode_ms"] >= 0
