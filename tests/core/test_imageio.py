@@ -211,3 +211,36 @@ def test_lossy_encode_formats_and_quality(fmt, pil):
     assert Image.open(io.BytesIO(hi)).size == (32, 32)
     assert len(lo) < len(hi)
     assert imageio.CONTENT_TYPES[fmt] == f"image/{fmt}"
+
+
+def _jpeg(img, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def test_jpeg_scans_counts_start_of_scan_markers_only():
+    from nst.imageio import jpeg_scans
+
+    rgb = Image.new("RGB", (64, 48), (10, 200, 30))
+    assert jpeg_scans(_jpeg(rgb), 1000) == 1
+    assert jpeg_scans(_jpeg(rgb, progressive=True), 1000) == 10  # libjpeg's standard progressive script
+    assert jpeg_scans(_jpeg(rgb.convert("L"), progressive=True), 1000) == 6
+    # An embedded progressive JPEG (in an APP segment) is payload, not scans of this image.
+    inner = _jpeg(rgb, progressive=True)
+    outer = _jpeg(rgb)
+    app = b"\xff\xe9" + (len(inner) + 2).to_bytes(2, "big") + inner
+    assert jpeg_scans(outer[:2] + app + outer[2:], 1000) == 1
+
+
+def test_jpeg_scans_stops_counting_past_the_limit_and_decode_refuses():
+    from nst.imageio import jpeg_scans
+
+    data = _jpeg(Image.new("L", (64, 64), 128), progressive=True)
+    scan = data[data.rfind(b"\xff\xda"):-2]
+    bomb = data[:-2] + scan * 500 + b"\xff\xd9"
+    assert jpeg_scans(bomb, 10_000) == 506
+    assert jpeg_scans(bomb, 100) == 101
+    with pytest.raises(RequestError) as e:
+        imageio.decode(bomb, "style", Limits())
+    assert e.value.code == 413 and e.value.message.startswith("style: a JPEG of more than 100 scans")
