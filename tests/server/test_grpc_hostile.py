@@ -160,3 +160,23 @@ def test_stream_predictions_sends_progress_then_the_image(server, client):
     assert base64.b64decode(final["image"]).startswith(PNG_SIGNATURE)
     assert server.worker_pids() == pids
 
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TorchServe 0.12.0: GRPCJob.response reads the ts_stream_next header, which the backend "
+    "sets only after an intermediate response; a StreamPredictions answer without one throws a "
+    "NullPointerException in the frontend, which restarts the worker ('Worker died.')",
+)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"stream": b"true", "größe": b"1"}],
+    ids=["not-streamed", "error-before-the-first-record"],
+)
+def test_stream_predictions_answered_without_a_progress_record_keeps_the_worker(server, client, extra):
+    key = server.key("inference")
+    pids = server.worker_pids()
+    results = list(client.stream_predict({**BASE, **extra}, key))
+    after = client.predict(BASE, key)  # waits for a replacement worker, if there is one
+    _assert_png(after)
+    assert server.worker_pids() == pids
+    assert not any(isinstance(r, grpc.RpcError) for r in results), [_describe(r) for r in results]
