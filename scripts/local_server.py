@@ -36,6 +36,8 @@ class Server:
     inference: str
     management: str
     metrics: str
+    grpc_inference: str  # host:port of TorchServe's gRPC InferenceAPIsService
+    grpc_management: str  # host:port of its gRPC ManagementAPIsService
     workdir: Path
     env: dict
 
@@ -158,6 +160,8 @@ def running_server(
         inference=f"http://127.0.0.1:{ports['inference']}",
         management=f"http://127.0.0.1:{ports['management']}",
         metrics=f"http://127.0.0.1:{ports['metrics']}",
+        grpc_inference=f"127.0.0.1:{ports['grpc_inference']}",
+        grpc_management=f"127.0.0.1:{ports['grpc_management']}",
         workdir=workdir,
         env=env,
     )
