@@ -155,6 +155,11 @@ LOWP_STEPS = 60
 # or 20; capped so the history stays under LBFGS_MEMORY bytes on large images.
 LBFGS_HISTORY = 50
 LBFGS_MEMORY = 512 * 1024 * 1024
+# Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
+# weights the gradients are in the hundreds: an unbounded first step threw every
+# pixel out of range and the optimizer stalled there (issue #11). Chosen on the
+# quality corpus (bench/corpus): 0.05-0.25 all reach the recipe's loss.
+LBFGS_MAX_MOVE = 0.1
 
 PRESETS = ("fast", "seed")
 OPTIMIZERS = ("lbfgs", "adam")

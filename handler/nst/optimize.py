@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .config import LBFGS_HISTORY, LBFGS_MEMORY, LOWP_STEPS, Params
+from . import lbfgs
+from .config import LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
 from .losses import make_objective
 from .vgg import VGGFeatures
 
@@ -97,6 +98,11 @@ def lbfgs_history(pixels: int) -> int:
     return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // lbfgs_pair_bytes(pixels)))
 
 
+def _finite_or_raise(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(f"loss became {loss} at step {step}")
+
+
 def stylize(
     vgg: VGGFeatures,
     content: Tensor,
@@ -112,10 +118,14 @@ def stylize(
 
     The seed preset (recipe mode) optimizes ImageNet-normalized pixels with no
     constraint, step for step as the tutorial does. The fast preset optimizes
-    pixels and the objective sees them clamped to [0,1]: the image it scores is
-    the image it delivers (clamping inside the objective keeps L-BFGS's
-    curvature pairs consistent, where projecting after each step breaks them).
-    `deadline` is a `time.monotonic()` value; past it, `BudgetExceeded` is raised.
+    pixels in [0,1] with the device-resident L-BFGS of `nst.lbfgs` (bounded
+    steps, pixels held at the bounds), or Adam; the objective sees the pixels
+    clamped, so the image it scores is the image it delivers.
+
+    The host reads the device only every `progress_every` steps (the loss for
+    progress, the NaN check, the deadline) and at the end: between those the
+    GPU runs unattended. `deadline` is a `time.monotonic()` value; past it,
+    `BudgetExceeded` is raised.
     """
     start = time.monotonic()
     lowp = compute_dtype(content.device, params)
@@ -139,42 +149,44 @@ def stylize(
         to_input = lambda v: vgg.normalize(v.clamp(0, 1))  # noqa: E731
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
     var = var.contiguous().requires_grad_(True)
+    shape = var.shape
 
-    if params.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam([var], lr=params.lr)
+    use_lbfgs = params.optimizer == "lbfgs"
+    if use_lbfgs:
+        n = var.numel()
+        state = lbfgs.init_state(1, n, lbfgs_history(shape[-2] * shape[-1]), var.device)
+        bounded = not params.recipe_mode
     else:
-        # One L-BFGS iteration per .step(): steps count iterations, and the
-        # deadline and progress are checked between them.
-        history_size = lbfgs_history(content.shape[-2] * content.shape[-1])
-        opt = torch.optim.LBFGS([var], lr=params.lr, max_iter=1, history_size=history_size)
+        opt = torch.optim.Adam([var], lr=params.lr)
 
     history: list[Progress] = []
-    last_loss = math.nan
-    dtype = lowp
-
-    def closure() -> Tensor:
-        nonlocal last_loss
-        opt.zero_grad(set_to_none=True)
-        loss = objective(to_input(var), dtype).total
-        loss.backward()
-        last_loss = loss.item()
-        return loss
-
+    if deadline is not None and time.monotonic() > deadline:
+        raise BudgetExceeded(f"time budget ran out after 0 of {params.steps} steps")
     with torch.enable_grad():
         for step in range(1, params.steps + 1):
-            if deadline is not None and time.monotonic() > deadline:
-                raise BudgetExceeded(f"time budget ran out after {step - 1} of {params.steps} steps")
             # bf16 gradients are good enough to get near the optimum and stall
             # there: finish in float32.
             dtype = lowp if step <= LOWP_STEPS else torch.float32
-            opt.step(closure)
-            if not math.isfinite(last_loss):
-                raise Diverged(f"loss became {last_loss} at step {step}")
+            loss = objective(to_input(var), dtype).total
+            (grad,) = torch.autograd.grad(loss, var)
+            if use_lbfgs:
+                x_next = lbfgs.step(
+                    state, var.detach().reshape(1, n), grad.reshape(1, n), lr=params.lr, max_move=LBFGS_MAX_MOVE,
+                    lower=0.0 if bounded else None, upper=1.0 if bounded else None,
+                )
+                var = x_next.reshape(shape).requires_grad_(True)
+            else:
+                var.grad = grad
+                opt.step()
             if step % progress_every == 0 or step == params.steps:
-                p = Progress(step, params.steps, last_loss, (time.monotonic() - start) * 1e3)
+                value = loss.item()  # the one host sync of this stretch of steps
+                _finite_or_raise(value, step)
+                p = Progress(step, params.steps, value, (time.monotonic() - start) * 1e3)
                 history.append(p)
                 if callback is not None:
                     callback(p)
+                if deadline is not None and time.monotonic() > deadline and step < params.steps:
+                    raise BudgetExceeded(f"time budget ran out after {step} of {params.steps} steps")
 
     with torch.no_grad():
         delivered = quantize(to_pixels(var.detach()))

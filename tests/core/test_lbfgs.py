@@ -1,0 +1,202 @@
+"""The device-resident L-BFGS (nst.lbfgs) against reference formulas:
+the two-loop recursion, torch.optim.LBFGS on a smooth problem, batch
+independence, the bounds, and (on a GPU) no host sync inside a step."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from nst import lbfgs
+from nst.config import Params
+from nst.optimize import stylize
+
+
+def two_loop(pairs: list[tuple[torch.Tensor, torch.Tensor]], g: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Nocedal & Wright, Algorithm 7.4, in float64: -H g for pairs oldest first."""
+    q = g.double().clone()
+    alphas = []
+    for s, y in reversed(pairs):
+        rho = 1.0 / torch.dot(y.double(), s.double())
+        a = rho * torch.dot(s.double(), q)
+        alphas.append((a, rho, s.double(), y.double()))
+        q -= a * y.double()
+    r = gamma * q
+    for a, rho, s, y in reversed(alphas):
+        b = rho * torch.dot(y, r)
+        r += s * (a - b)
+    return -r
+
+
+def _random_pairs(n: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs with s.y > 0, as a convex quadratic's gradient changes are: y = A s."""
+    a = torch.randn(n, n, generator=gen)
+    hess = a @ a.t() / n + torch.eye(n)
+    out = []
+    for _ in range(count):
+        s = torch.randn(n, generator=gen)
+        out.append((s, hess @ s))
+    return out
+
+
+def _fill(state: lbfgs.State, batch_pairs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Feed each image's pairs through update_history, as steps would."""
+    steps = len(batch_pairs[0])
+    n = state.S.shape[-1]
+    x = torch.zeros(len(batch_pairs), n)
+    g = torch.zeros(len(batch_pairs), n)
+    state.x_prev.copy_(x)
+    state.g_prev.copy_(g)
+    state.started.fill_(True)
+    for k in range(steps):
+        x = x + torch.stack([p[k][0] for p in batch_pairs])
+        g = g + torch.stack([p[k][1] for p in batch_pairs])
+        lbfgs.update_history(state, x, g)
+        state.x_prev.copy_(x)
+        state.g_prev.copy_(g)
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, 12], ids=["one-pair", "partly-full", "full", "wrapped-twice"])
+def test_direction_matches_the_two_loop_recursion(count):
+    """Compact representation == two-loop recursion over the last m pairs,
+    for each image of a batch with its own history, also once the ring wrapped."""
+    gen = torch.Generator().manual_seed(count)
+    n, m = 40, 5
+    batch = [_random_pairs(n, count, gen), _random_pairs(n, count, gen)]
+    state = lbfgs.init_state(2, n, m, torch.device("cpu"))
+    _fill(state, batch)
+    g = torch.randn(2, n, generator=gen)
+    d = lbfgs.direction(state, g)
+    for i, pairs in enumerate(batch):
+        last = pairs[-m:]
+        s, y = last[-1]
+        gamma = float(torch.dot(s, y) / torch.dot(y, y))
+        ref = two_loop(last, g[i], gamma)
+        assert torch.allclose(d[i].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_a_pair_failing_the_curvature_test_is_masked_out():
+    gen = torch.Generator().manual_seed(7)
+    n, m = 30, 6
+    good = _random_pairs(n, 3, gen)
+    bad = (torch.randn(n, generator=gen), None)
+    bad = (bad[0], -bad[0])  # s.y < 0: no convex function has it
+    state = lbfgs.init_state(1, n, m, torch.device("cpu"))
+    _fill(state, [good[:2] + [bad] + good[2:]])
+    assert state.valid[0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    g = torch.randn(1, n, generator=gen)
+    s, y = good[2]
+    ref = two_loop(good, g[0], float(torch.dot(s, y) / torch.dot(y, y)))
+    assert torch.allclose(lbfgs.direction(state, g)[0].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def _smooth_problem(n: int, seed: int):
+    """A smooth, strictly convex function (quadratic + quartic) and its start."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=gen)
+    hess = a @ a.t() / n + 0.5 * torch.eye(n)
+    b = torch.randn(n, generator=gen)
+
+    def f(x):
+        return 0.5 * x @ hess @ x - b @ x + 0.05 * (x ** 4).sum()
+
+    return f, torch.randn(n, generator=gen)
+
+
+def test_matches_torch_optim_lbfgs_on_a_smooth_problem():
+    """Unbounded, with torch's own first step (lr * min(1, 1/|g|_1) * g) and
+    no step bound after it, the iterates follow torch.optim.LBFGS(max_iter=1)."""
+    f, x0 = _smooth_problem(20, 3)
+    ref = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([ref], lr=1.0, max_iter=1, history_size=10)
+
+    def closure():
+        opt.zero_grad()
+        loss = f(ref)
+        loss.backward()
+        return loss
+
+    state = lbfgs.init_state(1, 20, 10, torch.device("cpu"))
+    x = x0.clone().view(1, -1)
+    for k in range(15):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(xr[0]), xr)
+        first = k == 0
+        max_move = (g.abs().max() * min(1.0, 1.0 / g.abs().sum().item())).item() if first else math.inf
+        x = lbfgs.step(state, x, g, lr=1.0, max_move=max_move, lower=None, upper=None)
+        opt.step(closure)
+        assert torch.allclose(x[0], ref.detach(), rtol=1e-4, atol=1e-4), k
+    assert f(x[0]) < 0.01 * f(x0) or f(x[0]) < f(x0) - 1.0
+
+
+def test_batch_images_are_independent():
+    """Two problems in one batch take exactly the steps each takes alone."""
+    problems = [_smooth_problem(16, seed) for seed in (1, 2)]
+
+    def run(indices):
+        state = lbfgs.init_state(len(indices), 16, 4, torch.device("cpu"))
+        x = torch.stack([problems[i][1] for i in indices])
+        for _ in range(8):
+            xr = x.clone().requires_grad_(True)
+            loss = sum(problems[i][0](xr[j]) for j, i in enumerate(indices))
+            (g,) = torch.autograd.grad(loss, xr)
+            x = lbfgs.step(state, x, g, lr=1.0, max_move=0.5, lower=None, upper=None)
+        return x
+
+    both = run([0, 1])
+    assert torch.allclose(both[0], run([0])[0], atol=1e-6)
+    assert torch.allclose(both[1], run([1])[0], atol=1e-6)
+
+
+def test_steps_are_bounded_and_stay_in_the_box():
+    """Gradients in the hundreds (as at the recipe's weights) move no pixel
+    further than max_move, and never out of [0, 1]."""
+    target = torch.rand(1, 50, generator=torch.Generator().manual_seed(0))
+    x = torch.full((1, 50), 0.5)
+    state = lbfgs.init_state(1, 50, 5, torch.device("cpu"))
+    for _ in range(30):
+        g = 500.0 * (x - target) + 300.0  # pushes everything down, hard
+        nxt = lbfgs.step(state, x, g, lr=1.0, max_move=0.1)
+        assert (nxt - x).abs().max() <= 0.1 + 1e-6
+        assert nxt.min() >= 0 and nxt.max() <= 1
+        x = nxt
+    # The minimum of 250 (x - t)^2 + 300 x on [0, 1] is max(0, t - 0.6).
+    assert torch.allclose(x, (target - 0.6).clamp_min(0), atol=1e-3)
+
+
+def test_the_default_does_not_stall_on_a_near_black_style(vgg):
+    """Issue #11's report: a near-black style stalled torch.optim.LBFGS on the
+    clamped objective (every pixel thrown out of range by its unscaled second
+    step, where the clamp has no gradient). The default must keep improving."""
+    gen = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 3, 24, 32, generator=gen) * 0.6 + 0.2
+    style = (torch.randn(1, 3, 32, 32, generator=gen) * 0.015 + 0.03).clamp(0, 1)
+    style[..., ::9, ::7] = 0.9  # a few stars
+    params = dataclasses.replace(Params(), steps=60)
+    result = stylize(vgg, content, [style], params, progress_every=10)
+    losses = [p.loss for p in result.history]
+    assert losses[-1] < 0.1 * losses[0]  # torch.optim.LBFGS stayed within 1% of its step-10 loss
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: host syncs are a CUDA notion")
+def test_no_host_sync_inside_the_step_loop(vgg_state):
+    """Between progress points nothing reads the GPU back: set_sync_debug_mode
+    turns any synchronizing call into an error."""
+    from nst.vgg import VGGFeatures
+
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    content = torch.rand(1, 3, 64, 64, device=device)
+    style = torch.rand(1, 3, 64, 64, device=device)
+    params = dataclasses.replace(Params(), steps=30)
+    stylize(vgg, content, [style], params, progress_every=10)  # warm-up: cuDNN autotuning, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = stylize(vgg, content, [style], params, progress_every=10)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [p.step for p in result.history] == [10, 20, 30]
