@@ -31,11 +31,14 @@ COPY config.properties ./
 
 # --require-imagenet: the build fails rather than ship random weights. The
 # download cache is dropped in the same layer; the archive keeps its own copy.
+# config.properties' workflow_store is made last, owned by root and read-only,
+# so the server's user can put nothing in it.
 RUN python scripts/fetch_weights.py --require-imagenet --out weights/vgg19_features.pth \
  && VENV=/usr/local scripts/build_mar.sh \
  && rm -rf weights /root/.cache \
  && sed -i 's#http://127.0.0.1:#http://0.0.0.0:#' config.properties \
- && chown -R model-server:model-server /home/model-server
+ && chown -R model-server:model-server /home/model-server \
+ && mkdir -m 0555 workflow_store
 
 USER 10001
 EXPOSE 8080 8081 8082

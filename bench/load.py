@@ -35,6 +35,14 @@ CONTENT = thumbnail("tubingen.jpg", 48)
 STYLE = thumbnail("starry_night.jpg", 48)
 GOOD = {"steps": "5", "max_size": "48"}
 
+IMAGES_JSON = f'"content": "{base64.b64encode(CONTENT).decode()}", "style": "{base64.b64encode(STYLE).decode()}"'
+
+
+def raw_json(s, members: str):
+    """A JSON body written out: no Python object nests this deep or holds these literals."""
+    return s.predict(data=("{" + members + "}").encode(), headers={"Content-Type": "application/json"})
+
+
 # kind -> (expected status, how to send it)
 BAD = {
     "not_an_image": (415, lambda s: s.predict(files={"content": b"hello", "style": STYLE}, data=GOOD)),
@@ -43,6 +51,14 @@ BAD = {
     "steps_out_of_range": (422, lambda s: s.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "0"})),
     "missing_style": (400, lambda s: s.predict(files={"content": CONTENT}, data=GOOD)),
     "bad_base64": (400, lambda s: s.predict(json={"content": "%%%", "style": base64.b64encode(STYLE).decode()})),
+    # once 500s: RecursionError and OverflowError in parsing
+    "deep_nesting_field": (422, lambda s: s.predict(
+        files={"content": CONTENT, "style": STYLE}, data={**GOOD, "style_layer_weights": "[" * 5000})),
+    "deep_nesting_body": (400, lambda s: s.predict(data=b"[" * 200_000, headers={"Content-Type": "application/json"})),
+    "huge_int_lr": (422, lambda s: raw_json(s, f'{IMAGES_JSON}, "lr": 1{"0" * 400}')),
+    "huge_int_layer_weight": (422, lambda s: raw_json(
+        s, f'{IMAGES_JSON}, "style_layer_weights": {{"conv1_1": 1{"0" * 400}}}')),
+    "huge_int_steps_5000_digits": (422, lambda s: raw_json(s, f'{IMAGES_JSON}, "steps": {"9" * 5000}')),
 }
 
 
@@ -96,7 +112,7 @@ def run(args) -> dict:
     unexpected = [r for r in records if r[1] != r[2]]
     histogram = collections.Counter(str(r[2]) for r in records)
     return {
-        "clients": args.clients, "seconds": args.seconds, "bad_share": args.bad_share,
+        "clients": args.clients, "seconds": args.seconds, "bad_share": args.bad_share, "bad_kinds": len(BAD),
         "requests": len(records),
         "completed_as_expected": len(records) - len(unexpected),
         "unexpected": len(unexpected),
@@ -122,7 +138,7 @@ def report(r: dict, machine: str) -> str:
         "",
         f"- Machine: {machine}",
         f"- {r['clients']} concurrent clients for {r['seconds']:.0f} s, {r['bad_share']:.0%} bad requests "
-        f"(6 kinds), good ones 48 px / 5 steps, multipart and JSON; 1 worker.",
+        f"({r['bad_kinds']} kinds), good ones 48 px / 5 steps, multipart and JSON; 1 worker.",
         "",
         "| measure | result |",
         "|---|---|",

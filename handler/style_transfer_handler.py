@@ -19,6 +19,7 @@ from nst import weights as nst_weights
 from nst.fetch import fetch
 from nst.memory import is_out_of_memory
 from nst.optimize import BudgetExceeded, Diverged, Progress
+from nst.params import parse_json_body
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +175,11 @@ class StyleTransferHandler:
 
 def _fields(row: dict) -> dict:
     """A TorchServe row -> the request's fields. Multipart rows are the fields
-    themselves; a JSON body arrives parsed under `body` (raw bytes if its
-    Content-Type was not application/json, str if it was text/*)."""
+    themselves; a JSON body arrives under `body`, parsed or raw (see
+    `parse_json_body`)."""
     if "body" not in row:
         return row
-    body = row["body"]
-    if isinstance(body, (bytes, bytearray, str)):
-        try:
-            body = json.loads(body if isinstance(body, str) else bytes(body))
-        except ValueError:
-            raise RequestError(
-                400, "body", "body: expected multipart/form-data or a JSON object (Content-Type: application/json)"
-            ) from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "body", "body: expected a JSON object")
-    return body
+    return parse_json_body(row["body"])
 
 
 def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float, str | None]:

@@ -156,6 +156,7 @@ def running_server(
     names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
     ports = {name: free_port() for name in names}
     (workdir / "config.properties").write_text(_config(store, ports, config or {}))
+    (workdir / "workflow_store").mkdir(exist_ok=True)  # the shipped relative workflow_store, as serve.sh makes it
     server = Server(
         inference=f"http://127.0.0.1:{ports['inference']}",
         management=f"http://127.0.0.1:{ports['management']}",

@@ -11,6 +11,7 @@ case "${1:-}" in
     [ -f model_store/style_transfer.mar ] || { echo "no archive: run 'make mar'" >&2; exit 1; }
     torchserve --stop >/dev/null 2>&1 || true
     rm -f key_file.json
+    mkdir -p workflow_store   # config.properties' workflow_store: stays empty
     torchserve --start --ts-config config.properties --ncs >/dev/null
     python scripts/manage.py --timeout "${START_TIMEOUT:-300}" wait
     echo "TorchServe is up: inference http://127.0.0.1:8080, management http://127.0.0.1:8081"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -45,33 +46,74 @@ def _is_textual(value: Any) -> bool:
     return isinstance(value, (bytes, bytearray, str))
 
 
+class TooLongInteger:
+    """A JSON integer literal with more digits than int() accepts
+    (`sys.get_int_max_str_digits()`, 4300 by default). Our JSON parsing keeps
+    it as this marker, so the body still parses and its field's parser refuses
+    it by name, instead of the whole body failing with a ValueError."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _json_int(literal: str) -> int | TooLongInteger:
+    try:
+        return int(literal)
+    except ValueError:
+        return TooLongInteger(len(literal.lstrip("-")))
+
+
+def _describe_int(value: int | TooLongInteger) -> str:
+    """An integer for a message: itself when short, else its length. (str() of
+    an int over 4300 digits raises, and 400 digits would crowd out the rest.)"""
+    if isinstance(value, TooLongInteger):
+        return f"a {value.digits}-digit integer"
+    if -10**19 < value < 10**19:
+        return str(value)
+    try:
+        return f"a {len(str(abs(value)))}-digit integer"
+    except ValueError:
+        return f"an integer of over {sys.get_int_max_str_digits()} digits"
+
+
 def parse_int(value: Any, name: str, lo: int, hi: int) -> int:
     if _is_textual(value):
         text = _text(value, name)
         if not re.fullmatch(r"[+-]?\d{1,19}", text):
             raise RequestError(422, name, f"{name}: expected an integer, got {text[:40]!r}")
         value = int(text)
+    elif isinstance(value, TooLongInteger):
+        raise RequestError(422, name, f"{name}: {_describe_int(value)} is out of range [{lo}, {hi}]")
     elif isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(422, name, f"{name}: expected an integer")
     if not lo <= value <= hi:
-        raise RequestError(422, name, f"{name}: {value} is out of range [{lo}, {hi}]")
+        raise RequestError(422, name, f"{name}: {_describe_int(value)} is out of range [{lo}, {hi}]")
     return value
 
 
 def parse_float(value: Any, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    bracket = "(" if lo_open else "["
     if _is_textual(value):
         text = _text(value, name)
         try:
-            value = float(text)
+            value = float(text)  # a decimal string too large for a float is inf, never an error
         except ValueError:
             raise RequestError(422, name, f"{name}: expected a number, got {text[:40]!r}") from None
+    elif isinstance(value, TooLongInteger):
+        raise RequestError(422, name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(422, name, f"{name}: expected a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer beyond float's range (about 1.8e308)
+        raise RequestError(
+            422, name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]"
+        ) from None
     if not math.isfinite(value):
         raise RequestError(422, name, f"{name}: must be a finite number")
     if value > hi or value < lo or (lo_open and value == lo):
-        bracket = "(" if lo_open else "["
         raise RequestError(422, name, f"{name}: {value} is out of range {bracket}{lo}, {hi}]")
     return value
 
@@ -97,13 +139,86 @@ def parse_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return text
 
 
+def _loads(text: str | bytes) -> Any:
+    """json.loads, keeping integer literals too long for int() as `TooLongInteger`.
+    Nesting deeper than the interpreter's recursion limit raises RecursionError
+    (not a ValueError): callers turn it into an error naming the field."""
+    return json.loads(text, parse_int=_json_int)
+
+
 def _json_value(value: Any, name: str) -> Any:
     if _is_textual(value):
         try:
-            return json.loads(_text(value, name))
+            return _loads(_text(value, name))
+        except RecursionError:
+            raise RequestError(422, name, f"{name}: JSON nested too deeply") from None
         except ValueError:
             raise RequestError(422, name, f"{name}: not valid JSON") from None
     return value
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _too_deep_field(text: str | bytes) -> str | None:
+    """The top-level key of the JSON object `text` whose value is nested too
+    deeply to parse, or None (not an object, or no single key to blame).
+
+    Only called once parsing the whole body raised RecursionError: each value
+    is parsed on its own, so the one that raises again is the one to name."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    decoder = json.JSONDecoder(parse_int=_json_int)
+    i = _JSON_SPACE.match(text).end()
+    if not text.startswith("{", i):
+        return None
+    i += 1
+    try:
+        while True:
+            i = _JSON_SPACE.match(text, i).end()
+            if not text.startswith('"', i):
+                return None
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = _JSON_SPACE.match(text, i).end()
+            if not text.startswith(":", i):
+                return None
+            i = _JSON_SPACE.match(text, i + 1).end()
+            try:
+                _, i = decoder.raw_decode(text, i)
+            except RecursionError:
+                return key
+            i = _JSON_SPACE.match(text, i).end()
+            if not text.startswith(",", i):
+                return None
+            i += 1
+    except ValueError:
+        return None
+
+
+def parse_json_body(body: Any) -> dict:
+    """A request body -> its fields. TorchServe hands over a JSON body already
+    parsed, or, when its own json.loads failed (nesting deeper than the
+    recursion limit, an integer longer than int() accepts, not JSON at all) or
+    the Content-Type was not application/json, the raw bytes (str for text/*)."""
+    if isinstance(body, (bytes, bytearray, str)):
+        raw = body if isinstance(body, str) else bytes(body)
+        try:
+            body = _loads(raw)
+        except RecursionError:
+            field = _too_deep_field(raw)
+            if field is None:
+                raise RequestError(400, "body", "body: JSON nested too deeply") from None
+            raise RequestError(422, field, f"{quote_field(field)}: JSON nested too deeply") from None
+        except ValueError:
+            raise RequestError(
+                400, "body", "body: expected multipart/form-data or a JSON object (Content-Type: application/json)"
+            ) from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "body", "body: expected a JSON object")
+    return body
 
 
 def parse_layer_weights(value: Any, name: str) -> dict[str, float]:

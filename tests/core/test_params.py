@@ -8,7 +8,7 @@ import pytest
 
 from nst import Limits, Params, RequestError, parse_request
 from nst.config import FAST_ADAM_LR, RECIPE_STYLE_LAYERS
-from nst.params import build_params
+from nst.params import build_params, parse_json_body
 
 LIMITS = Limits()
 CONTENT = b"\x89PNG-content-bytes"  # parse_request never decodes images
@@ -294,6 +294,81 @@ def test_layer_weight_error_names_the_layer_key():
 
 def test_non_utf8_text_is_422():
     fails(multipart(steps=bytearray(b"\xff\xfe")), 422, "steps")
+
+
+# --- hostile JSON: nesting deeper than the parser's recursion limit, integers
+# too large for a float or for int() ------------------------------------------
+
+DEEP = "[" * 5000  # RecursionError in json.loads, not a ValueError
+BIG = "1" + "0" * 400  # 10**400: int() takes it, float() raises OverflowError
+HUGE = "9" * 5000  # over int()'s 4300-digit limit: json.loads raises ValueError
+
+
+@pytest.mark.parametrize("name", ["style_layer_weights", "style_blend"])
+@pytest.mark.parametrize("wrap", [bytearray, str], ids=["multipart", "text"])
+def test_deeply_nested_json_field_is_422_naming_it(name, wrap):
+    value = wrap(DEEP.encode()) if wrap is bytearray else DEEP
+    err = fails(multipart(**{name: value}), 422, name)
+    assert "nested too deeply" in err.message
+
+
+@pytest.mark.parametrize(
+    "given, field",
+    [
+        ({"lr": 10**400}, "lr"),
+        ({"style_weight": -(10**400)}, "style_weight"),
+        ({"style_blend": [10**400]}, "style_blend[0]"),
+        ({"style_layer_weights": {"conv1_1": 10**400}}, "style_layer_weights.conv1_1"),
+        ({"steps": 10**400}, "steps"),
+        ({"seed": 10**5000}, "seed"),  # str() of it would raise: the message must not need it
+        ({"style_blend": f"[{BIG}]"}, "style_blend[0]"),
+        ({"style_layer_weights": bytearray(f'{{"conv1_1": {BIG}}}'.encode())}, "style_layer_weights.conv1_1"),
+        ({"style_blend": f"[{HUGE}]"}, "style_blend[0]"),
+        ({"style_layer_weights": f'{{"relu2_1": {HUGE}}}'}, "style_layer_weights.relu2_1"),
+    ],
+    ids=["lr", "negative", "blend", "layer-weight", "steps", "seed-over-4300-digits",
+         "blend-text", "layer-weight-text", "blend-over-4300-digits", "layer-weight-over-4300-digits"],
+)
+def test_huge_integers_are_422_naming_the_field(given, field):
+    err = fails(json_body(**given), 422, field)
+    assert "digit" in err.message and "0" * 30 not in err.message
+
+
+@pytest.mark.parametrize(
+    "body, code, field",
+    [
+        ("[" * 200_000, 400, "body"),
+        ('{"content": "eA==", "style_layer_weights": ' + DEEP + "}", 422, "style_layer_weights"),
+        ('{"style": "eA==", "style_blend": [' + DEEP + "]}", 422, "style_blend"),
+        ('{"a": ' + '{"a": ' * 200_000, 422, "a"),
+    ],
+    ids=["array-200k", "layer-weights", "blend", "object-200k"],
+)
+@pytest.mark.parametrize("wrap", [bytes, bytearray, str])
+def test_deeply_nested_json_body_names_the_field(body, code, field, wrap):
+    """TorchServe passes a JSON body its own json.loads failed on as raw bytes."""
+    raw = wrap(body.encode()) if wrap is not str else body
+    with pytest.raises(RequestError) as info:
+        parse_json_body(raw)
+    err = info.value
+    assert (err.code, err.field) == (code, field)
+    assert err.message == f"{field}: JSON nested too deeply"
+
+
+@pytest.mark.parametrize(
+    "name, literal, field",
+    [
+        ("lr", BIG, "lr"),
+        ("lr", HUGE, "lr"),
+        ("steps", HUGE, "steps"),
+        ("quality", "-" + HUGE, "quality"),
+        ("style_blend", f"[1, {HUGE}]", "style_blend[1]"),
+        ("style_layer_weights", f'{{"conv1_1": {BIG}}}', "style_layer_weights.conv1_1"),
+    ],
+)
+def test_huge_integer_literals_in_a_raw_json_body_name_the_field(name, literal, field):
+    raw = f'{{"content": "{b64(CONTENT)}", "style": "{b64(STYLE)}", "{name}": {literal}}}'.encode()
+    fails(parse_json_body(raw), 422, field)
 
 
 # --- presets -------------------------------------------------------------------

@@ -203,6 +203,24 @@ def test_body_that_is_not_a_json_object_is_400(handler, make_context, body):
 @pytest.mark.parametrize(
     "row, code, field",
     [
+        ({"body": bytearray(b"[" * 200_000)}, 400, "body"),
+        ({"body": bytearray(b'{"style_layer_weights": ' + b"[" * 5000 + b"}")}, 422, "style_layer_weights"),
+        ({"body": {"content": "eA==", "style": "eA==", "lr": 10**400}}, 422, "lr"),
+        ({"content": bytearray(b"x"), "style": bytearray(b"x"), "style_blend": bytearray(b"[" * 5000)}, 422, "style_blend"),
+    ],
+    ids=["deep-body", "deep-field-in-raw-body", "huge-int", "deep-multipart-field"],
+)
+def test_hostile_json_is_a_client_error_not_a_500(handler, make_context, row, code, field):
+    """RecursionError and OverflowError are no ValueError: before, they fell
+    through to the handler's catch-all 500."""
+    ctx = make_context()
+    [out] = handler.handle([row], ctx)
+    assert_error(ctx, 0, out, code, field)
+
+
+@pytest.mark.parametrize(
+    "row, code, field",
+    [
         ({"style": b"x"}, 400, "content"),
         ({"content": b"x"}, 400, "style"),
         ({"content": bytearray(b"not an image"), "style": bytearray(b"x"), "steps": bytearray(b"2")}, 415, "content"),
