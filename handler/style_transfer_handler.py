@@ -55,8 +55,9 @@ class StyleTransferHandler:
         if gpu_id is not None and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{gpu_id}")
             torch.backends.cudnn.benchmark = True  # fixed-size convs run for hundreds of steps
+            torch.set_float32_matmul_precision("high")  # TF32 Grams, as TorchServe's base handler sets
         config = getattr(context, "model_yaml_config", None) or {}
-        self.limits = Limits.from_mapping(config.get("limits"))
+        self.limits = Limits.from_mapping(config.get("limits")).for_device(self.device.type)
         self.limits.check_response_timeout(config.get("responseTimeout", TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S))
         serialized = context.manifest["model"].get("serializedFile", "vgg19_features.pth")
         state, self.weights_kind = nst_weights.load(Path(props["model_dir"]) / serialized)

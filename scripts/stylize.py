@@ -82,7 +82,7 @@ def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) 
     from nst import weights as nst_weights
     from nst.optimize import BudgetExceeded, Diverged
 
-    limits = Limits()
+    limits = Limits().for_device(torch.device(args.device).type)
     fields = {"content": content, "style": styles[0], **given}
     fields.update({f"style_{i}": s for i, s in enumerate(styles[1:], start=2)})
     try:

@@ -34,7 +34,8 @@ class Limits:
     """Server-side bounds. Overridable from the model-config YAML (`limits:` key)."""
 
     max_steps: int = 3000  # the recipe needs 2000; more is never useful
-    max_size: int = 1024  # longest output side, px; GPU memory grows with H*W
+    max_size: int = 1024  # longest output side, px, on a CPU: time grows with H*W
+    max_size_gpu: int = 2048  # the same on a GPU, where memory allows it (admission control checks)
     min_input_side: int = 16  # px; VGG pools 4 times before conv5_1
     max_input_pixels: int = 50_000_000  # checked from the header, before decoding
     max_input_bytes: int = 25 * 1024 * 1024  # one encoded image
@@ -59,6 +60,13 @@ class Limits:
     url_connect_timeout_s: float = 3.0
     url_read_timeout_s: float = 5.0  # per socket read
     url_total_timeout_s: float = 15.0  # whole download, however it trickles
+
+    def for_device(self, device_type: str) -> "Limits":
+        """The limits a worker on `device_type` ("cpu", "cuda") applies: the
+        largest `max_size` follows the device."""
+        if device_type == "cuda":
+            return dataclasses.replace(self, max_size=self.max_size_gpu)
+        return self
 
     def check_response_timeout(self, response_timeout_s: float) -> None:
         """Refuse a budget that the server's response timeout would cut short:
@@ -160,6 +168,10 @@ LBFGS_MEMORY = 512 * 1024 * 1024
 # pixel out of range and the optimizer stalled there (issue #11). Chosen on the
 # quality corpus (bench/corpus): 0.05-0.25 all reach the recipe's loss.
 LBFGS_MAX_MOVE = 0.1
+# On a GPU, the fast preset's L-BFGS steps are captured in a CUDA graph once
+# per image shape and dtype, after a few eager steps, and replayed: a step is
+# hundreds of small kernels, which otherwise leave the GPU waiting on launches.
+CUDA_GRAPHS = True
 
 PRESETS = ("fast", "seed")
 OPTIMIZERS = ("lbfgs", "adam")

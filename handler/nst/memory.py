@@ -1,10 +1,13 @@
 """Admission control: estimate one optimization's peak memory before allocating it.
 
-The estimate counts what autograd keeps for the backward pass of one step
-(every post-ReLU activation up to conv5_1, pool indices, the input) plus the
-transient gradients of the largest layers, the L-BFGS history and the style
-images' feature passes, with a safety factor. It is analytic: on a GPU,
-tests/core/test_memory.py checks it against torch.cuda.max_memory_allocated.
+The estimate counts what autograd keeps for the backward pass of one float32
+step (each ReLU output, which is also the next conv's or pool's input, the
+pool indices and outputs, the input and its clamp), the largest transient (a
+conv output before its ReLU), the L-BFGS history and the style images' feature
+passes, with a small safety factor. It is analytic: tests/core/test_memory.py
+checks the saved-tensor count against autograd's own hooks on the CPU, and the
+whole estimate against torch.cuda.max_memory_allocated on a GPU (within 1.3x
+above the measured peak, never below it).
 """
 from __future__ import annotations
 
@@ -16,31 +19,41 @@ from .optimize import lbfgs_history, lbfgs_pair_bytes
 from .vgg import _CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
-SAFETY = 1.5  # allocator rounding, fragmentation, temporaries not modelled
+SAFETY = 1.05  # allocator rounding and block splitting, small temporaries
 BASE = 64 * 1024 * 1024  # per request: targets, Grams, buffers
 
 
-def activation_elements_per_pixel() -> float:
-    """Elements autograd stores per input pixel for one step through VGG19 to conv5_1."""
-    stored = 3.0  # the normalized input
+def saved_elements_per_pixel() -> float:
+    """Elements autograd saves per input pixel for one step through VGG19 to conv5_1."""
+    stored = 2 * 3.0  # the image and its clamped, normalized copy
+    previous_block = 1
     for block, _, _, cout, _ in _CONVS:
         scale = 4.0 ** -(block - 1)  # 2x2 pooling between blocks
-        stored += 2 * cout * scale  # conv output (ReLU input) and ReLU output
-    for block, channels in ((1, 64), (2, 128), (3, 256), (4, 512)):  # pool indices (int64 = 2 floats)
-        stored += 2 * channels * 4.0 ** -block
+        if block != previous_block:  # the pool that ended the previous block
+            cin = _CONVS[[b for b, *_ in _CONVS].index(block) - 1][3]
+            stored += cin * scale  # its output, the next conv's saved input
+            stored += 2 * cin * scale  # its int64 indices
+            previous_block = block
+        stored += cout * scale  # the ReLU output (saved by the ReLU and the next layer alike)
+    stored += 512 / 64  # the content loss's difference at conv4_2
     return stored
+
+
+def transient_elements_per_pixel() -> float:
+    """The largest tensor alive beside the saved ones: conv1's output before its ReLU,
+    and during backward two conv1-sized gradients."""
+    return 2 * 64.0
 
 
 def estimate_bytes(height: int, width: int, style_pixels: int, params: Params) -> int:
     """Peak bytes of one request at height x width with styles of `style_pixels` in total."""
     pixels = height * width
-    step = activation_elements_per_pixel() * pixels * FLOAT
-    grads = 2 * 64 * pixels * FLOAT  # backward holds about two conv1 gradients at once
+    step = (saved_elements_per_pixel() + transient_elements_per_pixel()) * pixels * FLOAT
     history = 0
     if params.optimizer == "lbfgs":
         history = lbfgs_history(pixels) * lbfgs_pair_bytes(pixels)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
-    return int(SAFETY * max(step + grads + history, styles) + BASE)
+    return int(SAFETY * max(step + history, styles) + BASE)
 
 
 # Allocation failures that torch raises as a plain RuntimeError, not

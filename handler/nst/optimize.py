@@ -1,6 +1,7 @@
 """The optimization loop: content + style tensors in, the delivered image out."""
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import lbfgs
-from .config import LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
+from .config import CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
 from .losses import make_objective
 from .vgg import VGGFeatures
 
@@ -103,6 +104,73 @@ def _finite_or_raise(loss: float, step: int) -> None:
         raise Diverged(f"loss became {loss} at step {step}")
 
 
+def shape_pixels(x: Tensor) -> int:
+    return x.shape[-2] * x.shape[-1]
+
+
+@contextlib.contextmanager
+def host_sync_allowed():
+    """The sanctioned host syncs (progress every `progress_every` steps, and
+    capturing a CUDA graph once per dtype): lift `torch.cuda.set_sync_debug_mode`
+    for them alone, so a test can turn every other sync into an error."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def use_cuda_graphs(device: torch.device) -> bool:
+    return CUDA_GRAPHS and device.type == "cuda"
+
+
+class _GraphRunner:
+    """Runs `step_fn(dtype)` eagerly for WARMUP_STEPS calls per dtype (real
+    optimization steps: cuDNN picks its kernels there), then captures it in a
+    CUDA graph and replays that: one launch per step instead of hundreds.
+    Every tensor the step touches lives in place (the image, the L-BFGS
+    state, the loss), so the replays continue the same optimization."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, step_fn: Callable[[torch.dtype], None], enabled: bool):
+        self.step_fn = step_fn
+        self.enabled = enabled
+        self.graphs: dict[torch.dtype, "torch.cuda.CUDAGraph"] = {}
+        self.calls: dict[torch.dtype, int] = {}
+
+    def run(self, dtype: torch.dtype) -> None:
+        if not self.enabled:
+            self.step_fn(dtype)
+            return
+        graph = self.graphs.get(dtype)
+        if graph is not None:
+            graph.replay()
+            return
+        # Steps never go back to an earlier dtype: free that graph's memory pool
+        # before this dtype's steps allocate their own.
+        self.graphs.clear()
+        done = self.calls.get(dtype, 0)
+        self.calls[dtype] = done + 1
+        if done < self.WARMUP_STEPS:
+            # Warm-up off the default stream, as graph capture requires.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step_fn(dtype)
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with host_sync_allowed(), torch.cuda.graph(graph):
+            self.step_fn(dtype)  # recorded, not run
+        self.graphs[dtype] = graph
+        graph.replay()
+
+
 def stylize(
     vgg: VGGFeatures,
     content: Tensor,
@@ -149,44 +217,63 @@ def stylize(
         to_input = lambda v: vgg.normalize(v.clamp(0, 1))  # noqa: E731
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
     var = var.contiguous().requires_grad_(True)
-    shape = var.shape
 
     use_lbfgs = params.optimizer == "lbfgs"
-    if use_lbfgs:
-        n = var.numel()
-        state = lbfgs.init_state(1, n, lbfgs_history(shape[-2] * shape[-1]), var.device)
-        bounded = not params.recipe_mode
-    else:
-        opt = torch.optim.Adam([var], lr=params.lr)
-
     history: list[Progress] = []
     if deadline is not None and time.monotonic() > deadline:
         raise BudgetExceeded(f"time budget ran out after 0 of {params.steps} steps")
-    with torch.enable_grad():
-        for step in range(1, params.steps + 1):
-            # bf16 gradients are good enough to get near the optimum and stall
-            # there: finish in float32.
-            dtype = lowp if step <= LOWP_STEPS else torch.float32
-            loss = objective(to_input(var), dtype).total
-            (grad,) = torch.autograd.grad(loss, var)
-            if use_lbfgs:
-                x_next = lbfgs.step(
-                    state, var.detach().reshape(1, n), grad.reshape(1, n), lr=params.lr, max_move=LBFGS_MAX_MOVE,
-                    lower=0.0 if bounded else None, upper=1.0 if bounded else None,
-                )
-                var = x_next.reshape(shape).requires_grad_(True)
-            else:
-                var.grad = grad
+
+    def report(step: int, loss: Tensor) -> None:
+        with host_sync_allowed():
+            value = loss.item()  # the one host sync of this stretch of steps
+        _finite_or_raise(value, step)
+        p = Progress(step, params.steps, value, (time.monotonic() - start) * 1e3)
+        history.append(p)
+        if callback is not None:
+            callback(p)
+        if deadline is not None and time.monotonic() > deadline and step < params.steps:
+            raise BudgetExceeded(f"time budget ran out after {step} of {params.steps} steps")
+
+    def due(step: int) -> bool:
+        return step % progress_every == 0 or step == params.steps
+
+    if use_lbfgs:
+        x = var.detach().clone()  # (1, 3, H, W): updated in place, so a CUDA graph can hold it
+        n = x.numel()
+        state = lbfgs.init_state(1, n, lbfgs_history(shape_pixels(x)), x.device)
+        bounded = not params.recipe_mode
+        loss_buf = torch.zeros((), device=x.device)
+
+        def one_step(dtype: torch.dtype) -> None:
+            xv = x.detach().requires_grad_(True)
+            loss = objective(to_input(xv), dtype).total
+            (grad,) = torch.autograd.grad(loss, xv)
+            x_next = lbfgs.step(
+                state, x.view(1, n), grad.reshape(1, n), lr=params.lr, max_move=LBFGS_MAX_MOVE,
+                lower=0.0 if bounded else None, upper=1.0 if bounded else None,
+            )
+            x.copy_(x_next.view_as(x))
+            loss_buf.copy_(loss.detach())
+
+        runner = _GraphRunner(one_step, enabled=use_cuda_graphs(x.device))
+        with torch.enable_grad():
+            for step in range(1, params.steps + 1):
+                # bf16 gradients are good enough to get near the optimum and
+                # stall there: finish in float32.
+                runner.run(lowp if step <= LOWP_STEPS else torch.float32)
+                if due(step):
+                    report(step, loss_buf)
+        var = x
+    else:
+        opt = torch.optim.Adam([var], lr=params.lr)
+        with torch.enable_grad():
+            for step in range(1, params.steps + 1):
+                dtype = lowp if step <= LOWP_STEPS else torch.float32
+                loss = objective(to_input(var), dtype).total
+                (var.grad,) = torch.autograd.grad(loss, var)
                 opt.step()
-            if step % progress_every == 0 or step == params.steps:
-                value = loss.item()  # the one host sync of this stretch of steps
-                _finite_or_raise(value, step)
-                p = Progress(step, params.steps, value, (time.monotonic() - start) * 1e3)
-                history.append(p)
-                if callback is not None:
-                    callback(p)
-                if deadline is not None and time.monotonic() > deadline and step < params.steps:
-                    raise BudgetExceeded(f"time budget ran out after {step} of {params.steps} steps")
+                if due(step):
+                    report(step, loss)
 
     with torch.no_grad():
         delivered = quantize(to_pixels(var.detach()))

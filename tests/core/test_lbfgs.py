@@ -200,3 +200,25 @@ def test_no_host_sync_inside_the_step_loop(vgg_state):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert [p.step for p in result.history] == [10, 20, 30]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs")
+def test_cuda_graph_replays_continue_the_same_optimization(vgg_state, monkeypatch):
+    """Captured steps and eager steps give the same image, to cuDNN's rounding."""
+    import nst.optimize as optimize_mod
+    from nst.vgg import VGGFeatures
+
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    gen = torch.Generator().manual_seed(3)
+    content = torch.rand(1, 3, 48, 64, generator=gen).to(device)
+    style = torch.rand(1, 3, 64, 64, generator=gen).to(device)
+    params = dataclasses.replace(Params(), steps=optimize_mod.LOWP_STEPS + 20)  # both dtypes' graphs
+    results = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(optimize_mod, "CUDA_GRAPHS", graphs)
+        results[graphs] = stylize(vgg, content, [style], params, progress_every=10)
+    eager, graphed = results[False], results[True]
+    assert graphed.loss == pytest.approx(eager.loss, rel=0.05)
+    assert (graphed.image - eager.image).abs().mean() < 0.02
+    assert [p.step for p in graphed.history] == [p.step for p in eager.history]

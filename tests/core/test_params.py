@@ -452,3 +452,15 @@ def test_request_fields_are_not_consumed():
     before = json.dumps(fields, sort_keys=True)
     parse_request(fields, LIMITS)
     assert json.dumps(fields, sort_keys=True) == before
+
+
+def test_the_largest_max_size_follows_the_device():
+    limits = Limits()
+    assert limits.for_device("cpu").max_size == 1024
+    assert limits.for_device("cuda").max_size == 2048
+    assert limits.for_device("cuda").max_size_gpu == 2048
+    fields = {"content": b"x", "style": b"y", "max_size": "2048"}
+    with pytest.raises(RequestError) as e:
+        parse_request(fields, limits.for_device("cpu"))
+    assert e.value.code == 422 and e.value.field == "max_size"
+    assert parse_request(fields, limits.for_device("cuda")).params.max_size == 2048

@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""`make bench` on a GPU (`python bench/gpu.py`): the product's core against the
+tutorial's loop, side by side on the same card, in one process.
+
+Runs with nothing but torch, torchvision, Pillow, numpy and psutil (no
+TorchServe), so it runs on a bare GPU machine. Every result is scored with the
+recipe's own loss (bench/reference_recipe.py) on the 8-bit PNG it delivers.
+TF32 matmuls are on for every method (TorchServe's base handler turns them on
+for such cards too). Writes a JSON file and prints a Markdown section for
+docs/PERFORMANCE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "bench")]
+import reference_recipe as ref  # noqa: E402
+from nst import VGGFeatures, imageio  # noqa: E402
+from nst import optimize as nst_optimize  # noqa: E402
+from nst.config import SEED_PRESET, Params  # noqa: E402
+from nst.memory import estimate_bytes  # noqa: E402
+from nst.optimize import stylize  # noqa: E402
+from nst.vgg import random_features_state  # noqa: E402
+
+
+def sync_time() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def load_pair(size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
+    content = Image.open(ROOT / "examples" / "tubingen.jpg").convert("RGB").resize(size, Image.LANCZOS)
+    style = Image.open(ROOT / "examples" / "starry_night.jpg").convert("RGB").resize(size, Image.LANCZOS)
+    return content, style
+
+
+class Bench:
+    def __init__(self, state: dict, device: torch.device):
+        self.device = device
+        self.vgg = VGGFeatures(state).to(device)
+        self.ref_vgg = ref.load_vgg(state).to(device)
+        self.cpu_ref_vgg = ref.load_vgg(state)
+
+    def tensors(self, size):
+        c, s = load_pair(size)
+        return imageio.to_tensor(c, self.device), imageio.to_tensor(s, self.device)
+
+    def score(self, pixels: torch.Tensor, content: torch.Tensor, style: torch.Tensor) -> float:
+        """The recipe's loss of the delivered PNG, computed on the CPU in float32."""
+        buf = io.BytesIO()
+        imageio.to_image(pixels).save(buf, "PNG")
+        png = imageio.to_tensor(Image.open(io.BytesIO(buf.getvalue())))
+        mean, std = torch.tensor(ref.MEAN).view(1, 3, 1, 1), torch.tensor(ref.STD).view(1, 3, 1, 1)
+        return ref.score(png, (content.cpu() - mean) / std, (style.cpu() - mean) / std, self.cpu_ref_vgg)
+
+    def recipe(self, size, steps: int) -> dict:
+        content, style = self.tensors(size)
+        mean = torch.tensor(ref.MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(ref.STD, device=self.device).view(1, 3, 1, 1)
+        cn, sn = (content - mean) / std, (style - mean) / std
+        ref.run(cn, sn, self.ref_vgg, steps=20)  # warm-up: cuDNN autotuning
+        t0 = sync_time()
+        out = ref.run(cn, sn, self.ref_vgg, steps=steps)
+        seconds = sync_time() - t0
+        return {"steps": steps, "seconds": seconds, "ms_per_step": seconds / steps * 1e3,
+                "loss": self.score((out * std + mean).clamp(0, 1), content, style)}
+
+    def product(self, size, **overrides) -> dict:
+        content, style = self.tensors(size)
+        params = dataclasses.replace(Params(), **overrides)
+        t0 = sync_time()
+        result = stylize(self.vgg, content, [style], params, progress_every=max(params.steps, 1))
+        seconds = sync_time() - t0
+        return {"steps": params.steps, "seconds": seconds, "loss": self.score(result.image, content, style)}
+
+    def seed_preset(self, size, steps: int) -> dict:
+        return self.product(size, preset="seed", **{**SEED_PRESET, "steps": steps})
+
+    def time_to_loss(self, size, target: float, hi: int = 300) -> dict:
+        """Fewest default steps whose delivered PNG scores <= target (the
+        default is deterministic from the content, so reruns are exact)."""
+        lo_ok, hi_ok = 0, None
+        probe = 8
+        runs = {}
+        while probe <= hi:
+            runs[probe] = r = self.product(size, steps=probe)
+            if r["loss"] <= target:
+                hi_ok = probe
+                break
+            lo_ok, probe = probe, probe * 2
+        if hi_ok is None:
+            return {"reached": False, "bound": hi}
+        while hi_ok - lo_ok > 1:
+            mid = (lo_ok + hi_ok) // 2
+            runs[mid] = r = self.product(size, steps=mid)
+            if r["loss"] <= target:
+                hi_ok = mid
+            else:
+                lo_ok = mid
+        best = runs[hi_ok]
+        again = self.product(size, steps=hi_ok)  # warm timing of the same run
+        return {"reached": True, "steps": hi_ok, "seconds": min(best["seconds"], again["seconds"]),
+                "loss": best["loss"]}
+
+    def per_step(self, size, steps_a: int, steps_b: int, **overrides) -> float:
+        """Steady-state ms per step: the time difference of two runs, so the
+        set-up, warm-up and graph capture cancel out. Median of 3."""
+        diffs = []
+        for _ in range(3):
+            a = self.product(size, steps=steps_a, **overrides)["seconds"]
+            b = self.product(size, steps=steps_b, **overrides)["seconds"]
+            diffs.append((b - a) / (steps_b - steps_a) * 1e3)
+        return statistics.median(diffs)
+
+    def memory(self, size, steps: int) -> dict:
+        content, style = self.tensors(size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        params = dataclasses.replace(Params(), steps=steps)
+        stylize(self.vgg, content, [style], params, progress_every=steps)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        w, h = size
+        est = estimate_bytes(h, w, w * h, params)
+        return {"size": f"{w}x{h}", "peak_bytes": peak, "estimate_bytes": est, "ratio": est / peak}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_results.json")
+    ap.add_argument("--recipe-steps", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke run")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --quick, to check the script itself")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.device != "cuda" and not args.quick:
+        print("bench/gpu.py measures a GPU; --device cpu is for --quick smoke runs", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    device = torch.device(args.device)
+    bench = Bench(random_features_state(0), device)
+    main_size, square = ((128, 96), (128, 128)) if args.quick else ((512, 384), (512, 512))
+    recipe_steps = 50 if args.quick else args.recipe_steps
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke run)"
+    r: dict = {"card": card, "torch": torch.__version__, "weights": "random",
+               "size": f"{main_size[0]}x{main_size[1]}", "square": f"{square[0]}x{square[1]}"}
+
+    t0 = sync_time()
+    first = bench.product(main_size, steps=100)  # the first request of this shape: autotuning, capture
+    r["first_request_s"] = first["seconds"]
+    r["first_request_wall_s"] = sync_time() - t0
+    r["recipe"] = bench.recipe(main_size, recipe_steps)
+    r["default"] = bench.product(main_size, steps=100)
+    r["default"]["speedup"] = r["recipe"]["seconds"] / r["default"]["seconds"]
+    r["default"]["loss_ratio"] = r["default"]["loss"] / r["recipe"]["loss"]
+    r["to_recipe_loss"] = ttl = bench.time_to_loss(main_size, r["recipe"]["loss"])
+    if ttl["reached"]:
+        ttl["speedup"] = r["recipe"]["seconds"] / ttl["seconds"]
+    seed_a, seed_b = (20, 60) if args.quick else (100, 300)
+    r["seed_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed",
+                                           **{k: v for k, v in SEED_PRESET.items() if k != "steps"})
+    r["seed_vs_recipe"] = r["seed_ms_per_step"] / r["recipe"]["ms_per_step"]
+    # The default optimizer at 512x512, float32 steps (after LOWP_STEPS) and bf16 steps.
+    lowp = nst_optimize.LOWP_STEPS
+    span = 40 if args.quick else 200
+    r["square_ms_per_step_fp32"] = bench.per_step(square, lowp + 40, lowp + 40 + span)
+    r["square_ms_per_step_bf16"] = bench.per_step(square, 10, lowp)
+    nst_optimize.CUDA_GRAPHS = False
+    r["square_ms_per_step_fp32_eager"] = bench.per_step(square, lowp + 20, lowp + 20 + span // 2)
+    nst_optimize.CUDA_GRAPHS = True
+    long_run = 100 if args.quick else 500
+    r["square_500_steps_s"] = min(bench.product(square, steps=long_run)["seconds"] for _ in range(3))
+    r["memory"] = [] if device.type != "cuda" else [
+        bench.memory(s, 70) for s in ([(256, 192), (512, 384)] if args.quick else [(512, 384), (1024, 768), (2048, 1536)])
+    ]
+    args.out.write_text(json.dumps(r, indent=2))
+    print(report(r))
+    return 0
+
+
+def report(r: dict) -> str:
+    ttl = r["to_recipe_loss"]
+    ttl_text = (f"{ttl['speedup']:.0f}x ({ttl['steps']} steps, {ttl['seconds']:.3f} s, loss {ttl['loss']:.4g})"
+                if ttl["reached"] else f"not reached within {ttl['bound']} steps")
+    rows = [
+        ("default step at 512x512, float32 steps (steady state)", f"{r['square_ms_per_step_fp32']:.2f} ms", "<= 2.0 ms"),
+        ("default step at 512x512, bf16 steps (first 60)", f"{r['square_ms_per_step_bf16']:.2f} ms", "-"),
+        ("the same float32 step without CUDA graphs", f"{r['square_ms_per_step_fp32_eager']:.2f} ms", "-"),
+        ("500 default steps at 512x512 (whole run)", f"{r['square_500_steps_s']:.2f} s", "< 1.5 s"),
+        (f"time to the recipe's {r['recipe']['steps']}-step loss", ttl_text, ">= 150x"),
+        ("default (100 steps) against the recipe",
+         f"{r['default']['speedup']:.1f}x faster, loss {r['default']['loss_ratio']:.3f}x the recipe's",
+         ">= 25x, <= 0.05x"),
+        ("preset=seed per step against the recipe's", f"{r['seed_vs_recipe']:.2f}x ({r['seed_ms_per_step']:.2f} ms)",
+         "<= 1.0x"),
+        ("first request of a shape (100 steps, autotuning and capture)", f"{r['first_request_s']:.2f} s", "-"),
+    ]
+    lines = [
+        f"## GPU: {r['card']} (torch {r['torch']}, {r['weights']} weights)",
+        "",
+        f"Written by `python bench/gpu.py` from one run. Pair: tubingen / starry night at {r['size']}; "
+        f"the tutorial's loop ran {r['recipe']['steps']} steps in {r['recipe']['seconds']:.2f} s "
+        f"({r['recipe']['ms_per_step']:.2f} ms/step), delivered loss {r['recipe']['loss']:.4g}.",
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        "| size | measured peak | estimate | estimate / peak |",
+        "|---|---|---|---|",
+        *[f"| {m['size']} | {m['peak_bytes'] / 2**30:.2f} GiB | {m['estimate_bytes'] / 2**30:.2f} GiB | {m['ratio']:.2f} |"
+          for m in r["memory"]],
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
