@@ -74,8 +74,12 @@ def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
-def update_history(state: State, x: Tensor, g: Tensor) -> None:
-    """Record the pair from the previous iterate to (x, g), in place."""
+def update_history(state: State, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Record the pair from the previous iterate to (x, g), in place.
+
+    Returns S^T g and Y^T g, (B, m) each in slot order, for `direction`: they
+    come out of the same two batched products as the update's own, so the
+    history is read twice per step here and twice in `direction`."""
     s = x - state.x_prev  # (B, n)
     y = g - state.g_prev
     sy, yy = _bdot(s, y), _bdot(y, y)
@@ -84,32 +88,36 @@ def update_history(state: State, x: Tensor, g: Tensor) -> None:
     idx = state.slot.view(1)
     state.S.index_copy_(1, idx, s.unsqueeze(1))
     state.Y.index_copy_(1, idx, y.unsqueeze(1))
-    # The new pair's row and column of the Gram-like matrices: (B, m).
-    s_dot_Y = torch.bmm(state.Y, s.unsqueeze(-1)).squeeze(-1)  # s . y_j for every slot j (new slot included)
-    S_dot_y = torch.bmm(state.S, y.unsqueeze(-1)).squeeze(-1)  # s_i . y
-    Y_dot_y = torch.bmm(state.Y, y.unsqueeze(-1)).squeeze(-1)  # y_i . y
-    state.SY.index_copy_(1, idx, s_dot_Y.unsqueeze(1))
-    state.SY.index_copy_(2, idx, S_dot_y.unsqueeze(2))
-    state.YY.index_copy_(1, idx, Y_dot_y.unsqueeze(1))
-    state.YY.index_copy_(2, idx, Y_dot_y.unsqueeze(2))
+    S_prod = torch.bmm(state.S, torch.stack([y, g], -1))  # (B, m, 2): s_i . y, s_i . g
+    Y_prod = torch.bmm(state.Y, torch.stack([s, y, g], -1))  # (B, m, 3): y_i . s, y_i . y, y_i . g
+    state.SY.index_copy_(1, idx, Y_prod[:, :, 0].unsqueeze(1))  # row: s . y_j
+    state.SY.index_copy_(2, idx, S_prod[:, :, 0].unsqueeze(2))  # column: s_i . y
+    state.YY.index_copy_(1, idx, Y_prod[:, :, 1].unsqueeze(1))
+    state.YY.index_copy_(2, idx, Y_prod[:, :, 1].unsqueeze(2))
     state.valid.index_copy_(1, idx, ok.float().unsqueeze(1))
     state.gamma.copy_(torch.where(ok, sy / yy.clamp_min(1e-30), state.gamma))
     state.slot.copy_((state.slot + 1) % m)
+    return S_prod[:, :, 1], Y_prod[:, :, 2]
 
 
-def direction(state: State, g: Tensor) -> Tensor:
+def direction(state: State, g: Tensor, Sg: Tensor | None = None, Yg: Tensor | None = None) -> Tensor:
     """-H g for the inverse-Hessian approximation H held in `state`: (B, n).
+    `Sg`, `Yg` (S^T g and Y^T g in slot order) are computed if not given.
 
     H = gamma I + [S gamma Y] M [S^T; gamma Y^T] with, in chronological order,
     M = [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]], R the upper
     triangle of S^T Y and D its diagonal. Masked pairs get an identity row and
     column in R and D and zero coefficients, which makes them no-ops."""
     B, m, _ = state.S.shape
+    if Sg is None:
+        Sg = torch.bmm(state.S, g.unsqueeze(-1)).squeeze(-1)
+    if Yg is None:
+        Yg = torch.bmm(state.Y, g.unsqueeze(-1)).squeeze(-1)
     # Chronological order of the slots, oldest first: slot is the oldest (next to be overwritten).
     order = (state.slot + torch.arange(m, device=g.device)) % m  # (m,)
     v = state.valid[:, order]  # (B, m)
-    a = torch.bmm(state.S, g.unsqueeze(-1)).squeeze(-1)[:, order] * v  # S^T g: (B, m)
-    b = torch.bmm(state.Y, g.unsqueeze(-1)).squeeze(-1)[:, order] * v  # Y^T g
+    a = Sg[:, order] * v  # S^T g: (B, m)
+    b = Yg[:, order] * v  # Y^T g
     vv = v.unsqueeze(2) * v.unsqueeze(1)  # (B, m, m)
     SY = state.SY[:, order][:, :, order] * vv
     YY = state.YY[:, order][:, :, order] * vv
@@ -153,8 +161,8 @@ def step(
     if lower is not None and upper is not None:
         held = ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0))
         g = g.masked_fill(held, 0.0)
-    update_history(state, x, g)
-    d = direction(state, g)
+    Sg, Yg = update_history(state, x, g)
+    d = direction(state, g, Sg, Yg)
     if held is not None:
         d = d.masked_fill(held, 0.0)
     longest = d.abs().amax(-1, keepdim=True)  # (B, 1)
