@@ -20,6 +20,9 @@ from .vgg import VGGFeatures, canonical_layer
 def gram(features: Tensor) -> Tensor:
     """(1, C, H, W) -> (C, C) unnormalized Gram matrix, in float32."""
     _, c, h, w = features.shape
+    if features.is_contiguous(memory_format=torch.channels_last) and c > 1:
+        flat = features.permute(0, 2, 3, 1).reshape(h * w, c).float()  # (H*W, C): a view of NHWC
+        return flat.t() @ flat
     flat = features.reshape(c, h * w).float()  # (C, H*W)
     return flat @ flat.t()
 

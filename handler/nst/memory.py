@@ -19,8 +19,16 @@ from .optimize import lbfgs_history, lbfgs_pair_bytes
 from .vgg import _CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
-SAFETY = 1.05  # allocator rounding and block splitting, small temporaries
+SAFETY = 1.1  # allocator rounding and block splitting; cuDNN's choice of kernels
 BASE = 64 * 1024 * 1024  # per request: targets, Grams, buffers
+# On a GPU, measured with torch.cuda.max_memory_allocated on an H200 (torch
+# 2.11, docs/PERFORMANCE.md) at 512x512, 1024x768 and 2048x1536: the peak is
+# the saved tensors below plus about 210 more float32 values per pixel
+# (gradients, cuDNN's NHWC copies and workspaces sized by the image, the
+# graph's pool), and about 0.4 GiB that does not grow with the image
+# (cuBLAS / cuDNN workspaces). The CPU allocator keeps none of these.
+GPU_TRANSIENT_PER_PIXEL = 210.0
+GPU_BASE = 512 * 1024 * 1024
 
 
 def saved_elements_per_pixel() -> float:
@@ -39,21 +47,23 @@ def saved_elements_per_pixel() -> float:
     return stored
 
 
-def transient_elements_per_pixel() -> float:
-    """The largest tensor alive beside the saved ones: conv1's output before its ReLU,
-    and during backward two conv1-sized gradients."""
-    return 2 * 64.0
+def transient_elements_per_pixel(device_type: str = "cpu") -> float:
+    """What is alive beside the saved tensors at the peak: on a CPU, conv1's
+    output before its ReLU, and during backward two conv1-sized gradients; on a
+    GPU, the measured excess (GPU_TRANSIENT_PER_PIXEL)."""
+    return GPU_TRANSIENT_PER_PIXEL if device_type == "cuda" else 2 * 64.0
 
 
-def estimate_bytes(height: int, width: int, style_pixels: int, params: Params) -> int:
-    """Peak bytes of one request at height x width with styles of `style_pixels` in total."""
+def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, device_type: str = "cpu") -> int:
+    """Peak bytes of one request at height x width with styles of `style_pixels`
+    in total, on a `device_type` ("cpu" or "cuda") worker."""
     pixels = height * width
-    step = (saved_elements_per_pixel() + transient_elements_per_pixel()) * pixels * FLOAT
+    step = (saved_elements_per_pixel() + transient_elements_per_pixel(device_type)) * pixels * FLOAT
     history = 0
     if params.optimizer == "lbfgs":
         history = lbfgs_history(pixels) * lbfgs_pair_bytes(pixels)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
-    return int(SAFETY * max(step + history, styles) + BASE)
+    return int(SAFETY * max(step + history, styles) + (GPU_BASE if device_type == "cuda" else BASE))
 
 
 # Allocation failures that torch raises as a plain RuntimeError, not

@@ -39,7 +39,7 @@ def size_style(style: Image.Image, content: Image.Image, style_scale: float, rec
 def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limits, device) -> None:
     """Refuse (507) a request whose estimated peak memory is over the budget, before allocating it."""
     w, h = content.size
-    need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params)
+    need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
     budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
     if need > budget:
         raise RequestError(

@@ -81,34 +81,36 @@ class VGGFeatures(nn.Module):
     def denormalize(self, x: Tensor) -> Tensor:
         return x * self.std + self.mean
 
-    def _params(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-        """Conv weights and biases in `dtype` (channels-last), cast once and kept:
-        autocast would re-cast frozen weights on every call."""
-        if dtype == torch.float32:
+    def _params(self, dtype: torch.dtype, channels_last: bool) -> list[tuple[Tensor, Tensor]]:
+        """Conv weights and biases in `dtype` (channels-last where asked), cast
+        once and kept: autocast would re-cast frozen weights on every call."""
+        if dtype == torch.float32 and not channels_last:
             return [(c.weight, c.bias) for c in self.convs]
-        key = (dtype, self.mean.device)
+        key = (dtype, channels_last, self.mean.device)
         cache = self.__dict__.setdefault("_cast_cache", {})
         if key not in cache:
-            cache[key] = [
-                (c.weight.to(dtype, memory_format=torch.channels_last), c.bias.to(dtype)) for c in self.convs
-            ]
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            cache[key] = [(c.weight.to(dtype, memory_format=fmt), c.bias.to(dtype)) for c in self.convs]
         return cache[key]
 
     def forward(
         self, x: Tensor, layers: Collection[str], pooling: str = "max", dtype: torch.dtype = torch.float32
     ) -> dict[str, Tensor]:
         """Post-ReLU activations of `layers` for the normalized batch `x`,
-        computed in `dtype` (bf16 runs channels-last, where oneDNN is fastest).
+        computed in `dtype`. Low precision, and every dtype on a GPU, runs
+        channels-last: oneDNN's bf16 and cuDNN's tensor-core kernels are
+        fastest there.
 
         Stops after the deepest requested layer: nothing past it is computed."""
         wanted = {canonical_layer(n) for n in layers}
         deepest = max(LAYER_NAMES.index(n) for n in wanted)
         pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
-        if dtype != torch.float32:
+        channels_last = dtype != torch.float32 or x.is_cuda
+        if channels_last:
             x = x.to(dtype, memory_format=torch.channels_last)
         out: dict[str, Tensor] = {}
         block = 1
-        for k, (name, (weight, bias)) in enumerate(zip(LAYER_NAMES, self._params(dtype))):
+        for k, (name, (weight, bias)) in enumerate(zip(LAYER_NAMES, self._params(dtype, channels_last))):
             b = int(name[4])
             if b != block:  # entering a new block: the previous one ends in a 2x2 pool
                 x = pool(x, 2)

@@ -83,7 +83,7 @@ def test_estimate_bounds_the_measured_gpu_peak(vgg_state, size):
     before = torch.cuda.memory_allocated()
     stylize(model, content, [style], dataclasses.replace(Params(), steps=LOWP_STEPS + 5))
     peak = torch.cuda.max_memory_allocated() - before
-    estimate = estimate_bytes(h, w, w * h, Params())
+    estimate = estimate_bytes(h, w, w * h, Params(), "cuda")
     print(f"{w}x{h}: peak {peak / 2**30:.3f} GiB, estimate {estimate / 2**30:.3f} GiB, ratio {estimate / peak:.3f}")
     assert peak <= estimate <= 1.3 * peak
 

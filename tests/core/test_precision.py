@@ -61,3 +61,13 @@ def test_switch_to_float32_after_lowp_steps(vgg, monkeypatch):
     assert per_step == [torch.bfloat16] * 2 + [torch.float32] * 2
     assert seen[:2] == [torch.float32] * 2 and seen[-1] == torch.float32
 
+
+
+def test_gram_of_channels_last_features_equals_the_reference():
+    """The NHWC path (bf16 on a CPU, every dtype on a GPU) is the same F F^T."""
+    from nst.losses import gram
+
+    f = torch.rand(1, 8, 5, 7)
+    reference = f.reshape(8, 35) @ f.reshape(8, 35).t()
+    assert torch.allclose(gram(f.contiguous(memory_format=torch.channels_last)), reference, atol=1e-5)
+    assert torch.allclose(gram(f), reference, atol=1e-5)
