@@ -22,13 +22,13 @@ FLOAT = 4  # bytes; the float32 steps are the largest
 SAFETY = 1.1  # allocator rounding and block splitting; cuDNN's choice of kernels
 BASE = 64 * 1024 * 1024  # per request: targets, Grams, buffers
 # On a GPU, measured with torch.cuda.max_memory_allocated on an H200 (torch
-# 2.11, docs/PERFORMANCE.md) at 512x512, 1024x768 and 2048x1536: the peak is
-# the saved tensors below plus about 210 more float32 values per pixel
-# (gradients, cuDNN's NHWC copies and workspaces sized by the image, the
-# graph's pool), and about 0.4 GiB that does not grow with the image
-# (cuBLAS / cuDNN workspaces). The CPU allocator keeps none of these.
+# 2.11, channels-last passes, CUDA graphs; docs/PERFORMANCE.md) at 512x512,
+# 1024x768 and 2048x1536: the peak is the saved tensors below plus about 210
+# more float32 values per pixel (gradients, cuDNN's workspaces sized by the
+# image, the graph's pool), and about 0.2 GiB that does not grow with the
+# image (cuBLAS / cuDNN workspaces). The CPU allocator keeps none of these.
 GPU_TRANSIENT_PER_PIXEL = 210.0
-GPU_BASE = 512 * 1024 * 1024
+GPU_BASE = 256 * 1024 * 1024
 
 
 def saved_elements_per_pixel() -> float:
