@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+TS_STREAM_NEXT = "ts_stream_next"  # the frontend's "more responses follow" header (RequestInput.TS_STREAM_NEXT)
 
 
 def _send_intermediate(line: bytes, idx: int, context: Any) -> None:
@@ -69,7 +70,18 @@ class StyleTransferHandler:
         return fetch(url, field, self.limits)
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
-        return [self._handle_row(idx, row, context) for idx, row in enumerate(data)]
+        out = []
+        for idx, row in enumerate(data):
+            out.append(self._handle_row(idx, row, context))
+            if is_grpc(context, idx):
+                # TorchServe 0.12.0's GRPCJob.response reads this header for a
+                # StreamPredictions call and throws (restarting the worker) when
+                # it is missing, which it is unless a progress record went out;
+                # Predictions ignores it. Never on HTTP: RestJob would take the
+                # answer for the end of a stream that never started and send
+                # no status line (the client hangs). See docs/FAULTS.md.
+                context.set_response_header(idx, TS_STREAM_NEXT, "false")
+        return out
 
     # -- one request -------------------------------------------------------
 
@@ -170,6 +182,20 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+def is_grpc(context: Any, idx: int) -> bool:
+    """Whether row `idx` came over gRPC (Predictions or StreamPredictions).
+
+    TorchServe 0.12.0 hands the handler one map per row: each input field as
+    `{name: {"content-type": ...}}`, then the request-level headers as strings.
+    An HTTP prediction carries every HTTP header (InferenceRequestHandler
+    copies them all and adds `url_path` and `explain`), a gRPC one none
+    (InferenceImpl builds its RequestInput from the fields alone). So a row
+    without a single string header is a gRPC call, whatever its fields are
+    named. The two gRPC calls look the same: the frontend sends the worker the
+    same command byte for both."""
+    return not any(isinstance(v, str) for v in context.get_all_request_header(idx).values())
 
 
 def _fields(row: dict) -> dict:

@@ -161,22 +161,30 @@ def test_stream_predictions_sends_progress_then_the_image(server, client):
     assert server.worker_pids() == pids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TorchServe 0.12.0: GRPCJob.response reads the ts_stream_next header, which the backend "
-    "sets only after an intermediate response; a StreamPredictions answer without one throws a "
-    "NullPointerException in the frontend, which restarts the worker ('Worker died.')",
-)
-@pytest.mark.parametrize(
-    "extra",
-    [{}, {"stream": b"true", "größe": b"1"}],
-    ids=["not-streamed", "error-before-the-first-record"],
-)
-def test_stream_predictions_answered_without_a_progress_record_keeps_the_worker(server, client, extra):
+# StreamPredictions calls answered without a progress record: TorchServe
+# 0.12.0's GRPCJob.response (GRPCJob.java:137-141) ends such a call only on
+# `ts_stream_next: "false"`, and throws a NullPointerException when the header
+# is missing, which it is unless an intermediate response went out: the client
+# got the answer, then INTERNAL "Worker died.", and the worker restarted. The
+# handler now sets the header on every gRPC answer.
+WITHOUT_PROGRESS = {
+    "not-streamed": ({}, None),
+    "not-streamed-error": ({"größe": b"1"}, 422),
+    "error-before-the-first-record": ({"stream": b"true", "größe": b"1"}, 422),
+}
+
+
+@pytest.mark.parametrize("extra, code", WITHOUT_PROGRESS.values(), ids=WITHOUT_PROGRESS.keys())
+def test_stream_predictions_answered_without_a_progress_record_keeps_the_worker(server, client, extra, code):
     key = server.key("inference")
     pids = server.worker_pids()
     results = list(client.stream_predict({**BASE, **extra}, key))
-    after = client.predict(BASE, key)  # waits for a replacement worker, if there is one
-    _assert_png(after)
+    # One answer and the call ends OK (a failure would follow it as an RpcError).
+    assert len(results) == 1, [_describe(r) for r in results]
+    if code is None:
+        _assert_png(results[0])
+    else:
+        got, message = error_of(results[0], code)
+        assert got == code and message.startswith("größe"), message
+    _assert_png(client.predict(BASE, key))  # would wait for a replacement worker, if there were one
     assert server.worker_pids() == pids
-    assert not any(isinstance(r, grpc.RpcError) for r in results), [_describe(r) for r in results]
