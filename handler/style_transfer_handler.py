@@ -72,12 +72,19 @@ class StyleTransferHandler:
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
         out = []
         for idx, row in enumerate(data):
-            out.append(self._handle_row(idx, row, context))
-            if is_grpc(context, idx):
+            grpc = is_grpc(context, idx)
+            # No progress records over gRPC: the frontend sends the worker the
+            # same command for Predictions and StreamPredictions, and a
+            # Predictions call ends on its first response, so the next one
+            # (GRPCJob.response's onNext on a completed call) threw twice and
+            # took the model's worker thread down for good. stream=true still
+            # answers with the final NDJSON record.
+            out.append(self._handle_row(idx, row, context, progress=not grpc))
+            if grpc:
                 # TorchServe 0.12.0's GRPCJob.response reads this header for a
                 # StreamPredictions call and throws (restarting the worker) when
-                # it is missing, which it is unless a progress record went out;
-                # Predictions ignores it. Never on HTTP: RestJob would take the
+                # it is missing, as it is on an answer with no progress record
+                # before it; Predictions ignores it. Never on HTTP: RestJob would take the
                 # answer for the end of a stream that never started and send
                 # no status line (the client hangs). See docs/FAULTS.md.
                 context.set_response_header(idx, TS_STREAM_NEXT, "false")
@@ -85,7 +92,7 @@ class StyleTransferHandler:
 
     # -- one request -------------------------------------------------------
 
-    def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
+    def _handle_row(self, idx: int, row: dict, context: Any, progress: bool = True) -> bytes:
         streaming = False  # True once a progress record (and with it the 200 status) went out
         taken = time.monotonic()
         deadline = taken + self.limits.time_budget_s  # URL downloads and decoding count too
@@ -97,6 +104,7 @@ class StyleTransferHandler:
             callback = None
             if request.params.stream:
                 context.set_response_content_type(idx, NDJSON)
+            if request.params.stream and progress:
 
                 def callback(p: Progress) -> None:
                     nonlocal streaming

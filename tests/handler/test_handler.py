@@ -461,6 +461,35 @@ def test_grpc_errors_say_no_more_responses_follow(handler, make_context, inputs,
     assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
 
 
+def test_grpc_stream_sends_no_progress_only_the_final_record(handler, make_context, inputs, sent):
+    """The worker cannot tell Predictions from StreamPredictions, and a
+    progress record ends a Predictions call (the next response then took the
+    model's worker thread down): over gRPC, stream=true answers with the final
+    record alone."""
+    ctx = make_context(grpc=True)
+    [out] = handler.handle([multipart_row(inputs, steps=3, max_size=32, stream="true")], ctx)
+    assert sent == []
+    final = json.loads(out)
+    assert final["done"] is True and final["steps"] == 3
+    assert png_of(base64.b64decode(final["image"])).size == (32, 24)
+    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
+def test_grpc_stream_error_is_the_json_error_not_an_in_band_record(handler, make_context, inputs, sent, monkeypatch):
+    """With no progress record out, a failure mid-run is an error answer, as
+    for stream=false (over HTTP the same failure after a record is in-band)."""
+    def fails_after_one_step(request, vgg, limits, *, callback=None, deadline=None):
+        assert callback is None
+        raise BudgetExceeded("after 1 of 3 steps")
+
+    monkeypatch.setattr(style_transfer_handler, "run", fails_after_one_step)
+    ctx = make_context(grpc=True)
+    [out] = handler.handle([multipart_row(inputs, steps=3, stream="true")], ctx)
+    assert sent == []
+    assert_error(ctx, 0, out, 504, None)
+    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
 def test_http_answers_never_carry_ts_stream_next(handler, make_context, inputs, sent):
     for fields in ({"steps": 1, "max_size": 32}, {"steps": "x"}, {"steps": 1, "max_size": 32, "stream": "true"}):
         ctx = make_context()

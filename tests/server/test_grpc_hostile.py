@@ -148,15 +148,16 @@ def test_call_without_or_with_a_wrong_token_is_refused(server, client):
     assert server.worker_pids() == pids
 
 
-def test_stream_predictions_sends_progress_then_the_image(server, client):
+def test_stream_predictions_with_stream_true_answers_the_final_record_alone(server, client):
+    """No progress records over gRPC (see the Predictions test below): the
+    call gets the final NDJSON record and ends OK."""
     key = server.key("inference")
     pids = server.worker_pids()
-    results = list(client.stream_predict({**BASE, "stream": b"true"}, key))
-    assert not any(isinstance(r, grpc.RpcError) for r in results), [_describe(r) for r in results]
-    records = [json.loads(r.prediction) for r in results]
-    progress, final = records[:-1], records[-1]
-    assert [p["step"] for p in progress] == [1]  # the last step is always reported
-    assert final["done"] is True and final["steps"] == 1
+    results = list(client.stream_predict({**BASE, "stream": b"true", "steps": b"2"}, key))
+    assert len(results) == 1, [_describe(r) for r in results]
+    assert not isinstance(results[0], grpc.RpcError), _describe(results[0])
+    final = json.loads(results[0].prediction)
+    assert final["done"] is True and final["steps"] == 2
     assert base64.b64decode(final["image"]).startswith(PNG_SIGNATURE)
     assert server.worker_pids() == pids
 
@@ -188,3 +189,22 @@ def test_stream_predictions_answered_without_a_progress_record_keeps_the_worker(
         assert got == code and message.startswith("größe"), message
     _assert_png(client.predict(BASE, key))  # would wait for a replacement worker, if there were one
     assert server.worker_pids() == pids
+
+
+def test_predictions_with_stream_true_gets_the_final_record_and_the_model_lives(fresh_server):
+    """Over gRPC no progress record goes out. Predictions ends its call on the
+    first response (GRPCJob.java:137); the next one was an onNext on a completed
+    call (IllegalStateException, GRPCJob.java:136), and WorkerThread's cleanup
+    then threw again out of the worker thread (GRPCJob.sendError: "call already
+    closed"): the model's only worker thread was gone while /ping said Healthy
+    and describe said READY, and every later request waited forever."""
+    with InferenceClient(fresh_server.grpc_inference, deadline_s=60) as c:
+        key = fresh_server.key("inference")
+        pids = fresh_server.worker_pids()
+        result = c.predict({**BASE, "stream": b"true", "steps": b"2"}, key)
+        assert not isinstance(result, grpc.RpcError), _describe(result)
+        final = json.loads(result.prediction)
+        assert final["done"] is True and final["steps"] == 2
+        assert base64.b64decode(final["image"]).startswith(PNG_SIGNATURE)
+        _assert_png(c.predict(BASE, key))
+        assert fresh_server.worker_pids() == pids
