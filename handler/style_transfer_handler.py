@@ -84,9 +84,9 @@ class StyleTransferHandler:
                 # TorchServe 0.12.0's GRPCJob.response reads this header for a
                 # StreamPredictions call and throws (restarting the worker) when
                 # it is missing, as it is on an answer with no progress record
-                # before it; Predictions ignores it. Never on HTTP: RestJob would take the
-                # answer for the end of a stream that never started and send
-                # no status line (the client hangs). See docs/FAULTS.md.
+                # before it; Predictions ignores it. Never on HTTP: RestJob
+                # would take the answer for the end of a stream that never
+                # started and send no status line (the client hangs).
                 context.set_response_header(idx, TS_STREAM_NEXT, "false")
         return out
 
