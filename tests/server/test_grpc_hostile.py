@@ -12,6 +12,11 @@ How an error arrives: today TorchServe's GRPCJob ignores the per-row status,
 so it is an OK response whose `prediction` is the JSON error body. Issue #8
 will turn it into a gRPC error status (TorchServe's HTTP -> gRPC mapping);
 `error_of` accepts both forms and checks the same things in each.
+
+The module also holds the calls that could take a worker down through
+TorchServe 0.12.0's frontend whatever the request's text: a StreamPredictions
+answer without a progress record, stream=true over either call, and
+StreamPredictions2 (docs/FAULTS.md, gRPC section).
 """
 from __future__ import annotations
 
