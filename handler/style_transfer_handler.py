@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+TS_STREAM_NEXT = "ts_stream_next"  # the frontend's "more responses follow" header (RequestInput.TS_STREAM_NEXT)
 
 
 def _send_intermediate(line: bytes, idx: int, context: Any) -> None:
@@ -71,11 +72,29 @@ class StyleTransferHandler:
         return fetch(url, field, self.limits)
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
-        return [self._handle_row(idx, row, context) for idx, row in enumerate(data)]
+        out = []
+        for idx, row in enumerate(data):
+            grpc = is_grpc(context, idx)
+            # No progress records over gRPC: the frontend sends the worker the
+            # same command for Predictions and StreamPredictions, and a
+            # Predictions call ends on its first response, so the next one
+            # (GRPCJob.response's onNext on a completed call) threw twice and
+            # took the model's worker thread down for good. stream=true still
+            # answers with the final NDJSON record.
+            out.append(self._handle_row(idx, row, context, progress=not grpc))
+            if grpc:
+                # TorchServe 0.12.0's GRPCJob.response reads this header for a
+                # StreamPredictions call and throws (restarting the worker) when
+                # it is missing, as it is on an answer with no progress record
+                # before it; Predictions ignores it. Never on HTTP: RestJob
+                # would take the answer for the end of a stream that never
+                # started and send no status line (the client hangs).
+                context.set_response_header(idx, TS_STREAM_NEXT, "false")
+        return out
 
     # -- one request -------------------------------------------------------
 
-    def _handle_row(self, idx: int, row: dict, context: Any) -> bytes:
+    def _handle_row(self, idx: int, row: dict, context: Any, progress: bool = True) -> bytes:
         streaming = False  # True once a progress record (and with it the 200 status) went out
         taken = time.monotonic()
         deadline = taken + self.limits.time_budget_s  # URL downloads and decoding count too
@@ -87,6 +106,7 @@ class StyleTransferHandler:
             callback = None
             if request.params.stream:
                 context.set_response_content_type(idx, NDJSON)
+            if request.params.stream and progress:
 
                 def callback(p: Progress) -> None:
                     nonlocal streaming
@@ -172,6 +192,20 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+def is_grpc(context: Any, idx: int) -> bool:
+    """Whether row `idx` came over gRPC (Predictions or StreamPredictions).
+
+    TorchServe 0.12.0 hands the handler one map per row: each input field as
+    `{name: {"content-type": ...}}`, then the request-level headers as strings.
+    An HTTP prediction carries every HTTP header (InferenceRequestHandler
+    copies them all and adds `url_path` and `explain`), a gRPC one none
+    (InferenceImpl builds its RequestInput from the fields alone). So a row
+    without a single string header is a gRPC call, whatever its fields are
+    named. The two gRPC calls look the same: the frontend sends the worker the
+    same command byte for both."""
+    return not any(isinstance(v, str) for v in context.get_all_request_header(idx).values())
 
 
 def _fields(row: dict) -> dict:

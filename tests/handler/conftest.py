@@ -12,13 +12,23 @@ from style_transfer_handler import StyleTransferHandler
 
 SERIALIZED = "vgg19_features.pth"
 
+# One row's request headers as the handler sees them over HTTP (a multipart
+# request with fields content and style) and over gRPC (the same fields, no
+# headers), as TorchServe 0.12.0 delivered them to a probe handler.
+HTTP_HEADERS = {
+    "content": {"content-type": "image/png"}, "style": {"content-type": "image/jpeg"},
+    "Host": "127.0.0.1:8080", "Content-Type": "multipart/form-data; boundary=x", "Content-Length": "1234",
+    "Authorization": "Bearer k", "explain": "False", "url_path": "",
+}
+GRPC_HEADERS = {"content": {"content-type": ""}, "style": {"content-type": ""}}
+
 
 class FakeContext:
     """Per-index response status and headers, like ts.context.Context backed by
     one RequestProcessor per row (status defaults to 200, headers to {})."""
 
     def __init__(self, model_dir: Path, *, limits: dict | None = None, rows: int = 1, gpu_id=None,
-                 response_timeout: int = 600):
+                 response_timeout: int = 600, grpc: bool = False):
         self.model_name = "style_transfer"
         self.manifest = {"model": {"modelName": "style_transfer", "serializedFile": SERIALIZED, "handler": "style_transfer_handler.py"}}
         self.system_properties = {
@@ -33,11 +43,22 @@ class FakeContext:
         if limits is not None:
             self.model_yaml_config["limits"] = limits
         self.request_ids = {i: f"r{i}" for i in range(rows)}
+        # What TorchServe 0.12.0's ts/service.py puts in each row's RequestProcessor:
+        # the fields as {name: {"content-type": ...}}, then the request's
+        # headers as strings (an HTTP request's, url_path and explain included;
+        # a gRPC call's: none).
+        self._request_headers = GRPC_HEADERS if grpc else HTTP_HEADERS
         self._status: dict[int, tuple[int, str | None]] = {}
         self._headers: dict[int, dict[str, str]] = {}
 
     def get_request_id(self, idx: int = 0):
         return self.request_ids.get(idx)
+
+    def get_request_header(self, idx: int, key: str):
+        return self._request_headers.get(key)
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return dict(self._request_headers)
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self._status[idx] = (code, phrase)

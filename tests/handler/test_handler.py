@@ -455,3 +455,80 @@ def test_result_over_the_response_limit_is_refused_not_sent(make_handler, make_c
     err = assert_error(ctx, 0, out, 413, "max_size")
     assert "response limit" in err["message"]
     assert "X-Loss" not in ctx.get_response_headers(0)
+
+
+# --- gRPC ----------------------------------------------------------------------
+# TorchServe 0.12.0's GRPCJob.response reads ts_stream_next for a StreamPredictions
+# call and throws without it (restarting the worker); RestJob takes any
+# ts_stream_next for a stream, so an HTTP answer must never carry one the
+# handler set.
+
+
+def test_grpc_answers_say_no_more_responses_follow(handler, make_context, inputs):
+    ctx = make_context(grpc=True)
+    [out] = handler.handle([multipart_row(inputs, steps=1, max_size=32)], ctx)
+    assert png_of(out).size == (32, 24)
+    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_grpc_errors_say_no_more_responses_follow(handler, make_context, inputs, sent, stream):
+    ctx = make_context(grpc=True)
+    [out] = handler.handle([multipart_row(inputs, steps=1, stream=stream, **{"größe": 1})], ctx)
+    assert_error(ctx, 0, out, 422, "größe")
+    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
+def test_grpc_stream_sends_no_progress_only_the_final_record(handler, make_context, inputs, sent):
+    """The worker cannot tell Predictions from StreamPredictions, and a
+    progress record ends a Predictions call (the next response then took the
+    model's worker thread down): over gRPC, stream=true answers with the final
+    record alone."""
+    ctx = make_context(grpc=True)
+    [out] = handler.handle([multipart_row(inputs, steps=3, max_size=32, stream="true")], ctx)
+    assert sent == []
+    final = json.loads(out)
+    assert final["done"] is True and final["steps"] == 3
+    assert png_of(base64.b64decode(final["image"])).size == (32, 24)
+    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
+def test_grpc_stream_error_is_the_json_error_not_an_in_band_record(handler, make_context, inputs, sent, monkeypatch):
+    """With no progress record out, a failure mid-run is an error answer, as
+    for stream=false (over HTTP the same failure after a record is in-band)."""
+    def fails_after_one_step(request, vgg, limits, *, callback=None, deadline=None):
+        assert callback is None
+        raise BudgetExceeded("after 1 of 3 steps")
+
+    monkeypatch.setattr(style_transfer_handler, "run", fails_after_one_step)
+    ctx = make_context(grpc=True)
+    [out] = handler.handle([multipart_row(inputs, steps=3, stream="true")], ctx)
+    assert sent == []
+    assert_error(ctx, 0, out, 504, None)
+    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
+def test_http_answers_never_carry_ts_stream_next(handler, make_context, inputs, sent):
+    for fields in ({"steps": 1, "max_size": 32}, {"steps": "x"}, {"steps": 1, "max_size": 32, "stream": "true"}):
+        ctx = make_context()
+        handler.handle([multipart_row(inputs, **fields)], ctx)
+        assert "ts_stream_next" not in ctx.get_response_headers(0), fields
+    assert sent  # the streamed request did stream: the backend, not the handler, ends that stream
+
+
+def test_every_row_of_a_grpc_batch_gets_the_header(make_handler, make_context, inputs):
+    handler = make_handler(rows=2)
+    ctx = make_context(rows=2, grpc=True)
+    handler.handle([multipart_row(inputs, steps=1, max_size=32), multipart_row(inputs, steps="x")], ctx)
+    assert ctx.status(0) == 200 and ctx.status(1) == 422
+    assert [ctx.get_response_headers(i).get("ts_stream_next") for i in (0, 1)] == ["false", "false"]
+
+
+@pytest.mark.parametrize("name", ["Host", "url_path", "explain", "Content-Type", "authorization"])
+def test_a_grpc_field_named_like_an_http_header_is_still_grpc(make_context, name):
+    """A gRPC field reaches the row's header map as {"content-type": ...}, never
+    as a string: a client cannot make its call look like HTTP by its names."""
+    ctx = make_context(grpc=True)
+    ctx._request_headers = {**ctx._request_headers, name: {"content-type": ""}}
+    assert style_transfer_handler.is_grpc(ctx, 0)
+    assert not style_transfer_handler.is_grpc(make_context(), 0)

@@ -31,3 +31,11 @@ def strict_server(tmp_path_factory):
         },
     ) as srv:
         yield srv
+
+
+@pytest.fixture
+def fresh_server(tmp_path_factory):
+    """A server of the test's own, for a request that may take the model down
+    for good: on the session's server it would hang every later test."""
+    with running_server(tmp_path_factory.mktemp("torchserve-fresh")) as srv:
+        yield srv

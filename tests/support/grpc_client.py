@@ -175,6 +175,23 @@ class InferenceClient:
             yield e
 
 
+    def stream_predict2(
+        self, requests: list, key: str | None, deadline_s: float | None = None
+    ) -> list:
+        """`StreamPredictions2` (bidirectional): sends `requests` (built with
+        `request()`, `sequence_id` set as needed), then every response, a
+        failure last as its `grpc.RpcError`."""
+        call = self.stub.StreamPredictions2(
+            iter(requests), metadata=self.metadata(key), timeout=deadline_s or self.deadline_s
+        )
+        results = []
+        try:
+            results.extend(call)
+        except grpc.RpcError as e:
+            results.append(e)
+        return results
+
+
 def encode_varint(n: int) -> bytes:
     out = bytearray()
     while True:
