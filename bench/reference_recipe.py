@@ -100,8 +100,8 @@ def run(content, style, vgg, steps=2000, lr=0.003, on_step=None):
 
 def score(pixels, content, style, vgg):
     """The recipe's own loss of a [0,1] image (1,3,H,W), e.g. a decoded 8-bit PNG."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1)
     with torch.no_grad():
         content_features = get_features(content, vgg)
         style_features = get_features(style, vgg)

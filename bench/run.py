@@ -5,6 +5,10 @@ Writes bench/results.json, bench/loss_vs_time.png and docs/PERFORMANCE.md.
 Every method uses the same weights file and the same input pixels (content
 and style resized once to --size), and every result is scored with the
 reference recipe's own loss function on the 8-bit PNG it delivers.
+
+Then the quality corpus (bench/corpus.py): every pair of bench/corpus, the
+recipe's 2000 steps against the product's default. --corpus-only runs just
+that part and keeps the other figures of results.json; --no-corpus skips it.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import argparse
 import concurrent.futures as cf
 import io
 import json
+import os
 import resource
 import statistics
 import sys
@@ -25,6 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "scripts"), str(ROOT / "bench")]
+import corpus  # noqa: E402
 import reference_recipe as ref  # noqa: E402
 from nst import Limits, VGGFeatures, parse_request, run  # noqa: E402
 from nst import imageio  # noqa: E402
@@ -55,7 +61,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}; torch {torch.__version__}"
+    omp = os.environ.get("OMP_WAIT_POLICY")
+    return (f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads" + (f", OMP_WAIT_POLICY={omp}" if omp else ""))
 
 
 def steady_per_step(points: list[tuple[int, float]], steps: int) -> float:
@@ -69,24 +77,30 @@ def steady_per_step(points: list[tuple[int, float]], steps: int) -> float:
     return (t1 - t0) / (i1 - i0)
 
 
+def load_models(weights: str, device: torch.device):
+    """The product's extractor and the recipe's torchvision VGG from one weights file, on `device`."""
+    state, kind = nst_weights.load(weights)
+    return VGGFeatures(state).to(device), ref.load_vgg(state).to(device), kind
+
+
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, vgg, ref_vgg, weights_kind):
         self.args = args
         w, h = (int(v) for v in args.size.split("x"))
         self.size = (w, h)
-        state, self.weights_kind = nst_weights.load(args.weights)
-        self.vgg = VGGFeatures(state)
-        self.ref_vgg = ref.load_vgg(state)
+        self.device = torch.device(args.device)
+        self.vgg, self.ref_vgg, self.weights_kind = vgg, ref_vgg, weights_kind
         content = Image.open(ROOT / "examples" / "tubingen.jpg").convert("RGB").resize((w, h), Image.LANCZOS)
         style = Image.open(ROOT / "examples" / "starry_night.jpg").convert("RGB").resize((w, h), Image.LANCZOS)
         self.content_png, self.style_png = png_bytes(content), png_bytes(style)
-        self.content_n = ref.load_image(Image.open(io.BytesIO(self.content_png)), shape=(h, w))
-        self.style_n = ref.load_image(Image.open(io.BytesIO(self.style_png)), shape=(h, w))
+        self.content_n = ref.load_image(Image.open(io.BytesIO(self.content_png)), shape=(h, w)).to(self.device)
+        self.style_n = ref.load_image(Image.open(io.BytesIO(self.style_png)), shape=(h, w)).to(self.device)
         self.limits = Limits()
-        self.results: dict = {"machine": machine(), "size": args.size, "weights": self.weights_kind}
+        self.results: dict = {"machine": machine(), "device": str(self.device), "size": args.size,
+                              "weights": self.weights_kind, "run_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     def score_png(self, data: bytes) -> float:
-        return ref.score(decode_png(data), self.content_n, self.style_n, self.ref_vgg)
+        return ref.score(decode_png(data).to(self.device), self.content_n, self.style_n, self.ref_vgg)
 
     def product(self, **fields):
         """One in-process request through the core; wall time includes decode and encode."""
@@ -105,7 +119,8 @@ class Bench:
         target = ref.run(self.content_n, self.style_n, self.ref_vgg, steps=steps,
                          on_step=lambda i, loss, t: curve.append((t, loss)))
         wall = curve[-1][0]
-        pixels = (target * torch.tensor(ref.STD).view(1, 3, 1, 1) + torch.tensor(ref.MEAN).view(1, 3, 1, 1))
+        std = torch.tensor(ref.STD, device=target.device).view(1, 3, 1, 1)
+        pixels = target * std + torch.tensor(ref.MEAN, device=target.device).view(1, 3, 1, 1)
         data = imageio.encode(pixels)  # clamped and rounded to 8 bits, as the tutorial's im_convert
         per_step = steady_per_step([(i + 1, t) for i, (t, _) in enumerate(curve)], steps)
         self.results["reference"] = {
@@ -241,14 +256,28 @@ def plot(results: dict, path: Path) -> None:
 
 
 def report(r: dict) -> str:
-    ref_res, d, q = r["reference"], r["default"], r["time_to_reference_quality"]
     lines = [
         "# Performance",
         "",
-        "Written by `make bench` (bench/run.py); do not edit by hand. All figures come",
-        "from one run on one machine, the reference recipe measured side by side.",
-        "",
-        f"- Machine: {r['machine']}",
+        "Written by `make bench` (bench/run.py); do not edit by hand. The figures of each",
+        "section come from one run on one machine, the reference recipe measured side by side.",
+    ]
+    if "bench_wall_s" in r:
+        lines += ["", f"Last `bench/run.py` run: {r['bench_wall_s'] / 60:.1f} min wall in all ({r['bench_parts']}); "
+                  f"CPU time of the bench process {r.get('bench_cpu_s', 0) / 60:.1f} min."]
+    if "reference" in r:
+        lines += ["", "## Tübingen / Starry Night", ""] + main_report(r)
+    if "corpus" in r:
+        lines += [""] + corpus.report(r["corpus"], r["corpus"].get("machine", r.get("machine", "")))
+    return "\n".join(lines) + "\n"
+
+
+def main_report(r: dict) -> list[str]:
+    ref_res, d, q = r["reference"], r["default"], r["time_to_reference_quality"]
+    lines = [
+        f"- Machine: {r['machine']}" + (f"; device {r['device']}; run {r['run_at']}" if "run_at" in r else "")
+        + (f"; load average (1 min) {r['load_avg_1m'][0]:.1f} at the start, {r['load_avg_1m'][1]:.1f} at the end"
+           if "load_avg_1m" in r else ""),
         f"- Image: {r['size']} px (tubingen / starry_night), weights: {r['weights']}",
         f"- Reference recipe (bench/reference_recipe.py, the tutorial's own code): "
         f"{ref_res['per_step_s'] * 1e3:.1f} ms/step (steady state), 2000 steps = {ref_res['time_2000_s']:.1f} s"
@@ -290,7 +319,7 @@ def report(r: dict) -> str:
               "| steps | wall, s | loss (PNG) |", "|---|---|---|"]
     for s in q["sweep"]:
         lines.append(f"| {s['steps']} | {s['wall_s']:.2f} | {s['loss_png']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
@@ -304,23 +333,66 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--no-server", action="store_true", help="skip the HTTP measurements")
+    ap.add_argument("--device", default="cpu", help="torch device of every method (cpu, cuda, cuda:1, ...)")
+    corpus_args = ap.add_argument_group("quality corpus (bench/corpus.py)")
+    which = corpus_args.add_mutually_exclusive_group()
+    which.add_argument("--corpus-only", action="store_true",
+                       help="run only the corpus; the other figures of results.json are kept")
+    which.add_argument("--no-corpus", action="store_true", help="skip the corpus")
+    corpus_args.add_argument("--pairs", help="comma-separated corpus pairs to run (default: all)")
+    corpus_args.add_argument("--corpus-scale", type=float, default=1.0,
+                             help="resize every pair by this factor (LANCZOS; above 1 upsamples the stored PNGs)")
+    corpus_args.add_argument("--corpus-dir", default=str(corpus.CORPUS_DIR))
+    corpus_args.add_argument("--corpus-reference-steps", type=int, default=None,
+                             help="recipe steps per pair (default: --reference-steps); fewer = time extrapolated")
+    corpus_args.add_argument("--search-bound", type=int, default=300,
+                             help="most default steps tried to reach the recipe's loss")
+    corpus_args.add_argument("--corpus-default-steps", type=int, default=None,
+                             help="the default's steps (default: Params().steps)")
     ap.add_argument("--out-dir", default=str(OUT_DIR), help="where results.json and the plot go")
     ap.add_argument("--report", default=str(ROOT / "docs" / "PERFORMANCE.md"), help="the Markdown report")
     args = ap.parse_args(argv)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(0)
-    b = Bench(args)
-    b.reference()
-    b.seed_preset()
-    b.default()
-    b.time_to_reference_quality()
-    if not args.no_server:
-        b.server()
+    device = torch.device(args.device)
+    vgg, ref_vgg, weights_kind = load_models(args.weights, device)
     out_dir = Path(args.out_dir)
+    results_path = out_dir / "results.json"
+    parts = []
+    if args.corpus_only:  # keep the figures of the last full run beside the new corpus
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    else:
+        b = Bench(args, vgg, ref_vgg, weights_kind)
+        load0 = os.getloadavg()[0]
+        b.reference()
+        b.seed_preset()
+        b.default()
+        b.time_to_reference_quality()
+        parts.append(f"{args.size} pair")
+        if not args.no_server:
+            b.server()
+            parts.append("server")
+        results = b.results
+        results["load_avg_1m"] = [load0, os.getloadavg()[0]]  # other processes on the machine, start and end
+    if not args.no_corpus:
+        names = [n.strip() for n in args.pairs.split(",") if n.strip()] if args.pairs else None
+        results["corpus"] = corpus.run_corpus(
+            vgg, ref_vgg, device, names=names, scale=args.corpus_scale, corpus_dir=Path(args.corpus_dir),
+            recipe_steps=args.corpus_reference_steps or args.reference_steps, bound=args.search_bound,
+            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True))
+        results["corpus"]["machine"] = machine()
+        results["corpus"]["weights"] = weights_kind
+        parts.append(f"corpus {results['corpus']['wall_s'] / 60:.1f} min")
+    results["bench_wall_s"] = time.perf_counter() - t_start
+    results["bench_cpu_s"] = time.process_time() - cpu_start  # this process only (not TorchServe's)
+    results["bench_parts"] = ", ".join(parts)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(b.results, indent=2))
-    plot(b.results, out_dir / "loss_vs_time.png")
-    Path(args.report).write_text(report(b.results))
-    print(report(b.results))
+    results_path.write_text(json.dumps(results, indent=2))
+    if "reference" in results:
+        plot(results, out_dir / "loss_vs_time.png")
+    Path(args.report).write_text(report(results))
+    print(report(results))
+    print(f"bench wall time: {results['bench_wall_s'] / 60:.1f} min", flush=True)
     return 0
 
 

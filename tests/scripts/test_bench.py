@@ -1,4 +1,5 @@
-"""`make bench` end to end at toy scale: it runs, scores and writes its three outputs."""
+"""`make bench` end to end at toy scale: it runs, scores and writes its three outputs;
+its corpus mode on a subset of the pairs, with the recipe and the search cut short."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ def test_bench_runs_and_writes_results_plot_and_report(tmp_path):
     report = tmp_path / "PERFORMANCE.md"
     p = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--size", "40x32", "--reference-steps", "4",
-         "--seed-steps", "2", "--no-server", "--out-dir", str(tmp_path), "--report", str(report)],
+         "--seed-steps", "2", "--no-server", "--no-corpus", "--out-dir", str(tmp_path), "--report", str(report)],
         capture_output=True, text=True, timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
@@ -28,3 +29,39 @@ def test_bench_runs_and_writes_results_plot_and_report(tmp_path):
     assert (tmp_path / "loss_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text()
     assert "extrapolated from 4 steps" in text and "| time to the reference quality |" in text
+
+
+def test_corpus_mode_runs_end_to_end_on_a_subset(tmp_path):
+    report = tmp_path / "PERFORMANCE.md"
+    (tmp_path / "results.json").write_text(json.dumps({"earlier_run": {"kept": True}}))
+    pairs = ["tiny", "dark_style"]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--corpus-only", "--pairs", ",".join(pairs),
+         "--corpus-reference-steps", "6", "--search-bound", "8", "--corpus-default-steps", "5",
+         "--out-dir", str(tmp_path), "--report", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["earlier_run"] == {"kept": True}  # --corpus-only keeps the other figures
+    c = results["corpus"]
+    assert [r["name"] for r in c["pairs"]] == pairs and c["device"] == "cpu"
+    text = report.read_text()
+    for r in c["pairs"]:
+        rec, d, q = r["recipe"], r["default"], r["time_to_recipe_loss"]
+        assert rec["steps_run"] == 6 and rec["extrapolated"] and abs(rec["time_s"] - 2000 * rec["per_step_s"]) < 1e-9
+        target = rec["loss_png"]
+        assert d["steps"] == 5 and abs(d["loss_ratio"] - d["loss_png"] / target) < 1e-12
+        checked = {int(n): v for n, v in q["checked"].items()}
+        assert checked[5] == d["loss_png"]  # the default run is one of the searched points
+        if q["reached"]:
+            n = q["steps"]
+            assert 1 <= n <= 8 and checked[n] == q["loss_png"] <= target
+            assert n == 1 or checked[n - 1] > target  # the step before is checked and misses it
+            assert abs(q["speedup"] - rec["time_s"] / q["wall_s"]) < 1e-9
+        else:
+            assert q["at_bound"]["loss_png"] > target and q["speedup"] is None
+        assert f"| {r['name']} | {r['size']} |" in text
+    s = c["summary"]
+    assert s["pairs"] == 2 and s["worst_pair"] in pairs
+    assert "## Quality corpus (2 pairs)" in text and "| worst case (time to the recipe's loss) |" in text

@@ -1,0 +1,319 @@
+"""The corpus part of `make bench`: every pair of bench/corpus, the tutorial
+recipe and the product's default side by side, in one process, on one device.
+
+For each pair:
+- the recipe (bench/reference_recipe.py) runs its 2000 steps; its time and the
+  recipe loss of its delivered 8-bit PNG are the pair's target;
+- the product's default (the fast preset, default params) runs its default
+  steps: time, and its PNG's loss against the recipe's;
+- the fewest default steps whose delivered PNG reaches the recipe's loss, and
+  the wall time of a request with that many steps. The default is
+  deterministic and starts from the content, so a request for n steps
+  delivers exactly the n-th iterate of a longer one: a run that records the
+  optimizer's loss at every step gives a guess, and a few requests around
+  it, each scored on its PNG, find the crossing exactly (`steps_to_target`).
+  A pair whose default does not reach the target within `bound` steps is
+  reported as not reached, with the loss where it stopped improving.
+
+Every loss is the recipe's own (`reference_recipe.score`) of a decoded PNG.
+The core is called only through its public API (`nst.parse_request`, `nst.run`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+import reference_recipe as ref
+from nst import Limits, Params, VGGFeatures, imageio, parse_request, run
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS_DIR = ROOT / "bench" / "corpus"
+TARGET_WORST = 20.0  # every pair: the default reaches the recipe's loss in <= 1/20 of its time
+TARGET_MEDIAN = 150.0
+PLATEAU_TOL = 1e-3  # "stopped improving": within 0.1% of the best loss the default reached
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    size: tuple[int, int]  # (w, h) both images have
+    covers: tuple[str, ...]
+    content_png: bytes
+    style_png: bytes
+
+
+def manifest(corpus_dir: Path = CORPUS_DIR) -> dict:
+    return json.loads((Path(corpus_dir) / "manifest.json").read_text())
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def load_pairs(names=None, scale: float = 1.0, corpus_dir: Path = CORPUS_DIR) -> list[Pair]:
+    """The corpus's pairs (all, or `names` in that order), RGB, resized by
+    `scale` with LANCZOS once so that every method sees the same pixels."""
+    m = manifest(corpus_dir)
+    by_name = {p["name"]: p for p in m["pairs"]}
+    unknown = [n for n in names or () if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown corpus pairs: {', '.join(unknown)}; known: {', '.join(by_name)}")
+    pairs = []
+    for p in [by_name[n] for n in names] if names else m["pairs"]:
+        w, h = p["size"]
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        imgs = []
+        for role in ("content", "style"):
+            img = Image.open(Path(corpus_dir) / p[role]).convert("RGB")
+            imgs.append(_png(img if img.size == size else img.resize(size, Image.LANCZOS)))
+        pairs.append(Pair(p["name"], size, tuple(p["covers"]), imgs[0], imgs[1]))
+    return pairs
+
+
+def steps_to_target(evaluate: Callable[[int], float], target: float, guess: int, bound: int) -> int | None:
+    """Steps n in [1, bound] with evaluate(n) <= target and evaluate(n - 1) > target
+    (n = 1 needs no left neighbour), searched from `guess`: the first crossing
+    where evaluate is non-increasing, found with a handful of evaluations when
+    the guess is close. None if evaluate(bound) > target.
+
+    Gallops away from the guess to bracket a crossing, then bisects."""
+    guess = min(max(1, guess), bound)
+    if evaluate(guess) <= target:
+        hi, lo, step = guess, None, 1
+        while lo is None:
+            probe = max(0, hi - step)
+            if probe == 0 or evaluate(probe) > target:
+                lo = probe
+            else:
+                hi, step = probe, step * 2
+    else:
+        lo, hi, step = guess, None, 1
+        while hi is None:
+            probe = min(bound, lo + step)
+            if evaluate(probe) <= target:
+                hi = probe
+            elif probe == bound:
+                return None
+            else:
+                lo, step = probe, step * 2
+    while hi - lo > 1:  # evaluate(lo) > target (or lo == 0), evaluate(hi) <= target
+        mid = (lo + hi) // 2
+        if evaluate(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class _Crossed(Exception):
+    """Raised from the progress callback to end a guide run early."""
+
+
+class PairBench:
+    """One pair on one device: the recipe, then the product's default."""
+
+    def __init__(self, pair: Pair, vgg: VGGFeatures, ref_vgg: torch.nn.Module, device: torch.device):
+        self.pair, self.vgg, self.ref_vgg, self.device = pair, vgg, ref_vgg, device
+        w, h = pair.size
+        self.content_n = ref.load_image(Image.open(io.BytesIO(pair.content_png)), shape=(h, w)).to(device)
+        self.style_n = ref.load_image(Image.open(io.BytesIO(pair.style_png)), shape=(h, w)).to(device)
+        # progress every step (the guide curve); max_size high enough for any --corpus-scale
+        self.limits = Limits(progress_every=1, max_size=max(Limits().max_size, w, h))
+        self.evaluated: dict[int, tuple[float, float]] = {}  # steps -> (PNG loss, wall s)
+
+    def score_png(self, data: bytes) -> float:
+        pixels = imageio.to_tensor(Image.open(io.BytesIO(data)), self.device)
+        return ref.score(pixels, self.content_n, self.style_n, self.ref_vgg)
+
+    # -- the recipe -------------------------------------------------------------
+    def recipe(self, steps: int = 2000) -> dict:
+        times = []
+        target = ref.run(self.content_n, self.style_n, self.ref_vgg, steps=steps,
+                         on_step=lambda i, loss, t: times.append(t))
+        mean = torch.tensor(ref.MEAN, device=target.device).view(1, 3, 1, 1)
+        std = torch.tensor(ref.STD, device=target.device).view(1, 3, 1, 1)
+        data = imageio.encode(target * std + mean)  # clamped and rounded to 8 bits, as the tutorial's im_convert
+        later = times[9:] if steps > 10 else times
+        per_step = (later[-1] - later[0]) / max(1, len(later) - 1) if len(later) > 1 else times[-1] / steps
+        return {"steps_run": steps, "time_s": times[-1] if steps == 2000 else per_step * 2000,
+                "per_step_s": per_step, "extrapolated": steps != 2000, "loss_png": self.score_png(data)}
+
+    # -- the product's default --------------------------------------------------------
+    def request(self, steps: int, on_loss: Callable[[int, float], None] | None = None):
+        """One in-process request with default params but `steps`; wall time
+        covers decode, optimization and encode. on_loss(n, loss) gets the
+        optimizer's loss of iterate n (the image after n updates)."""
+        req = parse_request({"content": self.pair.content_png, "style": self.pair.style_png,
+                             "max_size": max(self.pair.size), "steps": steps}, self.limits)
+        cb = (lambda p: on_loss(p.step - 1, p.loss)) if on_loss else None
+        t0 = time.perf_counter()
+        out = run(req, self.vgg, self.limits, callback=cb)
+        wall = time.perf_counter() - t0
+        loss = self.score_png(out.data)
+        self.evaluated[steps] = (loss, wall)
+        return loss, wall
+
+    def evaluate(self, steps: int) -> float:
+        if steps not in self.evaluated:
+            self.request(steps)
+        return self.evaluated[steps][0]
+
+    def default_and_time_to(self, target: float, bound: int, default_steps: int) -> dict:
+        curve: dict[int, float] = {}
+        loss, wall = self.request(default_steps, lambda n, v: curve.__setitem__(n, v))
+        res = {"default": {"steps": default_steps, "wall_s": wall, "loss_png": loss}}
+        guess = next((n for n in sorted(curve) if curve[n] <= target), None)
+        if guess is None and loss <= target:
+            guess = default_steps
+        guide_curve: dict[int, float] = {}
+        if guess is None and bound > default_steps:
+            # run on to the bound; stop once the optimizer's loss is clearly past the target
+            def on_loss(n, v):
+                guide_curve[n] = v
+                if v <= 0.9 * target:
+                    raise _Crossed
+            try:
+                self.request(bound, on_loss)
+            except _Crossed:
+                pass
+            guess = next((n for n in sorted(guide_curve) if guide_curve[n] <= target), None)
+            shared = [n for n in curve if n in guide_curve]
+            res["curve_prefix_max_rel_diff"] = max(
+                (abs(curve[n] - guide_curve[n]) / abs(curve[n]) for n in shared), default=None)
+            if guess is None and bound in self.evaluated and self.evaluated[bound][0] <= target:
+                guess = bound
+        curve = {**curve, **guide_curve}
+        steps = steps_to_target(self.evaluate, target, guess, bound) if guess is not None else None
+        if steps is None and bound not in self.evaluated and bound <= default_steps:
+            self.evaluate(bound)
+        q = {"bound": bound, "reached": steps is not None, "steps": steps,
+             "checked": {str(n): v[0] for n, v in sorted(self.evaluated.items())}}
+        if steps is not None:
+            q["loss_png"], q["wall_s"] = self.evaluated[steps]
+        else:
+            last = max(n for n in self.evaluated if n <= bound)
+            best = min(v for n, v in curve.items() if n <= bound)
+            q["at_bound"] = {"steps": last, "loss_png": self.evaluated[last][0], "wall_s": self.evaluated[last][1],
+                             "plateau_step": min(n for n, v in curve.items() if n <= bound and v <= best * (1 + PLATEAU_TOL))}
+        res["time_to_recipe_loss"] = q
+        marks = {0, 1, 5, 10, 20, 30, 50, 100, 150, 200, 250, default_steps - 1, bound - 1}
+        res["curve"] = {str(n): curve[n] for n in sorted(curve) if n in marks}  # the optimizer's loss of iterate n
+        return res
+
+
+def bench_pair(pair: Pair, vgg, ref_vgg, device, *, recipe_steps=2000, bound=300, default_steps=None, log=print) -> dict:
+    default_steps = default_steps or Params().steps
+    b = PairBench(pair, vgg, ref_vgg, device)
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    r = b.recipe(recipe_steps)
+    log(f"  {pair.name} {pair.size[0]}x{pair.size[1]}: recipe {r['time_s']:.1f} s, loss {r['loss_png']:.4g}")
+    d = b.default_and_time_to(r["loss_png"], bound, default_steps)
+    d["default"]["loss_ratio"] = d["default"]["loss_png"] / r["loss_png"]
+    d["default"]["speedup"] = r["time_s"] / d["default"]["wall_s"]
+    q = d["time_to_recipe_loss"]
+    q["speedup"] = r["time_s"] / q["wall_s"] if q["reached"] else None
+    if q["reached"]:
+        log(f"    default reaches it in {q['steps']} steps, {q['wall_s']:.2f} s: {q['speedup']:.0f}x; "
+            f"{default_steps} steps: loss ratio {d['default']['loss_ratio']:.3g}")
+    else:
+        a = q["at_bound"]
+        log(f"    default NOT reached in {bound} steps: loss {a['loss_png']:.4g} "
+            f"({a['loss_png'] / r['loss_png']:.3g}x the recipe's), no better from step {a['plateau_step']}")
+    return {"name": pair.name, "size": f"{pair.size[0]}x{pair.size[1]}", "covers": list(pair.covers),
+            "recipe": r, **d, "bench_s": time.perf_counter() - t0,
+            "load_avg_1m": [load0, os.getloadavg()[0]]}  # the machine's load at start and end: other processes
+
+
+def summary(pairs: list[dict]) -> dict:
+    """Worst case and median speed-up; a pair not reached counts as 0x."""
+    speed = {p["name"]: p["time_to_recipe_loss"]["speedup"] or 0.0 for p in pairs}
+    worst = min(speed, key=speed.get)
+    median = statistics.median(speed.values())
+    return {"pairs": len(pairs), "not_reached": [n for n, s in speed.items() if s == 0.0],
+            "worst_pair": worst, "worst_speedup": speed[worst], "median_speedup": median,
+            "target_worst": TARGET_WORST, "target_median": TARGET_MEDIAN,
+            "meets_worst": speed[worst] >= TARGET_WORST, "meets_median": median >= TARGET_MEDIAN,
+            "below_worst_target": [n for n, s in speed.items() if s < TARGET_WORST]}
+
+
+def run_corpus(vgg, ref_vgg, device, *, names=None, scale=1.0, corpus_dir=CORPUS_DIR, recipe_steps=2000,
+               bound=300, default_steps=None, log=print) -> dict:
+    t0 = time.perf_counter()
+    pairs = load_pairs(names, scale, corpus_dir)
+    log(f"corpus: {len(pairs)} pairs on {device}, {torch.get_num_threads()} threads")
+    if pairs:  # one-off costs (the extractor's low-precision weight copies) outside every timed run
+        PairBench(pairs[0], vgg, ref_vgg, device).request(2)
+    out = [bench_pair(p, vgg, ref_vgg, device, recipe_steps=recipe_steps, bound=bound,
+                      default_steps=default_steps, log=log) for p in pairs]
+    return {"run_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(device), "scale": scale,
+            "torch_threads": torch.get_num_threads(),
+            "recipe_steps": recipe_steps, "bound": bound, "default_steps": default_steps or Params().steps,
+            "wall_s": time.perf_counter() - t0, "pairs": out, "summary": summary(out)}
+
+
+def _load_range(pairs: list[dict]) -> str:
+    loads = [v for p in pairs for v in p.get("load_avg_1m", ())]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
+
+
+def _fmt_speed(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}x"
+
+
+def report(c: dict, machine: str) -> list[str]:
+    s = c["summary"]
+    extrap = c["recipe_steps"] != 2000
+    lines = [
+        f"## Quality corpus ({s['pairs']} pairs)",
+        "",
+        f"- Machine: {machine}; device {c['device']}; run {c['run_at']}, {c['wall_s'] / 60:.1f} min for the corpus.",
+        f"- Load average (1 min) of the machine during the pairs: {_load_range(c['pairs'])}; "
+        f"{c.get('torch_threads', '?')} torch threads. Above the core count, other processes shared the cores and "
+        "every time here is inflated.",
+        f"- Pairs: bench/corpus (README there says how each image was made), scale {c['scale']:g}.",
+        "- Recipe: bench/reference_recipe.py, " + (f"{c['recipe_steps']} steps run, time extrapolated to 2000"
+                                                  if extrap else "all 2000 steps run") + "; its target is the recipe loss of its delivered PNG.",
+        f"- Default: the fast preset with default params ({c['default_steps']} steps). \"Steps to the recipe's loss\"",
+        f"  is the fewest steps whose delivered PNG scores at most the recipe's (searched up to {c['bound']});",
+        "  its time is the wall time of a request for that many steps (decode, optimize, encode).",
+        "",
+        "| pair | size | covers | recipe s | recipe loss | default steps to it | default s to it | speed-up "
+        f"| default {c['default_steps']}-step loss / recipe's | default {c['default_steps']}-step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in c["pairs"]:
+        r, d, q = p["recipe"], p["default"], p["time_to_recipe_loss"]
+        if q["reached"]:
+            to = f"{q['steps']} | {q['wall_s']:.2f} | {_fmt_speed(q['speedup'])}"
+        else:
+            a = q["at_bound"]
+            to = (f"**not reached** in {q['bound']} (loss {a['loss_png']:.4g}, {a['loss_png'] / r['loss_png']:.3g}x, "
+                  f"flat from step {a['plateau_step']}) | - | -")
+        lines.append(f"| {p['name']} | {p['size']} | {', '.join(p['covers'])} | {r['time_s']:.1f} | "
+                     f"{r['loss_png']:.4g} | {to} | {d['loss_ratio']:.3g} | {d['wall_s']:.2f} |")
+    nr = s["not_reached"]
+    lines += [
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+        f"| worst case (time to the recipe's loss) | {s['worst_pair']}: "
+        + (f"{s['worst_speedup']:.0f}x" if s["worst_speedup"] else "not reached") + f" | every pair >= {TARGET_WORST:.0f}x |",
+        f"| median speed-up ({'not reached counts as 0x' if nr else 'all reached'}) | {s['median_speedup']:.0f}x "
+        f"| >= {TARGET_MEDIAN:.0f}x |",
+        f"| pairs below {TARGET_WORST:.0f}x | {len(s['below_worst_target'])} of {s['pairs']}"
+        + (f" ({', '.join(s['below_worst_target'])})" if s["below_worst_target"] else "") + " | 0 |",
+        f"| pairs not reached within {c['bound']} steps | {len(nr)}" + (f" ({', '.join(nr)})" if nr else "") + " | 0 |",
+        "",
+    ]
+    return lines
