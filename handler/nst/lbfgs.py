@@ -164,7 +164,11 @@ def step(
     Sg, Yg = update_history(state, x, g)
     d = direction(state, g, Sg, Yg)
     if held is not None:
-        d = d.masked_fill(held, 0.0)
+        # A pixel at a bound also stays when the quasi-Newton direction (not
+        # only the gradient) points out: the projection would cut that move,
+        # and the curvature pair would record a step that was not taken.
+        out = ((x <= lower) & (d < 0)) | ((x >= upper) & (d > 0))
+        d = d.masked_fill(held | out, 0.0)
     longest = d.abs().amax(-1, keepdim=True)  # (B, 1)
     t = torch.clamp(max_move / longest.clamp_min(1e-30), max=1.0) * lr
     x_next = x + t * d

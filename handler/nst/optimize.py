@@ -44,6 +44,15 @@ class Result:
 Callback = Callable[[Progress], None]
 
 
+def clamp_pixels(pixels: Tensor) -> Tensor:
+    """Clamp to [0,1] with the gradient passing AT the bounds. torch.clamp's
+    gradient is zero there, so a pixel exactly at 0 or 1 (saturated colours
+    in the content, or a pixel the bounded L-BFGS put on a bound) would never
+    move again: the default stalled on saturated primaries (issue #11)."""
+    inside = (pixels >= 0) & (pixels <= 1)
+    return torch.where(inside, pixels, pixels.clamp(0, 1))
+
+
 def quantize(pixels: Tensor) -> Tensor:
     """Clamp to [0,1] and round to 8-bit levels, as the encoded PNG will be."""
     return torch.round(pixels.clamp(0, 1) * 255) / 255
@@ -197,7 +206,7 @@ def stylize(
         to_pixels = vgg.denormalize
     else:
         var = _initial_image(content, params)
-        to_input = lambda v: vgg.normalize(v.clamp(0, 1))  # noqa: E731
+        to_input = lambda v: vgg.normalize(clamp_pixels(v))  # noqa: E731
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
     var = var.contiguous().requires_grad_(True)
 

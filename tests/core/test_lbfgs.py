@@ -233,3 +233,27 @@ def test_cuda_graph_replays_continue_the_same_optimization(vgg_state, monkeypatc
     assert graphed.loss == pytest.approx(eager.loss, rel=0.05)
     assert (graphed.image - eager.image).abs().mean() < 0.02
     assert [p.step for p in graphed.history] == [p.step for p in eager.history]
+
+
+def test_pixels_exactly_at_a_bound_keep_their_gradient():
+    """torch.clamp passes no gradient at its bounds, so saturated pixels (pure
+    primaries in a content, or a pixel the bounded steps put at 0 or 1) froze
+    and the default stalled. The objective's clamp passes it there."""
+    from nst.optimize import clamp_pixels
+
+    x = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5], requires_grad=True)
+    (grad,) = torch.autograd.grad(clamp_pixels(x).sum(), x)
+    assert grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert clamp_pixels(x).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_saturated_content_does_not_stall(vgg):
+    """A content of pure primaries (every pixel exactly 0 or 1 in two channels)."""
+    content = torch.zeros(1, 3, 24, 32)
+    content[:, 0, :, :11] = 1
+    content[:, 1, :, 11:22] = 1
+    content[:, 2, :, 22:] = 1
+    style = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=60), progress_every=10)
+    losses = [p.loss for p in result.history]
+    assert losses[-1] < 0.05 * losses[0], losses

@@ -59,7 +59,9 @@ def test_time_budget_in_a_stream_ends_with_an_error_record(strict_server):
 
 def test_full_queue_gets_503_and_accepted_requests_complete(strict_server):
     pids = strict_server.worker_pids()
-    slow = {"steps": "60", "max_size": "96", "format": "jpeg"}  # a second or two each: the queue fills up
+    # Eight at once fill a queue of 2 behind 1 running whatever their length;
+    # each stays well inside the 3 s budget, which counts from when a worker takes it.
+    slow = {"steps": "20", "max_size": "64", "format": "jpeg"}
     with cf.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: strict_server.predict(files=FILES, data=slow).status_code, range(8)))
     assert set(codes) <= {200, 503}, codes
