@@ -39,7 +39,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "bench" / "corpus"
 TARGET_WORST = 20.0  # every pair: the default reaches the recipe's loss in <= 1/20 of its time
 TARGET_MEDIAN = 150.0
-PLATEAU_TOL = 1e-3  # "stopped improving": within 0.1% of the best loss the default reached
+FLAT_TOL = 0.05  # "stuck": from some step on, the optimizer's loss stays within 5% (the switch from bf16
+# to float32 at step 60 alone moves it by a few percent)
+
+
+def flat_from(curve: dict[int, float]) -> int:
+    """The first iterate from which the loss stays within FLAT_TOL of its range's minimum."""
+    steps = sorted(curve)
+    lo = hi = curve[steps[-1]]
+    start = steps[-1]
+    for n in reversed(steps):
+        lo, hi = min(lo, curve[n]), max(hi, curve[n])
+        if hi > lo * (1 + FLAT_TOL):
+            break
+        start = n
+    return start
 
 
 @dataclass(frozen=True)
@@ -203,9 +217,11 @@ class PairBench:
             q["loss_png"], q["wall_s"] = self.evaluated[steps]
         else:
             last = max(n for n in self.evaluated if n <= bound)
-            best = min(v for n, v in curve.items() if n <= bound)
+            seen = {n: v for n, v in curve.items() if n <= bound}
+            best = min(seen, key=seen.get)
             q["at_bound"] = {"steps": last, "loss_png": self.evaluated[last][0], "wall_s": self.evaluated[last][1],
-                             "plateau_step": min(n for n, v in curve.items() if n <= bound and v <= best * (1 + PLATEAU_TOL))}
+                             # the optimizer's own loss: where it got stuck, and its best on the way
+                             "flat_from_step": flat_from(seen), "best_step": best, "best_loss": seen[best]}
         res["time_to_recipe_loss"] = q
         marks = {0, 1, 5, 10, 20, 30, 50, 100, 150, 200, 250, default_steps - 1, bound - 1}
         res["curve"] = {str(n): curve[n] for n in sorted(curve) if n in marks}  # the optimizer's loss of iterate n
@@ -229,7 +245,8 @@ def bench_pair(pair: Pair, vgg, ref_vgg, device, *, recipe_steps=2000, bound=300
     else:
         a = q["at_bound"]
         log(f"    default NOT reached in {bound} steps: loss {a['loss_png']:.4g} "
-            f"({a['loss_png'] / r['loss_png']:.3g}x the recipe's), no better from step {a['plateau_step']}")
+            f"({a['loss_png'] / r['loss_png']:.3g}x the recipe's), stuck within {FLAT_TOL:.0%} from step "
+            f"{a['flat_from_step']} (its best: {a['best_loss']:.4g} at step {a['best_step']})")
     return {"name": pair.name, "size": f"{pair.size[0]}x{pair.size[1]}", "covers": list(pair.covers),
             "recipe": r, **d, "bench_s": time.perf_counter() - t0,
             "load_avg_1m": [load0, os.getloadavg()[0]]}  # the machine's load at start and end: other processes
@@ -248,18 +265,25 @@ def summary(pairs: list[dict]) -> dict:
 
 
 def run_corpus(vgg, ref_vgg, device, *, names=None, scale=1.0, corpus_dir=CORPUS_DIR, recipe_steps=2000,
-               bound=300, default_steps=None, log=print) -> dict:
+               bound=300, default_steps=None, log=print, on_progress=None) -> dict:
+    """All pairs; `on_progress(results)` after each one (results["complete"] False
+    until the last), so a run cut short still leaves what it measured."""
     t0 = time.perf_counter()
     pairs = load_pairs(names, scale, corpus_dir)
     log(f"corpus: {len(pairs)} pairs on {device}, {torch.get_num_threads()} threads")
     if pairs:  # one-off costs (the extractor's low-precision weight copies) outside every timed run
         PairBench(pairs[0], vgg, ref_vgg, device).request(2)
-    out = [bench_pair(p, vgg, ref_vgg, device, recipe_steps=recipe_steps, bound=bound,
-                      default_steps=default_steps, log=log) for p in pairs]
-    return {"run_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(device), "scale": scale,
-            "torch_threads": torch.get_num_threads(),
-            "recipe_steps": recipe_steps, "bound": bound, "default_steps": default_steps or Params().steps,
-            "wall_s": time.perf_counter() - t0, "pairs": out, "summary": summary(out)}
+    res = {"run_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(device), "scale": scale,
+           "torch_threads": torch.get_num_threads(), "recipe_steps": recipe_steps, "bound": bound,
+           "default_steps": default_steps or Params().steps, "pairs_planned": [p.name for p in pairs],
+           "complete": False, "pairs": []}
+    for i, p in enumerate(pairs):
+        res["pairs"].append(bench_pair(p, vgg, ref_vgg, device, recipe_steps=recipe_steps, bound=bound,
+                                       default_steps=default_steps, log=log))
+        res.update(wall_s=time.perf_counter() - t0, summary=summary(res["pairs"]), complete=i == len(pairs) - 1)
+        if on_progress is not None:
+            on_progress(res)
+    return res
 
 
 def _load_range(pairs: list[dict]) -> str:
@@ -274,8 +298,10 @@ def _fmt_speed(x: float | None) -> str:
 def report(c: dict, machine: str) -> list[str]:
     s = c["summary"]
     extrap = c["recipe_steps"] != 2000
+    planned = len(c.get("pairs_planned", c["pairs"]))
     lines = [
-        f"## Quality corpus ({s['pairs']} pairs)",
+        f"## Quality corpus ({s['pairs']} pairs)" if c.get("complete", True)
+        else f"## Quality corpus (INCOMPLETE: {s['pairs']} of {planned} pairs, the run was cut short)",
         "",
         f"- Machine: {machine}; device {c['device']}; run {c['run_at']}, {c['wall_s'] / 60:.1f} min for the corpus.",
         f"- Load average (1 min) of the machine during the pairs: {_load_range(c['pairs'])}; "
@@ -299,7 +325,7 @@ def report(c: dict, machine: str) -> list[str]:
         else:
             a = q["at_bound"]
             to = (f"**not reached** in {q['bound']} (loss {a['loss_png']:.4g}, {a['loss_png'] / r['loss_png']:.3g}x, "
-                  f"flat from step {a['plateau_step']}) | - | -")
+                  f"stuck from step {a['flat_from_step']}) | - | -")
         lines.append(f"| {p['name']} | {p['size']} | {', '.join(p['covers'])} | {r['time_s']:.1f} | "
                      f"{r['loss_png']:.4g} | {to} | {d['loss_ratio']:.3g} | {d['wall_s']:.2f} |")
     nr = s["not_reached"]

@@ -357,8 +357,17 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     vgg, ref_vgg, weights_kind = load_models(args.weights, device)
     out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
     parts = []
+
+    def save(results: dict) -> None:
+        """Results and report so far: a run cut short keeps what it measured."""
+        results["bench_wall_s"] = time.perf_counter() - t_start
+        results["bench_cpu_s"] = time.process_time() - cpu_start  # this process only (not TorchServe's)
+        results["bench_parts"] = ", ".join(parts)
+        results_path.write_text(json.dumps(results, indent=2))
+        Path(args.report).write_text(report(results))
     if args.corpus_only:  # keep the figures of the last full run beside the new corpus
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
     else:
@@ -374,23 +383,22 @@ def main(argv=None) -> int:
             parts.append("server")
         results = b.results
         results["load_avg_1m"] = [load0, os.getloadavg()[0]]  # other processes on the machine, start and end
+        if "reference" in results:
+            plot(results, out_dir / "loss_vs_time.png")
+        save(results)
     if not args.no_corpus:
         names = [n.strip() for n in args.pairs.split(",") if n.strip()] if args.pairs else None
-        results["corpus"] = corpus.run_corpus(
+        parts.append("corpus")
+
+        def progress(c: dict) -> None:
+            results["corpus"] = {**c, "machine": machine(), "weights": weights_kind}
+            parts[-1] = f"corpus {c['wall_s'] / 60:.1f} min"
+            save(results)
+        corpus.run_corpus(
             vgg, ref_vgg, device, names=names, scale=args.corpus_scale, corpus_dir=Path(args.corpus_dir),
             recipe_steps=args.corpus_reference_steps or args.reference_steps, bound=args.search_bound,
-            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True))
-        results["corpus"]["machine"] = machine()
-        results["corpus"]["weights"] = weights_kind
-        parts.append(f"corpus {results['corpus']['wall_s'] / 60:.1f} min")
-    results["bench_wall_s"] = time.perf_counter() - t_start
-    results["bench_cpu_s"] = time.process_time() - cpu_start  # this process only (not TorchServe's)
-    results["bench_parts"] = ", ".join(parts)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2))
-    if "reference" in results:
-        plot(results, out_dir / "loss_vs_time.png")
-    Path(args.report).write_text(report(results))
+            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress)
+    save(results)
     print(report(results))
     print(f"bench wall time: {results['bench_wall_s'] / 60:.1f} min", flush=True)
     return 0

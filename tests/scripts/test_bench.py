@@ -45,7 +45,7 @@ def test_corpus_mode_runs_end_to_end_on_a_subset(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["earlier_run"] == {"kept": True}  # --corpus-only keeps the other figures
     c = results["corpus"]
-    assert [r["name"] for r in c["pairs"]] == pairs and c["device"] == "cpu"
+    assert [r["name"] for r in c["pairs"]] == pairs and c["device"] == "cpu" and c["complete"]
     text = report.read_text()
     for r in c["pairs"]:
         rec, d, q = r["recipe"], r["default"], r["time_to_recipe_loss"]

@@ -193,3 +193,10 @@ def test_summary_counts_a_pair_not_reached_as_the_worst():
     assert s["worst_pair"] == "b" and s["worst_speedup"] == 0.0 and s["not_reached"] == ["b"]
     assert s["median_speedup"] == 120.0 and not s["meets_median"] and not s["meets_worst"]
     assert s["below_worst_target"] == ["b"]
+
+
+def test_flat_from_finds_where_a_stalled_curve_stops_moving():
+    stalled = {0: 9e5, 1: 3e5, 2: 7622.0, 3: 7508.0, **{n: 7508.0 for n in range(4, 60)}, **{n: 7309.0 for n in range(60, 300)}}
+    assert corpus.flat_from(stalled) == 2  # the bf16 -> float32 switch (2.7%) is within the tolerance
+    falling = {n: 1000.0 / (n + 1) for n in range(300)}
+    assert corpus.flat_from(falling) > 250  # a curve still falling is flat only near its end
