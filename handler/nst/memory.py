@@ -34,14 +34,11 @@ GPU_BASE = 256 * 1024 * 1024
 def saved_elements_per_pixel() -> float:
     """Elements autograd saves per input pixel for one step through VGG19 to conv5_1."""
     stored = 2 * 3.0  # the image and its clamped, normalized copy
-    previous_block = 1
-    for block, _, _, cout, _ in _CONVS:
+    for block, index, cin, cout, _ in _CONVS:
         scale = 4.0 ** -(block - 1)  # 2x2 pooling between blocks
-        if block != previous_block:  # the pool that ended the previous block
-            cin = _CONVS[[b for b, *_ in _CONVS].index(block) - 1][3]
-            stored += cin * scale  # its output, the next conv's saved input
+        if block > 1 and index == 1:  # the pool that ended the previous block, of cin channels
+            stored += cin * scale  # its output, this conv's saved input
             stored += 2 * cin * scale  # its int64 indices
-            previous_block = block
         stored += cout * scale  # the ReLU output (saved by the ReLU and the next layer alike)
     stored += 512 / 64  # the content loss's difference at conv4_2
     return stored
