@@ -339,6 +339,8 @@ def main(argv=None) -> int:
     which.add_argument("--corpus-only", action="store_true",
                        help="run only the corpus; the other figures of results.json are kept")
     which.add_argument("--no-corpus", action="store_true", help="skip the corpus")
+    which.add_argument("--resume", action="store_true",
+                       help="finish the incomplete corpus run in results.json (same settings): only its missing pairs")
     corpus_args.add_argument("--pairs", help="comma-separated corpus pairs to run (default: all)")
     corpus_args.add_argument("--corpus-scale", type=float, default=1.0,
                              help="resize every pair by this factor (LANCZOS; above 1 upsamples the stored PNGs)")
@@ -363,13 +365,17 @@ def main(argv=None) -> int:
 
     def save(results: dict) -> None:
         """Results and report so far: a run cut short keeps what it measured."""
-        results["bench_wall_s"] = time.perf_counter() - t_start
-        results["bench_cpu_s"] = time.process_time() - cpu_start  # this process only (not TorchServe's)
+        results["bench_wall_s"] = base_wall + time.perf_counter() - t_start
+        results["bench_cpu_s"] = base_cpu + time.process_time() - cpu_start  # this process only (not TorchServe's)
         results["bench_parts"] = ", ".join(parts)
         results_path.write_text(json.dumps(results, indent=2))
         Path(args.report).write_text(report(results))
-    if args.corpus_only:  # keep the figures of the last full run beside the new corpus
+    base_wall = base_cpu = 0.0
+    if args.corpus_only or args.resume:  # keep the figures of the last full run beside the new corpus
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        if args.resume:  # the run cut short and this one add up
+            base_wall, base_cpu = results.get("bench_wall_s", 0.0), results.get("bench_cpu_s", 0.0)
+            parts.extend(p for p in results.get("bench_parts", "").split(", ") if p and not p.startswith("corpus"))
     else:
         b = Bench(args, vgg, ref_vgg, weights_kind)
         load0 = os.getloadavg()[0]
@@ -394,10 +400,16 @@ def main(argv=None) -> int:
             results["corpus"] = {**c, "machine": machine(), "weights": weights_kind}
             parts[-1] = f"corpus {c['wall_s'] / 60:.1f} min"
             save(results)
+        resume = None
+        if args.resume:
+            resume = results.get("corpus")
+            if not resume or resume.get("complete", True):
+                raise SystemExit(f"--resume: no incomplete corpus run in {results_path}")
         corpus.run_corpus(
             vgg, ref_vgg, device, names=names, scale=args.corpus_scale, corpus_dir=Path(args.corpus_dir),
             recipe_steps=args.corpus_reference_steps or args.reference_steps, bound=args.search_bound,
-            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress)
+            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress,
+            resume=resume)
     save(results)
     print(report(results))
     print(f"bench wall time: {results['bench_wall_s'] / 60:.1f} min", flush=True)
