@@ -255,7 +255,7 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(r: dict) -> str:
+def report(r: dict, plot_link: str = "../bench/loss_vs_time.png") -> str:
     lines = [
         "# Performance",
         "",
@@ -266,13 +266,13 @@ def report(r: dict) -> str:
         lines += ["", f"Last `bench/run.py` run: {r['bench_wall_s'] / 60:.1f} min wall in all ({r['bench_parts']}); "
                   f"CPU time of the bench process {r.get('bench_cpu_s', 0) / 60:.1f} min."]
     if "reference" in r:
-        lines += ["", "## Tübingen / Starry Night", ""] + main_report(r)
+        lines += ["", "## Tübingen / Starry Night", ""] + main_report(r, plot_link)
     if "corpus" in r:
         lines += [""] + corpus.report(r["corpus"], r["corpus"].get("machine", r.get("machine", "")))
     return "\n".join(lines) + "\n"
 
 
-def main_report(r: dict) -> list[str]:
+def main_report(r: dict, plot_link: str) -> list[str]:
     ref_res, d, q = r["reference"], r["default"], r["time_to_reference_quality"]
     lines = [
         f"- Machine: {r['machine']}" + (f"; device {r['device']}; run {r['run_at']}" if "run_at" in r else "")
@@ -307,7 +307,7 @@ def main_report(r: dict) -> list[str]:
                      f"{h['overhead'] * 100:+.1f}% ({h['http_s']:.2f} s vs {h['local_s']:.2f} s; outside the "
                      f"optimization {h['outside_optimization_http_s'] * 1e3:.0f} ms vs "
                      f"{h['outside_optimization_local_s'] * 1e3:.0f} ms) | <= 5% |")
-    lines += ["", "![loss against wall time](../bench/loss_vs_time.png)", ""]
+    lines += ["", f"![loss against wall time]({plot_link})", ""]
     if "throughput" in r:
         lines += ["Throughput (1 worker, 64 px, 10 steps per request):", "",
                   "| clients | requests | req/s | p50 latency, s |", "|---|---|---|---|"]
@@ -361,6 +361,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
+    plot_link = os.path.relpath(out_dir / "loss_vs_time.png", Path(args.report).resolve().parent)
     parts = []
 
     def save(results: dict) -> None:
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
         results["bench_cpu_s"] = base_cpu + time.process_time() - cpu_start  # this process only (not TorchServe's)
         results["bench_parts"] = ", ".join(parts)
         results_path.write_text(json.dumps(results, indent=2))
-        Path(args.report).write_text(report(results))
+        Path(args.report).write_text(report(results, plot_link))
     base_wall = base_cpu = 0.0
     if args.corpus_only or args.resume:  # keep the figures of the last full run beside the new corpus
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -411,7 +412,7 @@ def main(argv=None) -> int:
             default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress,
             resume=resume)
     save(results)
-    print(report(results))
+    print(report(results, plot_link))
     print(f"bench wall time: {results['bench_wall_s'] / 60:.1f} min", flush=True)
     return 0
 
