@@ -265,22 +265,41 @@ def summary(pairs: list[dict]) -> dict:
 
 
 def run_corpus(vgg, ref_vgg, device, *, names=None, scale=1.0, corpus_dir=CORPUS_DIR, recipe_steps=2000,
-               bound=300, default_steps=None, log=print, on_progress=None) -> dict:
+               bound=300, default_steps=None, log=print, on_progress=None, resume: dict | None = None) -> dict:
     """All pairs; `on_progress(results)` after each one (results["complete"] False
-    until the last), so a run cut short still leaves what it measured."""
+    until the last), so a run cut short still leaves what it measured.
+
+    `resume`: the results of a run cut short, with the same settings: only its
+    missing pairs run, appended to it; every pair keeps its own load average,
+    and the results list the runs they came from."""
     t0 = time.perf_counter()
-    pairs = load_pairs(names, scale, corpus_dir)
-    log(f"corpus: {len(pairs)} pairs on {device}, {torch.get_num_threads()} threads")
+    default_steps = default_steps or Params().steps
+    settings = {"device": str(device), "scale": scale, "recipe_steps": recipe_steps, "bound": bound,
+                "default_steps": default_steps}
+    run_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if resume is not None:
+        differ = {k: (resume.get(k), v) for k, v in settings.items() if resume.get(k) != v}
+        if differ:
+            raise SystemExit(f"cannot resume a corpus run with other settings: {differ}")
+        res = {**resume, "runs": [*resume.get("runs", [resume["run_at"]]), run_at]}
+        done = {p["name"] for p in res["pairs"]}
+        names = [n for n in res["pairs_planned"] if n not in done]
+        wall0 = resume.get("wall_s", 0.0)
+    else:
+        res = {"run_at": run_at, "runs": [run_at], **settings, "torch_threads": torch.get_num_threads(),
+               "complete": False, "pairs": []}
+        wall0 = 0.0
+    pairs = load_pairs(names, scale, corpus_dir) if names != [] else []
+    res.setdefault("pairs_planned", [p.name for p in pairs])
+    log(f"corpus: {len(pairs)} pairs on {device}, {torch.get_num_threads()} threads"
+        + (f", resuming after {len(res['pairs'])}" if resume is not None else ""))
     if pairs:  # one-off costs (the extractor's low-precision weight copies) outside every timed run
         PairBench(pairs[0], vgg, ref_vgg, device).request(2)
-    res = {"run_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(device), "scale": scale,
-           "torch_threads": torch.get_num_threads(), "recipe_steps": recipe_steps, "bound": bound,
-           "default_steps": default_steps or Params().steps, "pairs_planned": [p.name for p in pairs],
-           "complete": False, "pairs": []}
-    for i, p in enumerate(pairs):
+    for p in pairs:
         res["pairs"].append(bench_pair(p, vgg, ref_vgg, device, recipe_steps=recipe_steps, bound=bound,
                                        default_steps=default_steps, log=log))
-        res.update(wall_s=time.perf_counter() - t0, summary=summary(res["pairs"]), complete=i == len(pairs) - 1)
+        res.update(wall_s=wall0 + time.perf_counter() - t0, summary=summary(res["pairs"]),
+                   complete=len(res["pairs"]) == len(res["pairs_planned"]))
         if on_progress is not None:
             on_progress(res)
     return res
@@ -303,7 +322,9 @@ def report(c: dict, machine: str) -> list[str]:
         f"## Quality corpus ({s['pairs']} pairs)" if c.get("complete", True)
         else f"## Quality corpus (INCOMPLETE: {s['pairs']} of {planned} pairs, the run was cut short)",
         "",
-        f"- Machine: {machine}; device {c['device']}; run {c['run_at']}, {c['wall_s'] / 60:.1f} min for the corpus.",
+        f"- Machine: {machine}; device {c['device']}; run {', resumed '.join(c.get('runs', [c['run_at']]))}, "
+        f"{c['wall_s'] / 60:.1f} min for the corpus" + (" (runs cut short from outside, resumed with the same "
+                                                       "settings)." if len(c.get("runs", [])) > 1 else "."),
         f"- Load average (1 min) of the machine during the pairs: {_load_range(c['pairs'])}; "
         f"{c.get('torch_threads', '?')} torch threads. Above the core count, other processes shared the cores and "
         "every time here is inflated.",

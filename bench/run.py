@@ -255,7 +255,7 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(r: dict) -> str:
+def report(r: dict, plot_link: str = "../bench/loss_vs_time.png") -> str:
     lines = [
         "# Performance",
         "",
@@ -270,7 +270,7 @@ def report(r: dict) -> str:
         if r.get("engine") != "nst.lbfgs":
             lines += ["(From a run before the engine of issue #11, on torch.optim.LBFGS; a full `make bench` "
                       "on a quiet machine replaces it.)", ""]
-        lines += main_report(r)
+        lines += main_report(r, plot_link)
     if "corpus" in r:
         lines += [""] + corpus.report(r["corpus"], r["corpus"].get("machine", r.get("machine", "")))
     lines += gpu_sections()
@@ -292,7 +292,7 @@ def gpu_sections() -> list[str]:
     return lines
 
 
-def main_report(r: dict) -> list[str]:
+def main_report(r: dict, plot_link: str) -> list[str]:
     ref_res, d, q = r["reference"], r["default"], r["time_to_reference_quality"]
     lines = [
         f"- Machine: {r['machine']}" + (f"; device {r['device']}; run {r['run_at']}" if "run_at" in r else "")
@@ -327,7 +327,7 @@ def main_report(r: dict) -> list[str]:
                      f"{h['overhead'] * 100:+.1f}% ({h['http_s']:.2f} s vs {h['local_s']:.2f} s; outside the "
                      f"optimization {h['outside_optimization_http_s'] * 1e3:.0f} ms vs "
                      f"{h['outside_optimization_local_s'] * 1e3:.0f} ms) | <= 5% |")
-    lines += ["", "![loss against wall time](../bench/loss_vs_time.png)", ""]
+    lines += ["", f"![loss against wall time]({plot_link})", ""]
     if "throughput" in r:
         lines += ["Throughput (1 worker, 64 px, 10 steps per request):", "",
                   "| clients | requests | req/s | p50 latency, s |", "|---|---|---|---|"]
@@ -359,6 +359,8 @@ def main(argv=None) -> int:
     which.add_argument("--corpus-only", action="store_true",
                        help="run only the corpus; the other figures of results.json are kept")
     which.add_argument("--no-corpus", action="store_true", help="skip the corpus")
+    which.add_argument("--resume", action="store_true",
+                       help="finish the incomplete corpus run in results.json (same settings): only its missing pairs")
     corpus_args.add_argument("--pairs", help="comma-separated corpus pairs to run (default: all)")
     corpus_args.add_argument("--corpus-scale", type=float, default=1.0,
                              help="resize every pair by this factor (LANCZOS; above 1 upsamples the stored PNGs)")
@@ -381,22 +383,27 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
+    plot_link = os.path.relpath(out_dir / "loss_vs_time.png", Path(args.report).resolve().parent)
     parts = []
 
     def save(results: dict) -> None:
         """Results and report so far: a run cut short keeps what it measured."""
-        results["bench_wall_s"] = time.perf_counter() - t_start
-        results["bench_cpu_s"] = time.process_time() - cpu_start  # this process only (not TorchServe's)
+        results["bench_wall_s"] = base_wall + time.perf_counter() - t_start
+        results["bench_cpu_s"] = base_cpu + time.process_time() - cpu_start  # this process only (not TorchServe's)
         results["bench_parts"] = ", ".join(parts)
         if not args.corpus_only:
             results["engine"] = "nst.lbfgs"  # the device-resident L-BFGS of issue #11
         results_path.write_text(json.dumps(results, indent=2))
-        Path(args.report).write_text(report(results))
+        Path(args.report).write_text(report(results, plot_link))
     if args.report_only:  # rewrite the report from the stored results, measuring nothing
-        Path(args.report).write_text(report(json.loads(results_path.read_text())))
+        Path(args.report).write_text(report(json.loads(results_path.read_text()), plot_link))
         return 0
-    if args.corpus_only:  # keep the figures of the last full run beside the new corpus
+    base_wall = base_cpu = 0.0
+    if args.corpus_only or args.resume:  # keep the figures of the last full run beside the new corpus
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        if args.resume:  # the run cut short and this one add up
+            base_wall, base_cpu = results.get("bench_wall_s", 0.0), results.get("bench_cpu_s", 0.0)
+            parts.extend(p for p in results.get("bench_parts", "").split(", ") if p and not p.startswith("corpus"))
     else:
         b = Bench(args, vgg, ref_vgg, weights_kind)
         load0 = os.getloadavg()[0]
@@ -421,12 +428,18 @@ def main(argv=None) -> int:
             results["corpus"] = {**c, "machine": machine(), "weights": weights_kind}
             parts[-1] = f"corpus {c['wall_s'] / 60:.1f} min"
             save(results)
+        resume = None
+        if args.resume:
+            resume = results.get("corpus")
+            if not resume or resume.get("complete", True):
+                raise SystemExit(f"--resume: no incomplete corpus run in {results_path}")
         corpus.run_corpus(
             vgg, ref_vgg, device, names=names, scale=args.corpus_scale, corpus_dir=Path(args.corpus_dir),
             recipe_steps=args.corpus_reference_steps or args.reference_steps, bound=args.search_bound,
-            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress)
+            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress,
+            resume=resume)
     save(results)
-    print(report(results))
+    print(report(results, plot_link))
     print(f"bench wall time: {results['bench_wall_s'] / 60:.1f} min", flush=True)
     return 0
 

@@ -65,3 +65,29 @@ def test_corpus_mode_runs_end_to_end_on_a_subset(tmp_path):
     s = c["summary"]
     assert s["pairs"] == 2 and s["worst_pair"] in pairs
     assert "## Quality corpus (2 pairs)" in text and "| worst case (time to the recipe's loss) |" in text
+
+
+def test_resume_runs_only_the_pairs_a_cut_short_run_missed(tmp_path):
+    common = ["--corpus-reference-steps", "4", "--search-bound", "5", "--corpus-default-steps", "3",
+              "--out-dir", str(tmp_path), "--report", str(tmp_path / "PERFORMANCE.md")]
+    bench = [sys.executable, str(ROOT / "bench" / "run.py")]
+    p = subprocess.run(bench + ["--corpus-only", "--pairs", "tiny,dark_style"] + common,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    first = results["corpus"]["pairs"][0]
+    results["corpus"]["pairs"] = [first]  # as if killed after the first pair
+    results["corpus"]["complete"] = False
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    p = subprocess.run(bench + ["--resume"] + common, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    c = json.loads((tmp_path / "results.json").read_text())["corpus"]
+    assert [r["name"] for r in c["pairs"]] == ["tiny", "dark_style"] and c["complete"]
+    assert c["pairs"][0] == first and len(c["runs"]) == 2  # the first pair was not run again
+    assert "resumed" in (tmp_path / "PERFORMANCE.md").read_text()
+    p = subprocess.run(bench + ["--resume"] + common, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "no incomplete corpus run" in p.stderr  # nothing left to finish
+    (tmp_path / "results.json").write_text(json.dumps(results))  # cut short again
+    p = subprocess.run(bench + ["--resume"] + common + ["--search-bound", "7"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode != 0 and "other settings" in p.stderr  # figures from one setting only
