@@ -18,7 +18,8 @@ from nst import Limits, RequestError, VGGFeatures, parse_request, run
 from nst import weights as nst_weights
 from nst.fetch import fetch
 from nst.memory import is_out_of_memory
-from nst.optimize import BudgetExceeded, Diverged, Progress
+from nst.config import CUDNN_AUTOTUNE, WARM_UP_SIZES
+from nst.optimize import BudgetExceeded, Diverged, Progress, warm_up
 from nst.params import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class StyleTransferHandler:
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{gpu_id}")
-            torch.backends.cudnn.benchmark = True  # fixed-size convs run for hundreds of steps
+            torch.backends.cudnn.benchmark = CUDNN_AUTOTUNE
             torch.set_float32_matmul_precision("high")  # TF32 Grams, as TorchServe's base handler sets
         config = getattr(context, "model_yaml_config", None) or {}
         self.limits = Limits.from_mapping(config.get("limits")).for_device(self.device.type)
@@ -63,9 +64,14 @@ class StyleTransferHandler:
         serialized = context.manifest["model"].get("serializedFile", "vgg19_features.pth")
         state, self.weights_kind = nst_weights.load(Path(props["model_dir"]) / serialized)
         self.vgg = VGGFeatures(state).to(self.device)
+        # Compile the common shapes now, inside startupTimeout: requests never
+        # compile (a shape not warmed runs uncompiled), so none waits for it.
+        warmed = warm_up(self.vgg, parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES)))
         self.initialized = True
         log.info(
-            "style_transfer ready: device=%s weights=%s limits=%s", self.device, self.weights_kind, self.limits
+            "style_transfer ready: device=%s weights=%s limits=%s compiled=%s",
+            self.device, self.weights_kind, self.limits,
+            ", ".join(f"{k} in {v:.1f} s" for k, v in warmed.items()) or "nothing",
         )
 
     def _fetch(self, url: str, field: str) -> bytes:
@@ -192,6 +198,23 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+def parse_sizes(raw: Any) -> list[tuple[int, int]]:
+    """The model config's `warm_up_sizes`: a list of "WxH" strings (or [w, h] pairs)."""
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError('warm_up_sizes must be a list of "WxH" sizes')
+    sizes = []
+    for item in raw:
+        parts = item if isinstance(item, (list, tuple)) else str(item).lower().split("x")
+        try:
+            w, h = (int(v) for v in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"warm_up_sizes: {item!r} is not a WxH size") from None
+        if not (16 <= w <= 4096 and 16 <= h <= 4096):
+            raise ValueError(f"warm_up_sizes: {item!r} is outside 16..4096 px")
+        sizes.append((w, h))
+    return sizes
 
 
 def is_grpc(context: Any, idx: int) -> bool:

@@ -172,6 +172,25 @@ LBFGS_MAX_MOVE = 0.1
 # per image shape and dtype, after a few eager steps, and replayed: a step is
 # hundreds of small kernels, which otherwise leave the GPU waiting on launches.
 CUDA_GRAPHS = True
+# On a GPU, the fast preset's loss (VGG pass, Grams, losses) and its backward
+# go through torch.compile: fused kernels instead of one per elementwise op.
+# Compiling takes seconds per image shape and dtype, so requests never compile
+# (a shape not compiled yet runs uncompiled, still in a CUDA graph): shapes are
+# compiled by `nst.optimize.warm_up`, which the handler runs at worker start.
+COMPILE = True
+# cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
+# Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
+# faster, but the first request of every new shape waits about 8 s while it
+# tries kernels, and the trials take workspaces as large as the free memory
+# (129 GiB at 1024x768), so admission control's estimate would mean nothing
+# and a neighbouring request could run out of memory.
+CUDNN_AUTOTUNE = False
+# False: one compiled program per image shape (each warmed up at worker start).
+COMPILE_DYNAMIC = False
+# Output shapes (width, height) a GPU worker compiles at start: the default
+# max_size (512) at the commonest aspect ratios. The model config's
+# `warm_up_sizes` replaces the list ("WxH" strings; [] compiles nothing).
+WARM_UP_SIZES = ((512, 512), (512, 384), (384, 512))
 
 PRESETS = ("fast", "seed")
 OPTIMIZERS = ("lbfgs", "adam")

@@ -9,12 +9,12 @@ Grams and losses are computed in float32 whatever the features' dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .vgg import VGGFeatures, canonical_layer
+from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
 
 
 def gram(features: Tensor) -> Tensor:
@@ -52,7 +52,44 @@ class Terms:
     tv: Tensor
 
 
-Objective = Callable[..., Terms]  # (normalized image, dtype=float32) -> Terms
+@dataclass(frozen=True)
+class Objective:
+    """One request's loss: its targets and weights, and the structure of the
+    pass (which layers, which pooling). Called as `objective(x, dtype)` on a
+    normalized image (1,3,H,W), it returns the loss terms.
+
+    Every number a request can change is a tensor here, never a Python float:
+    a compiled objective (torch.compile, on a GPU) then serves every request
+    of the same shape and structure, where a float would be baked into the
+    compiled code and force a recompile per value."""
+
+    vgg: VGGFeatures
+    content_target: Tensor  # (1, C, h, w) float32, post-ReLU `content_layer`
+    grams: tuple[Tensor, ...]  # (C_l, C_l) float32 per style layer, in `style_layers` order
+    style_layer_weights: Tensor  # (L,) float32
+    weights: Tensor  # (3,) float32: alpha, beta, tv weight
+    style_layers: tuple[str, ...]  # canonical names
+    content_layer: str
+    pooling: str
+    use_tv: bool
+
+    def __call__(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Terms:
+        feats = self.vgg.features(x, self.layers, self.deepest, self.pooling, dtype)
+        c = content_loss(feats[self.content_layer], self.content_target)
+        s = torch.zeros((), device=x.device)
+        for k, name in enumerate(self.style_layers):
+            s = s + self.style_layer_weights[k] * style_layer_loss(feats[name], self.grams[k])
+        tv = tv_loss(self.vgg.denormalize(x)) if self.use_tv else torch.zeros((), device=x.device)
+        total = self.weights[0] * c + self.weights[1] * s + self.weights[2] * tv
+        return Terms(total, c, s, tv)
+
+    @property
+    def layers(self) -> frozenset[str]:
+        return frozenset(self.style_layers) | {self.content_layer}
+
+    @property
+    def deepest(self) -> int:
+        return max(LAYER_NAMES.index(n) for n in self.layers)
 
 
 def make_objective(
@@ -68,16 +105,15 @@ def make_objective(
     pooling: str = "max",
     content_layer: str = "conv4_2",
 ) -> Objective:
-    """Targets are computed once here; the returned function maps a
+    """Targets are computed once here; the returned objective maps a
     normalized image (1,3,H,W) to its loss terms.
 
     Several style images are blended by mixing their Gram targets with the
     normalized `style_blend` weights (equal weights when not given).
-    Targets are always float32; the returned function takes the dtype of its
-    VGG pass as a second argument (float32 by default)."""
+    Targets are always float32; the objective takes the dtype of its VGG pass
+    as a second argument (float32 by default)."""
     layer_weights = {canonical_layer(k): float(v) for k, v in style_layer_weights.items() if v != 0}
     content_layer = canonical_layer(content_layer)
-    layers = set(layer_weights) | {content_layer}
     blend = list(style_blend) if style_blend is not None else [1.0] * len(styles)
     total_blend = sum(blend)
     blend = [b / total_blend for b in blend]
@@ -91,15 +127,16 @@ def make_objective(
                 g = gram(feats[name]) * weight
                 targets[name] = targets[name] + g if name in targets else g
 
-    def objective(x: Tensor, dtype: torch.dtype = torch.float32) -> Terms:
-        feats = vgg(x, layers, pooling, dtype)
-        c = content_loss(feats[content_layer], content_target)
-        s = sum(
-            (w * style_layer_loss(feats[n], targets[n]) for n, w in layer_weights.items()),
-            torch.zeros((), device=x.device),
-        )
-        tv = tv_loss(vgg.denormalize(x)) if tv_weight else torch.zeros((), device=x.device)
-        total = content_weight * c + style_weight * s + tv_weight * tv
-        return Terms(total, c, s, tv)
-
-    return objective
+    names = tuple(layer_weights)
+    f32 = dict(device=content.device, dtype=torch.float32)
+    return Objective(
+        vgg=vgg,
+        content_target=content_target,
+        grams=tuple(targets[n] for n in names),
+        style_layer_weights=torch.tensor([layer_weights[n] for n in names], **f32),
+        weights=torch.tensor([content_weight, style_weight, tv_weight], **f32),
+        style_layers=names,
+        content_layer=content_layer,
+        pooling=pooling,
+        use_tv=bool(tv_weight),
+    )

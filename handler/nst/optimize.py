@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from . import lbfgs
-from .config import CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
-from .losses import make_objective
+from .config import COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
+from .losses import Objective, make_objective
 from .vgg import VGGFeatures
 
 
@@ -120,6 +120,79 @@ def use_cuda_graphs(device: torch.device) -> bool:
     return CUDA_GRAPHS and device.type == "cuda"
 
 
+def use_compile(device: torch.device) -> bool:
+    return COMPILE and device.type == "cuda"
+
+
+def pixels_loss(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The fast preset's loss of [0,1] pixels `x`: clamped, then normalized."""
+    return objective(objective.vgg.normalize(clamp_pixels(x)), dtype).total
+
+
+def input_loss(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The recipe's loss: `x` already is VGG's normalized input."""
+    return objective(x, dtype).total
+
+
+_COMPILED: dict = {}
+
+
+def loss_function(recipe_mode: bool, device: torch.device, compile_new: bool = False) -> Callable:
+    """The loss of the optimization variable. Compiled (on a GPU) once per
+    process and function; `compile_new` lets torch.compile compile a shape or
+    dtype it has not seen, which only the warm-up does: a request gets the
+    compiled code where it exists and runs uncompiled otherwise."""
+    fn = input_loss if recipe_mode else pixels_loss
+    if not use_compile(device):
+        return fn
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC)
+    if compile_new:
+        return compiled
+
+    def run_only(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
+        # "eager_on_recompile" only runs compiled code whose guards match
+        # (same shape, dtype and structure) and never compiles: anything else
+        # runs uncompiled.
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return compiled(objective, x, dtype)
+
+    return run_only
+
+
+def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params | None = None) -> dict:
+    """Compile the fast preset's loss and its backward for each (width, height)
+    in `sizes` and each dtype its steps use, so that requests of those shapes
+    find compiled code (they never compile themselves: see `loss_function`).
+    For a worker's start, inside TorchServe's startupTimeout. Returns seconds
+    per size; nothing is compiled where `use_compile` is off."""
+    params = params or Params()
+    device = vgg.mean.device
+    seconds: dict = {}
+    if not use_compile(device):
+        return seconds
+    loss_of = loss_function(False, device, compile_new=True)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for w, h in sizes:
+        t0 = time.monotonic()
+        content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
+        objective = make_objective(
+            vgg, vgg.normalize(content), [vgg.normalize(style)],
+            style_layer_weights=params.style_layer_weights, content_weight=params.content_weight,
+            style_weight=params.style_weight, tv_weight=params.tv_weight, pooling=params.pooling,
+        )
+        for dtype in {compute_dtype(device, params), torch.float32}:
+            x = content.clone().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.grad(loss_of(objective, x, dtype), x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[f"{w}x{h}"] = time.monotonic() - t0
+    return seconds
+
+
 class _GraphRunner:
     """Runs `step_fn(dtype)` eagerly for WARMUP_STEPS calls per dtype (real
     optimization steps: cuDNN picks its kernels there), then captures it in a
@@ -172,6 +245,7 @@ def stylize(
     callback: Callback | None = None,
     deadline: float | None = None,
     progress_every: int = 1,
+    compile_new: bool = False,
 ) -> Result:
     """Optimize an image against `content` (1,3,H,W) and `styles` (each
     (1,3,h,w)), all [0,1] RGB on the extractor's device.
@@ -185,7 +259,7 @@ def stylize(
     The host reads the device only every `progress_every` steps (the loss for
     progress, the NaN check, the deadline) and at the end: between those the
     GPU runs unattended. `deadline` is a `time.monotonic()` value; past it,
-    `BudgetExceeded` is raised.
+    `BudgetExceeded` is raised. `compile_new`: see `loss_function`.
     """
     start = time.monotonic()
     lowp = compute_dtype(content.device, params)
@@ -202,12 +276,11 @@ def stylize(
     )
     if params.recipe_mode:
         var = vgg.normalize(_initial_image(content, params))
-        to_input = lambda v: v  # noqa: E731  the variable already is VGG's input
         to_pixels = vgg.denormalize
     else:
         var = _initial_image(content, params)
-        to_input = lambda v: vgg.normalize(clamp_pixels(v))  # noqa: E731
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
+    loss_of = loss_function(params.recipe_mode, content.device, compile_new)
     var = var.contiguous().requires_grad_(True)
 
     use_lbfgs = params.optimizer == "lbfgs"
@@ -237,7 +310,7 @@ def stylize(
 
         def one_step(dtype: torch.dtype) -> None:
             xv = x.detach().requires_grad_(True)
-            loss = objective(to_input(xv), dtype).total
+            loss = loss_of(objective, xv, dtype)
             (grad,) = torch.autograd.grad(loss, xv)
             x_next = lbfgs.step(
                 state, x.view(1, n), grad.reshape(1, n), lr=params.lr, max_move=LBFGS_MAX_MOVE,
@@ -260,7 +333,7 @@ def stylize(
         with torch.enable_grad():
             for step in range(1, params.steps + 1):
                 dtype = lowp if step <= LOWP_STEPS else torch.float32
-                loss = objective(to_input(var), dtype).total
+                loss = loss_of(objective, var, dtype)
                 (var.grad,) = torch.autograd.grad(loss, var)
                 opt.step()
                 if due(step):

@@ -102,24 +102,28 @@ class VGGFeatures(nn.Module):
         fastest there.
 
         Stops after the deepest requested layer: nothing past it is computed."""
-        wanted = {canonical_layer(n) for n in layers}
-        deepest = max(LAYER_NAMES.index(n) for n in wanted)
+        wanted = frozenset(canonical_layer(n) for n in layers)
+        return self.features(x, wanted, max(LAYER_NAMES.index(n) for n in wanted), pooling, dtype)
+
+    def features(
+        self, x: Tensor, wanted: frozenset[str], deepest: int, pooling: str, dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        """`forward` with the layer names already canonical and the deepest
+        layer's index given: nothing here but tensor operations, so
+        torch.compile traces it whole."""
         pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
         channels_last = dtype != torch.float32 or x.is_cuda
         if channels_last:
             x = x.to(dtype, memory_format=torch.channels_last)
         out: dict[str, Tensor] = {}
-        block = 1
-        for k, (name, (weight, bias)) in enumerate(zip(LAYER_NAMES, self._params(dtype, channels_last))):
-            b = int(name[4])
-            if b != block:  # entering a new block: the previous one ends in a 2x2 pool
+        params = self._params(dtype, channels_last)
+        for k in range(deepest + 1):
+            if k > 0 and _CONVS[k][0] != _CONVS[k - 1][0]:  # a new block: the previous one ends in a 2x2 pool
                 x = pool(x, 2)
-                block = b
+            weight, bias = params[k]
             x = F.relu(F.conv2d(x, weight, bias, padding=1))
-            if name in wanted:
-                out[name] = x
-            if k == deepest:
-                break
+            if LAYER_NAMES[k] in wanted:
+                out[LAYER_NAMES[k]] = x
         return out
 
 

@@ -182,17 +182,23 @@ def test_the_default_does_not_stall_on_a_near_black_style(vgg):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: host syncs are a CUDA notion")
-def test_no_host_sync_inside_the_step_loop(vgg_state):
+@pytest.mark.parametrize("compiled", [False, True], ids=["uncompiled", "compiled"])
+def test_no_host_sync_inside_the_step_loop(vgg_state, compiled, monkeypatch):
     """Between progress points nothing reads the GPU back. With
     set_sync_debug_mode("warn") every synchronizing call warns; 20 more steps
     (2 more progress points) must add exactly 2 syncs, where a sync per step
-    (torch.optim.LBFGS makes about 70) would add hundreds."""
+    (torch.optim.LBFGS makes about 70) would add hundreds. Both for a shape
+    the worker warmed (the compiled loss) and one it did not."""
     import warnings
 
+    import nst.optimize as optimize_mod
     from nst.vgg import VGGFeatures
 
     device = torch.device("cuda")
     vgg = VGGFeatures(vgg_state).to(device)
+    monkeypatch.setattr(optimize_mod, "COMPILE", compiled)
+    if compiled:
+        optimize_mod.warm_up(vgg, [(64, 64)])
     content = torch.rand(1, 3, 64, 64, device=device)
     style = torch.rand(1, 3, 64, 64, device=device)
 

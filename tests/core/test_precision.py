@@ -45,13 +45,13 @@ def test_lbfgs_history_is_capped_by_memory():
 def test_switch_to_float32_after_lowp_steps(vgg, monkeypatch):
     """Steps up to LOWP_STEPS run the VGG pass in the low dtype, later ones in float32."""
     seen = []
-    real = vgg.forward
+    real = vgg.features
 
-    def spy(x, layers, pooling="max", dtype=torch.float32):
+    def spy(x, wanted, deepest, pooling, dtype):
         seen.append(dtype)
-        return real(x, layers, pooling, dtype)
+        return real(x, wanted, deepest, pooling, dtype)
 
-    monkeypatch.setattr(vgg, "forward", spy)
+    monkeypatch.setattr(vgg, "features", spy)
     monkeypatch.setattr(optimize_mod, "LOWP_STEPS", 2)
     monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, params: torch.bfloat16)
     content, style = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)

@@ -96,6 +96,31 @@ def test_initialize_rejects_a_budget_the_response_timeout_would_cut_short(make_c
     StyleTransferHandler().initialize(fits)
 
 
+@pytest.mark.parametrize("sizes, message", [
+    ("512x512", "must be a list"),
+    (["512by384"], "'512by384' is not a WxH size"),
+    (["512x384x3"], "is not a WxH size"),
+    (["8x512"], "outside 16..4096"),
+])
+def test_initialize_rejects_bad_warm_up_sizes(make_context, sizes, message):
+    ctx = make_context()
+    ctx.model_yaml_config["warm_up_sizes"] = sizes
+    with pytest.raises(ValueError, match=message):
+        StyleTransferHandler().initialize(ctx)
+
+
+def test_warm_up_sizes_from_the_model_config_reach_the_warm_up(make_context, monkeypatch):
+    import style_transfer_handler as module
+
+    seen = []
+    monkeypatch.setattr(module, "warm_up", lambda vgg, sizes: seen.append(sizes) or {})
+    ctx = make_context()
+    ctx.model_yaml_config["warm_up_sizes"] = ["640x360", [360, 640]]
+    StyleTransferHandler().initialize(ctx)
+    StyleTransferHandler().initialize(make_context())
+    assert seen == [[(640, 360), (360, 640)], list(module.WARM_UP_SIZES)]
+
+
 def test_initialize_assumes_torchserves_120_s_without_a_response_timeout(make_context):
     ctx = make_context()
     del ctx.model_yaml_config["responseTimeout"]

@@ -84,18 +84,13 @@ def test_timeout_s_cuts_the_optimization_and_names_the_field(make_handler, make_
     import nst.optimize
 
     handler = make_handler({"progress_every": 1})
-    real = nst.optimize.make_objective
+    real = nst.optimize.pixels_loss
 
-    def slow_objective(*args, **kwargs):
-        objective = real(*args, **kwargs)
+    def slow_loss(*args):
+        time.sleep(0.05)
+        return real(*args)
 
-        def slow(*a, **k):
-            time.sleep(0.05)
-            return objective(*a, **k)
-
-        return slow
-
-    monkeypatch.setattr(nst.optimize, "make_objective", slow_objective)
+    monkeypatch.setattr(nst.optimize, "pixels_loss", slow_loss)
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=1000, max_size=32, timeout_s=0.3)], ctx)
     err = assert_error(ctx, 0, out, 504, "timeout_s")

@@ -1,0 +1,141 @@
+"""The compiled loss (torch.compile on a GPU): compiled only by the warm-up,
+never by a request, and the same numbers as the uncompiled one.
+
+On the CPU the policy is tested with torch.compile's "eager" backend (dynamo's
+guards and stances are the same, compiling takes no time); the GPU tests use
+the real compiler."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import nst.optimize as optimize_mod
+from nst.config import Params
+from nst.losses import make_objective
+from nst.optimize import loss_function, pixels_loss, stylize, warm_up
+from nst.vgg import VGGFeatures
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the compiled loss runs there")
+
+
+@pytest.fixture
+def fresh_compile(monkeypatch):
+    """A process-wide compile cache of its own, torch.compile's state reset around the test."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(optimize_mod, "_COMPILED", {})
+    monkeypatch.setattr(optimize_mod, "COMPILE", True)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def eager_backend_on_cpu(monkeypatch, fresh_compile):
+    """Compile on the CPU with the 'eager' backend: dynamo traces and guards as
+    for the GPU, without inductor's code generation."""
+    real = torch.compile
+    monkeypatch.setattr(optimize_mod, "use_compile", lambda device: True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))
+
+
+def graphs_compiled() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def images(h, w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, h, w, generator=gen), torch.rand(1, 3, h, w, generator=gen)
+
+
+def test_requests_never_compile_only_the_warm_up_does(vgg, eager_backend_on_cpu):
+    params = dataclasses.replace(Params(), steps=3)
+    content, style = images(32, 48, 0)
+    before = graphs_compiled()  # the counter is process-wide: earlier tests compiled too
+    stylize(vgg, content, [style], params)
+    assert graphs_compiled() == before  # a request before any warm-up runs uncompiled
+
+    warm_up(vgg, [(48, 32)])
+    warmed = graphs_compiled()
+    assert warmed > before
+    # Other images, other weights, the same shape: the warmed code serves them
+    # (every number a request sets is a tensor input, not a constant baked in).
+    other = dataclasses.replace(params, style_weight=3e5, content_weight=2.0,
+                                style_layer_weights={"conv1_1": 0.5, "conv2_1": 1, "conv3_1": 1,
+                                                     "conv4_1": 1, "conv5_1": 1})
+    c2, s2 = images(32, 48, 1)
+    stylize(vgg, c2, [s2], other)
+    # A shape nobody warmed runs uncompiled rather than compiling on the request's time.
+    c3, s3 = images(40, 56, 2)
+    result = stylize(vgg, c3, [s3], params)
+    assert graphs_compiled() == warmed
+    assert result.image.shape == (1, 3, 40, 56)
+
+
+def test_warmed_code_serves_other_images_and_weights_of_the_same_shape(vgg, eager_backend_on_cpu):
+    """With "fail_on_recompile", calling the compiled function raises unless a
+    warmed program's guards accept the call: other images and weights of the
+    warmed shape are accepted, another shape is not."""
+    warm_up(vgg, [(48, 32)])
+    compiled = optimize_mod._COMPILED[pixels_loss]
+
+    def call(h, w, seed, **weights):
+        content, style = images(h, w, seed)
+        p = dataclasses.replace(Params(), **weights)
+        objective = make_objective(vgg, vgg.normalize(content), [vgg.normalize(style)],
+                                   style_layer_weights=p.style_layer_weights, content_weight=p.content_weight,
+                                   style_weight=p.style_weight)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            x = content.clone().requires_grad_(True)  # as in a request: the optimized variable
+            return compiled(objective, x, torch.float32), pixels_loss(objective, x, torch.float32)
+
+    a, b = call(32, 48, 3, style_weight=2e5, content_weight=3.0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    with pytest.raises(RuntimeError, match="recompile"):
+        call(40, 48, 3)
+
+
+@GPU
+def test_compiled_loss_and_gradient_match_the_uncompiled_ones(vgg_state, fresh_compile):
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    warm_up(vgg, [(64, 48)])
+    content, style = (t.to(device) for t in images(48, 64, 4))
+    p = Params()
+    objective = make_objective(vgg, vgg.normalize(content), [vgg.normalize(style)],
+                               style_layer_weights=p.style_layer_weights, content_weight=1.0, style_weight=1e6)
+    compiled = loss_function(False, device)
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
+        x = (content + 0.05 * torch.randn_like(content)).requires_grad_(True)
+        a = compiled(objective, x, dtype)
+        (ga,) = torch.autograd.grad(a, x)
+        b = pixels_loss(objective, x, dtype)
+        (gb,) = torch.autograd.grad(b, x)
+        assert a.item() == pytest.approx(b.item(), rel=tol), dtype
+        cosine = torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0).item()
+        assert cosine > 1 - tol, (dtype, cosine)
+
+
+@GPU
+def test_a_warmed_shape_runs_fused_kernels_and_a_cold_one_does_not(vgg_state, fresh_compile, monkeypatch):
+    """The compiled program's kernels are Triton's; a shape nobody warmed runs
+    cuDNN/ATen kernels only, and nothing is compiled for it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    warm_up(vgg, [(64, 48)])
+    warmed = graphs_compiled()
+    monkeypatch.setattr(optimize_mod, "CUDA_GRAPHS", False)  # kernels visible to the profiler one by one
+
+    def kernels(h, w):
+        content, style = (t.to(device) for t in images(h, w, 5))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            stylize(vgg, content, [style], dataclasses.replace(Params(), steps=2))
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages()]
+
+    assert any("triton" in k for k in kernels(48, 64))
+    assert not any("triton" in k for k in kernels(56, 72))
+    assert graphs_compiled() == warmed
