@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "bench")]
 import reference_recipe as ref  # noqa: E402
 from nst import VGGFeatures, imageio  # noqa: E402
 from nst import optimize as nst_optimize  # noqa: E402
-from nst.config import SEED_PRESET, Params  # noqa: E402
+from nst.config import CUDNN_AUTOTUNE, SEED_PRESET, Params  # noqa: E402
 from nst.memory import estimate_bytes  # noqa: E402
 from nst.optimize import stylize  # noqa: E402
 from nst.vgg import random_features_state  # noqa: E402
@@ -151,20 +151,28 @@ def main(argv=None) -> int:
     if args.device != "cuda" and not args.quick:
         print("bench/gpu.py measures a GPU; --device cpu is for --quick smoke runs", file=sys.stderr)
         return 2
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = CUDNN_AUTOTUNE  # as the handler sets it
     torch.set_float32_matmul_precision("high")
     device = torch.device(args.device)
     bench = Bench(random_features_state(0), device)
     main_size, square = ((128, 96), (128, 128)) if args.quick else ((512, 384), (512, 512))
     recipe_steps = 50 if args.quick else args.recipe_steps
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke run)"
-    r: dict = {"card": card, "torch": torch.__version__, "weights": "random",
+    r: dict = {"card": card, "torch": torch.__version__, "weights": "random", "cudnn_benchmark": CUDNN_AUTOTUNE,
                "size": f"{main_size[0]}x{main_size[1]}", "square": f"{square[0]}x{square[1]}"}
 
+    # What a worker does at start (the handler's initialize): compile the
+    # loss for the shapes it expects; a request never compiles.
+    r["compile"] = nst_optimize.use_compile(device)
+    r["warm_up_s"] = nst_optimize.warm_up(bench.vgg, [main_size, square])
     t0 = sync_time()
-    first = bench.product(main_size, steps=100)  # the first request of this shape: autotuning, capture
+    first = bench.product(main_size, steps=100)  # first request of a warmed shape: autotuning, capture
     r["first_request_s"] = first["seconds"]
     r["first_request_wall_s"] = sync_time() - t0
+    cold = (main_size[0], main_size[0] * 9 // 16)  # 16:9, a shape nobody warmed
+    r["cold_shape"] = f"{cold[0]}x{cold[1]}"
+    r["first_request_cold_shape_s"] = bench.product(cold, steps=100)["seconds"]
+    r["cold_shape_again_s"] = bench.product(cold, steps=100)["seconds"]
     r["recipe"] = bench.recipe(main_size, recipe_steps)
     r["default"] = bench.product(main_size, steps=100)
     r["default"]["speedup"] = r["recipe"]["seconds"] / r["default"]["seconds"]
@@ -184,6 +192,9 @@ def main(argv=None) -> int:
     nst_optimize.CUDA_GRAPHS = False
     r["square_ms_per_step_fp32_eager"] = bench.per_step(square, lowp + 20, lowp + 20 + span // 2)
     nst_optimize.CUDA_GRAPHS = True
+    compiled, nst_optimize.COMPILE = nst_optimize.COMPILE, False
+    r["square_ms_per_step_fp32_uncompiled"] = bench.per_step(square, lowp + 40, lowp + 40 + span)
+    nst_optimize.COMPILE = compiled
     long_run = 100 if args.quick else 500
     r["square_500_steps_s"] = min(bench.product(square, steps=long_run)["seconds"] for _ in range(3))
     # Experiment, not the default: bf16 VGG passes for every step (the default
@@ -212,6 +223,8 @@ def report(r: dict) -> str:
         ("default step at 512x512, float32 steps (steady state)", f"{r['square_ms_per_step_fp32']:.2f} ms", "<= 2.0 ms"),
         ("default step at 512x512, bf16 steps (first 60)", f"{r['square_ms_per_step_bf16']:.2f} ms", "-"),
         ("the same float32 step without CUDA graphs", f"{r['square_ms_per_step_fp32_eager']:.2f} ms", "-"),
+        *([("the same float32 step, CUDA graph but not compiled", f"{r['square_ms_per_step_fp32_uncompiled']:.2f} ms",
+            "-")] if "square_ms_per_step_fp32_uncompiled" in r else []),
         ("500 default steps at 512x512 (whole run)", f"{r['square_500_steps_s']:.2f} s", "< 1.5 s"),
         (f"time to the recipe's {r['recipe']['steps']}-step loss", ttl_text, ">= 150x"),
         ("default (100 steps) against the recipe",
@@ -221,10 +234,21 @@ def report(r: dict) -> str:
          "<= 1.0x"),
         ("first request of a shape (100 steps, autotuning and capture)", f"{r['first_request_s']:.2f} s", "-"),
     ]
+    if "warm_up_s" in r:
+        rows[-1] = ("first request of a warmed shape (100 steps: autotuning, graph capture)",
+                    f"{r['first_request_s']:.2f} s", "-")
+        rows += [
+            ("worker start: compiling " + (", ".join(r["warm_up_s"]) or "nothing (compile off)"),
+             ", ".join(f"{v:.1f} s" for v in r["warm_up_s"].values()) or "-", "off the request path"),
+            (f"first request of a shape not warmed ({r['cold_shape']}, runs uncompiled), then again",
+             f"{r['first_request_cold_shape_s']:.2f} s, then {r['cold_shape_again_s']:.2f} s", "-"),
+        ]
     lines = [
         f"## GPU: {r['card']} (torch {r['torch']}, {r['weights']} weights)",
         "",
-        f"Written by `python bench/gpu.py` from one run. Pair: tubingen / starry night at {r['size']}; "
+        f"Written by `python bench/gpu.py` from one run"
+        + (" with cuDNN autotuning on (it is off now: see the comparison below)" if r.get("cudnn_benchmark") else "")
+        + f". Pair: tubingen / starry night at {r['size']}; "
         f"the tutorial's loop ran {r['recipe']['steps']} steps in {r['recipe']['seconds']:.2f} s "
         f"({r['recipe']['ms_per_step']:.2f} ms/step), delivered loss {r['recipe']['loss']:.4g}.",
         "",
@@ -247,6 +271,46 @@ def report(r: dict) -> str:
         *[f"| {m['size']} | {m['peak_bytes'] / 2**30:.2f} GiB | {m['estimate_bytes'] / 2**30:.2f} GiB | {m['ratio']:.2f} |"
           for m in r["memory"]],
     ]
+    if r.get("variants"):
+        v = r["variants"]
+        lines += ["", f"Engine variants at {v['size']}, ms per step, each measured after its own warm-up "
+                  "(`bench/gpu_variants.py`, same run):", "",
+                  "| variant | float32 step | bf16 step | 500 default steps |", "|---|---|---|---|"]
+        for key, label in (("graph", "CUDA graph, not compiled"), ("compile_static", "torch.compile per shape + graph"),
+                           ("compile_static_no_autotune", "the same, cuDNN autotuning turned off in-process"),
+                           ("compile_dynamic", "torch.compile with dynamic shapes + graph"),
+                           ("compile_dynamic_other_shape_640x360", "dynamic, at 640x360 (not warmed)")):
+            if key in v:
+                m = v[key]
+                lines.append(f"| {label} | {m['fp32_ms']:.2f} | {m['bf16_ms']:.2f} | {m['default_500_s']:.2f} s |")
+        lines += ["", f"Compiling one shape (both dtypes) took "
+                  f"{', '.join(f'{k} {t:.0f} s' for k, t in v['static_warm_s'].items())} here, served by the on-disk "
+                  "compile cache the bench's own warm-up had just filled (cold: the worker-start row above); dynamic "
+                  f"shapes took {sum(v['dynamic_warm_s'].values()):.0f} s for the first two, and run slower. "
+                  f"GPU busy per float32 step (profiler, kernels without the graph): "
+                  f"{v['graph_profile']['gpu_ms_per_step']:.2f} ms not compiled, "
+                  f"{v['compile_profile']['gpu_ms_per_step']:.2f} ms compiled: the step is now bound by the "
+                  "convolutions' own kernel time, no longer by launches."]
+    a = r.get("autotune_off")
+    if a:
+        on = "the run above" if r.get("cudnn_benchmark") else "-"
+        lines += ["", "cuDNN autotuning, on in the run above, off in a fresh process (`bench/gpu_autotune.py`, "
+                  f"{a['card']}, the shipped setting, nst.config.CUDNN_AUTOTUNE):", "",
+                  "| measure at 512x512 unless said | autotuning on (" + on + ") | off (shipped) |", "|---|---|---|",
+                  f"| float32 step, compiled | {r['square_ms_per_step_fp32']:.2f} ms | {a['fp32_ms']:.2f} ms |",
+                  f"| bf16 step, compiled | {r['square_ms_per_step_bf16']:.2f} ms | {a['bf16_ms']:.2f} ms |",
+                  f"| float32 step, not compiled | {r.get('square_ms_per_step_fp32_uncompiled', float('nan')):.2f} ms "
+                  f"| {a['fp32_uncompiled_ms']:.2f} ms |",
+                  f"| 500 default steps | {r['square_500_steps_s']:.2f} s | {a['default_500_s']:.2f} s |",
+                  f"| first request of a shape not warmed (512x288, 100 steps) | {r['first_request_cold_shape_s']:.2f} s "
+                  f"| {a['first_request_cold_s']:.2f} s |",
+                  "| peak memory at 1024x768 | " + next((f"{m['peak_bytes'] / 2**30:.1f} GiB (trial workspaces)"
+                                                      for m in r["memory"] if m["size"] == "1024x768"), "-")
+                  + f" | {a['peak_cold_1024x768']['peak_gib']:.2f} GiB (estimate {a['peak_cold_1024x768']['ratio']:.2f}x) |",
+                  f"| peak memory at 512x512, compiled (warmed shape) | - | {a['peak_warmed_512']['peak_gib']:.2f} GiB "
+                  f"(estimate {a['peak_warmed_512']['ratio']:.2f}x) |",
+                  "", "Off costs about 4% per step and saves seconds on every new shape and the memory spikes that "
+                  "would defeat admission control."]
     if r.get("memory_fresh"):
         lines += ["", "Peak GPU memory measured fresh (cuDNN autotuning off, one optimization past the bf16 steps), "
                   "against the admission-control estimate (target: 1.0 to 1.3):", "",
