@@ -362,6 +362,11 @@ def main(argv=None) -> int:
     which.add_argument("--resume", action="store_true",
                        help="finish the incomplete corpus run in results.json (same settings): only its missing pairs")
     corpus_args.add_argument("--pairs", help="comma-separated corpus pairs to run (default: all)")
+    corpus_args.add_argument("--recipe-targets", help="the stored recipe targets to use and fill (default: "
+                             "recipe_targets.json in the corpus folder, with 2000 recipe steps only)")
+    corpus_args.add_argument("--fresh-recipe", action="store_true",
+                             help="run all 2000 recipe steps per pair even where bench/corpus/recipe_targets.json "
+                                  "holds a matching target (and store the new ones)")
     corpus_args.add_argument("--corpus-scale", type=float, default=1.0,
                              help="resize every pair by this factor (LANCZOS; above 1 upsamples the stored PNGs)")
     corpus_args.add_argument("--corpus-dir", default=str(corpus.CORPUS_DIR))
@@ -433,11 +438,16 @@ def main(argv=None) -> int:
             resume = results.get("corpus")
             if not resume or resume.get("complete", True):
                 raise SystemExit(f"--resume: no incomplete corpus run in {results_path}")
+        # Stored recipe targets: the given file, else the corpus's own, used only for its full 2000 steps.
+        recipe_steps = args.corpus_reference_steps or args.reference_steps
+        recipe_targets = (Path(args.recipe_targets) if args.recipe_targets
+                          else Path(args.corpus_dir) / corpus.RECIPE_TARGETS if recipe_steps == 2000 else None)
         corpus.run_corpus(
             vgg, ref_vgg, device, names=names, scale=args.corpus_scale, corpus_dir=Path(args.corpus_dir),
-            recipe_steps=args.corpus_reference_steps or args.reference_steps, bound=args.search_bound,
-            default_steps=args.corpus_default_steps, log=lambda m: print(m, flush=True), on_progress=progress,
-            resume=resume)
+            recipe_steps=recipe_steps, bound=args.search_bound, default_steps=args.corpus_default_steps,
+            log=lambda m: print(m, flush=True), on_progress=progress,
+            resume=resume, targets=recipe_targets,
+            fresh_recipe=args.fresh_recipe)
     save(results)
     print(report(results, plot_link))
     print(f"bench wall time: {results['bench_wall_s'] / 60:.1f} min", flush=True)

@@ -91,3 +91,40 @@ def test_resume_runs_only_the_pairs_a_cut_short_run_missed(tmp_path):
     p = subprocess.run(bench + ["--resume"] + common + ["--search-bound", "7"], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode != 0 and "other settings" in p.stderr  # figures from one setting only
+
+
+def test_a_stored_recipe_target_is_used_only_when_the_recipe_matches_it(tmp_path):
+    """Run 1 runs the recipe and stores its target; run 2 runs only the
+    recipe's first steps, finds them equal to the stored ones and uses the
+    stored loss; after the stored curve is tampered with, run 3 runs the
+    recipe again in full and stores it anew."""
+    targets = tmp_path / "targets.json"
+    bench = [sys.executable, str(ROOT / "bench" / "run.py"), "--corpus-only", "--pairs", "tiny",
+             "--corpus-reference-steps", "8", "--search-bound", "4", "--corpus-default-steps", "3",
+             "--out-dir", str(tmp_path), "--report", str(tmp_path / "PERFORMANCE.md"),
+             "--recipe-targets", str(targets)]
+
+    def run() -> dict:
+        p = subprocess.run(bench, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads((tmp_path / "results.json").read_text())["corpus"]["pairs"][0]["recipe"]
+
+    first = run()
+    assert first["steps_run"] == 8 and "stored_target" not in first
+    stored = json.loads(targets.read_text())
+    (entry,) = stored["targets"].values()
+    assert entry["loss_png"] == first["loss_png"] and entry["curve"] == first["curve"]
+    assert stored["key"]["recipe_steps"] == 8
+
+    second = run()
+    assert second["steps_run"] == 4 and second["loss_png"] == first["loss_png"]
+    assert second["prefix_max_rel_diff"] <= 1e-5 and "stored_target" in second
+    assert abs(second["time_s"] - 2000 * second["per_step_s"]) < 1e-9
+    assert "used the target stored" in (tmp_path / "PERFORMANCE.md").read_text()
+
+    entry["curve"] = {k: v * 1.01 for k, v in entry["curve"].items()}
+    targets.write_text(json.dumps(stored))
+    third = run()
+    assert third["steps_run"] == 8 and third["stored_mismatch"] > 1e-3 and third["loss_png"] == first["loss_png"]
+    (again,) = json.loads(targets.read_text())["targets"].values()
+    assert again["curve"] == first["curve"]
