@@ -48,7 +48,21 @@ def test_limits_table_matches_code_and_shipped_yaml():
     assert Limits.from_mapping(shipped) == Limits()
     for f in dataclasses.fields(Limits):
         assert f.name in rows, f.name
-        assert float(rows[f.name][1]) == float(getattr(Limits(), f.name)), f.name
+        # The documented default, read as the model config's YAML would read
+        # it, must be accepted by the loader and equal the code's default, type
+        # included: float() once let "0" pass for False, and a worker
+        # configured as the README said failed to load.
+        documented = yaml.safe_load(rows[f.name][1])
+        assert Limits.from_mapping({f.name: documented}) == Limits(), f.name
+        assert type(documented) is type(getattr(Limits(), f.name)) or (
+            isinstance(getattr(Limits(), f.name), float) and type(documented) is int), f.name
+
+
+def test_warm_up_sizes_in_the_readme_are_the_code_default():
+    from nst.config import WARM_UP_SIZES
+
+    documented = re.findall(r"(\d+)x(\d+)", README.split("`nst.config.WARM_UP_SIZES`:", 1)[1].split(";", 1)[0])
+    assert [(int(w), int(h)) for w, h in documented] == list(WARM_UP_SIZES)
 
 
 def test_response_timeout_above_time_budget():
