@@ -124,6 +124,47 @@ class Bench:
             diffs.append((b - a) / (steps_b - steps_a) * 1e3)
         return statistics.median(diffs)
 
+    def stylize_loss(self, size, steps: int) -> tuple[float, float]:
+        """(seconds, loss of the delivered image by the product's own float32
+        objective, the recipe's formula), scored on the GPU: at 2048 px the
+        CPU scoring would take longer than the run."""
+        content, style = self.tensors(size)
+        t0 = sync_time()
+        result = stylize(self.vgg, content, [style], dataclasses.replace(Params(), steps=steps),
+                         progress_every=steps)
+        return sync_time() - t0, result.loss
+
+    def coarse_to_fine(self, size, steps: int = 100, threshold: int = 1024) -> dict:
+        """Single-scale against coarse-to-fine at `size`: each one's time and
+        loss for `steps`, and the fewest coarse-to-fine steps (and their time)
+        that reach the single-scale run's loss."""
+        saved = nst_optimize.COARSE_TO_FINE_FROM
+        try:
+            nst_optimize.COARSE_TO_FINE_FROM = None
+            self.stylize_loss(size, 4)  # the shape's first run: graph capture and the like
+            single_s, single_loss = self.stylize_loss(size, steps)
+            nst_optimize.COARSE_TO_FINE_FROM = threshold
+            self.stylize_loss(size, 4)
+            ctf_s, ctf_loss = self.stylize_loss(size, steps)
+            runs = {steps: (ctf_s, ctf_loss)}
+            lo, hi = 4, None
+            if ctf_loss <= single_loss:
+                hi = steps
+                while hi - lo > max(2, hi // 16):  # to within ~6% of the steps
+                    mid = (lo + hi) // 2
+                    runs[mid] = self.stylize_loss(size, mid)
+                    if runs[mid][1] <= single_loss:
+                        hi = mid
+                    else:
+                        lo = mid
+        finally:
+            nst_optimize.COARSE_TO_FINE_FROM = saved
+        out = {"size": f"{size[0]}x{size[1]}", "steps": steps, "single_s": single_s, "single_loss": single_loss,
+               "ctf_s": ctf_s, "ctf_loss": ctf_loss}
+        if hi is not None:
+            out.update(ctf_steps_to_single=hi, ctf_s_to_single=runs[hi][0], speedup=single_s / runs[hi][0])
+        return out
+
     def memory(self, size, steps: int) -> dict:
         content, style = self.tensors(size)
         torch.cuda.empty_cache()
@@ -206,6 +247,8 @@ def main(argv=None) -> int:
     nst_optimize.LOWP_STEPS = lowp
     r["default_300"] = bench.product(main_size, steps=300)
     r["default_300"]["loss_ratio"] = r["default_300"]["loss"] / r["recipe"]["loss"]
+    r["coarse_to_fine"] = [bench.coarse_to_fine(s, steps=20 if args.quick else 100, threshold=max(s)) for s in
+                           ([(128, 96)] if args.quick else [(1024, 768), (2048, 1536)])]
     r["memory"] = [] if device.type != "cuda" else [
         bench.memory(s, 70) for s in ([(256, 192), (512, 384)] if args.quick else [(512, 384), (1024, 768), (2048, 1536)])
     ]
@@ -271,6 +314,19 @@ def report(r: dict) -> str:
         *[f"| {m['size']} | {m['peak_bytes'] / 2**30:.2f} GiB | {m['estimate_bytes'] / 2**30:.2f} GiB | {m['ratio']:.2f} |"
           for m in r["memory"]],
     ]
+    if r.get("coarse_to_fine"):
+        lines += ["", "Coarse-to-fine (the first half of the steps at half size; nst.config.COARSE_TO_FINE_FROM) "
+                  "against single-scale, loss by the recipe's formula on the delivered image:", "",
+                  "| size | single-scale: s, loss | coarse-to-fine, same steps: s, loss "
+                  "| coarse-to-fine to the single-scale loss | speed-up |", "|---|---|---|---|---|"]
+        for c in r["coarse_to_fine"]:
+            reach = (f"{c['ctf_steps_to_single']} steps, {c['ctf_s_to_single']:.2f} s" if "speedup" in c
+                     else "not within the same steps")
+            lines.append(f"| {c['size']} ({c['steps']} steps) | {c['single_s']:.2f}, {c['single_loss']:.4g} "
+                         f"| {c['ctf_s']:.2f}, {c['ctf_loss']:.4g} | {reach} "
+                         f"| {c['speedup']:.2f}x |" if "speedup" in c else f"| {c['size']} ({c['steps']} steps) "
+                         f"| {c['single_s']:.2f}, {c['single_loss']:.4g} | {c['ctf_s']:.2f}, {c['ctf_loss']:.4g} "
+                         f"| {reach} | - |")
     if r.get("variants"):
         v = r["variants"]
         lines += ["", f"Engine variants at {v['size']}, ms per step, each measured after its own warm-up "

@@ -185,6 +185,14 @@ COMPILE = True
 # (129 GiB at 1024x768), so admission control's estimate would mean nothing
 # and a neighbouring request could run out of memory.
 CUDNN_AUTOTUNE = False
+# Coarse-to-fine for large outputs: at or above this longest side (px) the
+# fast preset first optimizes at half the size for COARSE_FRACTION of its
+# steps (each costs a quarter), then carries the stylization, not the blurred
+# image, to full size (content + upsampled (coarse result - coarse content))
+# for the remaining steps. None = off: on until a GPU run shows it wins
+# (`bench/gpu.py` measures both at 1024 and 2048 px).
+COARSE_TO_FINE_FROM: int | None = None
+COARSE_FRACTION = 0.5
 # False: one compiled program per image shape (each warmed up at worker start).
 COMPILE_DYNAMIC = False
 # Output shapes (width, height) a GPU worker compiles at start: the default

@@ -1,6 +1,7 @@
 """The optimization loop: content + style tensors in, the delivered image out."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -8,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import lbfgs
-from .config import COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
+from .config import COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
 from .losses import Objective, make_objective
 from .vgg import VGGFeatures
 
@@ -236,6 +238,43 @@ class _GraphRunner:
         graph.replay()
 
 
+def use_coarse_to_fine(content: Tensor, params: Params) -> bool:
+    return (COARSE_TO_FINE_FROM is not None and max(content.shape[-2:]) >= COARSE_TO_FINE_FROM
+            and not params.recipe_mode and params.init == "content" and params.steps >= 4)
+
+
+def _half(images: Tensor) -> Tensor:
+    """(B, 3, H, W) -> (B, 3, H/2, W/2), antialiased: what a smaller request would see."""
+    h, w = images.shape[-2:]
+    return F.interpolate(images, size=(max(1, h // 2), max(1, w // 2)), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progress_every, compile_new) -> Result:
+    """The first COARSE_FRACTION of the steps at half size, the rest at full
+    size from the coarse result's stylization carried onto the content. Steps
+    are numbered across both stages, so progress runs 1..steps once."""
+    coarse_steps = max(1, int(params.steps * COARSE_FRACTION))
+    small = _half(content)
+    coarse = stylize(vgg, small, [_half(s) for s in styles], dataclasses.replace(params, steps=coarse_steps,
+                     preserve_color=False), callback=None if callback is None else
+                     (lambda p: callback(Progress(p.step, params.steps, p.loss, p.elapsed_ms))),
+                     deadline=deadline, progress_every=progress_every, compile_new=compile_new, init=small)
+    # The coarse stage changed the image by (coarse - small); upsampled, that
+    # change lands on the full-size content, whose detail a plain upsampling
+    # of the coarse image would have blurred away.
+    delta = F.interpolate(coarse.image - small, size=content.shape[-2:], mode="bilinear", align_corners=False)
+    init = (content + delta).clamp(0, 1)
+    offset = coarse.elapsed_ms  # the fine stage's clock starts at 0: report time since the request began
+    fine = stylize(vgg, content, styles, params, deadline=deadline, progress_every=progress_every,
+                   callback=None if callback is None else
+                   (lambda p: callback(dataclasses.replace(p, elapsed_ms=p.elapsed_ms + offset))),
+                   compile_new=compile_new, init=init, first_step=coarse_steps + 1)
+    history = [dataclasses.replace(p, steps=params.steps) for p in coarse.history] + [
+        dataclasses.replace(p, elapsed_ms=p.elapsed_ms + offset) for p in fine.history]
+    return dataclasses.replace(fine, elapsed_ms=offset + fine.elapsed_ms, history=history)
+
+
 def stylize(
     vgg: VGGFeatures,
     content: Tensor,
@@ -246,6 +285,8 @@ def stylize(
     deadline: float | None = None,
     progress_every: int = 1,
     compile_new: bool = False,
+    init: Tensor | None = None,
+    first_step: int = 1,
 ) -> Result:
     """Optimize an image against `content` (1,3,H,W) and `styles` (each
     (1,3,h,w)), all [0,1] RGB on the extractor's device.
@@ -260,7 +301,14 @@ def stylize(
     progress, the NaN check, the deadline) and at the end: between those the
     GPU runs unattended. `deadline` is a `time.monotonic()` value; past it,
     `BudgetExceeded` is raised. `compile_new`: see `loss_function`.
+
+    Outputs of COARSE_TO_FINE_FROM px and more run coarse-to-fine (see
+    config.py). `init` (pixels in [0,1]) replaces the initial image and
+    `first_step` numbers the steps from there (both for the fine stage).
     """
+    if use_coarse_to_fine(content, params) and init is None:
+        return _coarse_to_fine(vgg, content, styles, params, callback=callback, deadline=deadline,
+                               progress_every=progress_every, compile_new=compile_new)
     start = time.monotonic()
     lowp = compute_dtype(content.device, params)
     objective = make_objective(
@@ -278,7 +326,7 @@ def stylize(
         var = vgg.normalize(_initial_image(content, params))
         to_pixels = vgg.denormalize
     else:
-        var = _initial_image(content, params)
+        var = _initial_image(content, params) if init is None else init.clone()
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
     loss_of = loss_function(params.recipe_mode, content.device, compile_new)
     var = var.contiguous().requires_grad_(True)
@@ -286,7 +334,7 @@ def stylize(
     use_lbfgs = params.optimizer == "lbfgs"
     history: list[Progress] = []
     if deadline is not None and time.monotonic() > deadline:
-        raise BudgetExceeded(f"time budget ran out after 0 of {params.steps} steps")
+        raise BudgetExceeded(f"time budget ran out after {first_step - 1} of {params.steps} steps")
 
     def report(step: int, loss: Tensor) -> None:
         value = loss.item()  # the one host sync of this stretch of steps
@@ -321,7 +369,7 @@ def stylize(
 
         runner = _GraphRunner(one_step, enabled=use_cuda_graphs(x.device))
         with torch.enable_grad():
-            for step in range(1, params.steps + 1):
+            for step in range(first_step, params.steps + 1):
                 # bf16 gradients are good enough to get near the optimum and
                 # stall there: finish in float32.
                 runner.run(lowp if step <= LOWP_STEPS else torch.float32)
@@ -331,7 +379,7 @@ def stylize(
     else:
         opt = torch.optim.Adam([var], lr=params.lr)
         with torch.enable_grad():
-            for step in range(1, params.steps + 1):
+            for step in range(first_step, params.steps + 1):
                 dtype = lowp if step <= LOWP_STEPS else torch.float32
                 loss = loss_of(objective, var, dtype)
                 (var.grad,) = torch.autograd.grad(loss, var)
