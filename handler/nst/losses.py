@@ -8,6 +8,7 @@ Grams and losses are computed in float32 whatever the features' dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -18,34 +19,37 @@ from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
 
 
 def gram(features: Tensor) -> Tensor:
-    """(1, C, H, W) -> (C, C) unnormalized Gram matrix, in float32."""
-    _, c, h, w = features.shape
+    """(B, C, H, W) -> (B, C, C): each image's unnormalized Gram matrix, in float32."""
+    b, c, h, w = features.shape
     if features.is_contiguous(memory_format=torch.channels_last) and c > 1:
-        flat = features.permute(0, 2, 3, 1).reshape(h * w, c).float()  # (H*W, C): a view of NHWC
-        return flat.t() @ flat
-    flat = features.reshape(c, h * w).float()  # (C, H*W)
-    return flat @ flat.t()
+        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # (B, H*W, C): a view of NHWC
+        return torch.bmm(flat.transpose(1, 2), flat)
+    flat = features.reshape(b, c, h * w).float()  # (B, C, H*W)
+    return torch.bmm(flat, flat.transpose(1, 2))
 
 
 def content_loss(features: Tensor, target: Tensor) -> Tensor:
-    return torch.mean((features.float() - target) ** 2)
+    """(B, C, H, W) against (B, C, H, W) -> (B,): mean squared difference per image."""
+    return ((features.float() - target) ** 2).mean(dim=(1, 2, 3))
 
 
 def style_layer_loss(features: Tensor, target_gram: Tensor) -> Tensor:
-    """mean((G - A)^2) / (d*h*w): the recipe's per-layer normalization."""
+    """mean((G - A)^2) / (d*h*w) per image: the recipe's per-layer normalization. -> (B,)"""
     _, d, h, w = features.shape
-    return torch.mean((gram(features) - target_gram) ** 2) / (d * h * w)
+    return ((gram(features) - target_gram) ** 2).mean(dim=(1, 2)) / (d * h * w)
 
 
 def tv_loss(pixels: Tensor) -> Tensor:
-    """Mean squared difference of neighbouring pixels (anisotropic L2 TV)."""
+    """Mean squared difference of neighbouring pixels (anisotropic L2 TV), per image. -> (B,)"""
     dx = pixels[..., :, 1:] - pixels[..., :, :-1]
     dy = pixels[..., 1:, :] - pixels[..., :-1, :]
-    return dx.pow(2).mean() + dy.pow(2).mean()
+    return dx.pow(2).mean(dim=(1, 2, 3)) + dy.pow(2).mean(dim=(1, 2, 3))
 
 
 @dataclass(frozen=True)
 class Terms:
+    """Each (B,): one value per image of the batch."""
+
     total: Tensor
     content: Tensor
     style: Tensor
@@ -54,9 +58,11 @@ class Terms:
 
 @dataclass(frozen=True)
 class Objective:
-    """One request's loss: its targets and weights, and the structure of the
-    pass (which layers, which pooling). Called as `objective(x, dtype)` on a
-    normalized image (1,3,H,W), it returns the loss terms.
+    """The loss of a batch of B images, each against its own targets with its
+    own weights, sharing the structure of the pass (which layers, which
+    pooling). Called as `objective(x, dtype)` on normalized images (B,3,H,W),
+    it returns each image's loss terms; images do not interact, so the
+    gradient of the terms' sum is each image's own gradient.
 
     Every number a request can change is a tensor here, never a Python float:
     a compiled objective (torch.compile, on a GPU) then serves every request
@@ -64,10 +70,10 @@ class Objective:
     compiled code and force a recompile per value."""
 
     vgg: VGGFeatures
-    content_target: Tensor  # (1, C, h, w) float32, post-ReLU `content_layer`
-    grams: tuple[Tensor, ...]  # (C_l, C_l) float32 per style layer, in `style_layers` order
-    style_layer_weights: Tensor  # (L,) float32
-    weights: Tensor  # (3,) float32: alpha, beta, tv weight
+    content_target: Tensor  # (B, C, h, w) float32, post-ReLU `content_layer`
+    grams: tuple[Tensor, ...]  # (B, C_l, C_l) float32 per style layer, in `style_layers` order
+    style_layer_weights: Tensor  # (B, L) float32
+    weights: Tensor  # (B, 3) float32: alpha, beta, tv weight
     style_layers: tuple[str, ...]  # canonical names
     content_layer: str
     pooling: str
@@ -76,11 +82,11 @@ class Objective:
     def __call__(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Terms:
         feats = self.vgg.features(x, self.layers, self.deepest, self.pooling, dtype)
         c = content_loss(feats[self.content_layer], self.content_target)
-        s = torch.zeros((), device=x.device)
+        s = torch.zeros(x.shape[0], device=x.device)
         for k, name in enumerate(self.style_layers):
-            s = s + self.style_layer_weights[k] * style_layer_loss(feats[name], self.grams[k])
-        tv = tv_loss(self.vgg.denormalize(x)) if self.use_tv else torch.zeros((), device=x.device)
-        total = self.weights[0] * c + self.weights[1] * s + self.weights[2] * tv
+            s = s + self.style_layer_weights[:, k] * style_layer_loss(feats[name], self.grams[k])
+        tv = tv_loss(self.vgg.denormalize(x)) if self.use_tv else torch.zeros(x.shape[0], device=x.device)
+        total = self.weights[:, 0] * c + self.weights[:, 1] * s + self.weights[:, 2] * tv
         return Terms(total, c, s, tv)
 
     @property
@@ -127,16 +133,35 @@ def make_objective(
                 g = gram(feats[name]) * weight
                 targets[name] = targets[name] + g if name in targets else g
 
-    names = tuple(layer_weights)
+    names = tuple(sorted(layer_weights, key=LAYER_NAMES.index))
     f32 = dict(device=content.device, dtype=torch.float32)
     return Objective(
         vgg=vgg,
         content_target=content_target,
         grams=tuple(targets[n] for n in names),
-        style_layer_weights=torch.tensor([layer_weights[n] for n in names], **f32),
-        weights=torch.tensor([content_weight, style_weight, tv_weight], **f32),
+        style_layer_weights=torch.tensor([[layer_weights[n] for n in names]], **f32),
+        weights=torch.tensor([[content_weight, style_weight, tv_weight]], **f32),
         style_layers=names,
         content_layer=content_layer,
         pooling=pooling,
         use_tv=bool(tv_weight),
+    )
+
+
+def stack(objectives: Sequence[Objective]) -> Objective:
+    """One objective for the batch of the given ones' images, in order. They
+    must share the structure (layers, pooling, TV on or off) and image size."""
+    first = objectives[0]
+    structure = (first.style_layers, first.content_layer, first.pooling, first.use_tv, first.vgg)
+    for o in objectives[1:]:
+        if (o.style_layers, o.content_layer, o.pooling, o.use_tv, o.vgg) != structure:
+            raise ValueError("objectives of different structure cannot share a batch")
+    if len(objectives) == 1:
+        return first
+    return dataclasses.replace(
+        first,
+        content_target=torch.cat([o.content_target for o in objectives]),
+        grams=tuple(torch.cat(g) for g in zip(*(o.grams for o in objectives))),
+        style_layer_weights=torch.cat([o.style_layer_weights for o in objectives]),
+        weights=torch.cat([o.weights for o in objectives]),
     )

@@ -15,7 +15,8 @@ from torch import Tensor
 from . import lbfgs
 from .config import COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
 from .losses import Objective, make_objective
-from .vgg import VGGFeatures
+from .losses import stack as stack_objectives
+from .vgg import VGGFeatures, canonical_layer
 
 
 class BudgetExceeded(Exception):
@@ -180,15 +181,11 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     for w, h in sizes:
         t0 = time.monotonic()
         content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
-        objective = make_objective(
-            vgg, vgg.normalize(content), [vgg.normalize(style)],
-            style_layer_weights=params.style_layer_weights, content_weight=params.content_weight,
-            style_weight=params.style_weight, tv_weight=params.tv_weight, pooling=params.pooling,
-        )
+        objective = request_objective(vgg, content, [style], params)  # built as a request's is
         for dtype in {compute_dtype(device, params), torch.float32}:
             x = content.clone().requires_grad_(True)
             with torch.enable_grad():
-                torch.autograd.grad(loss_of(objective, x, dtype), x)
+                torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds[f"{w}x{h}"] = time.monotonic() - t0
@@ -275,6 +272,173 @@ def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progres
     return dataclasses.replace(fine, elapsed_ms=offset + fine.elapsed_ms, history=history)
 
 
+def request_objective(vgg: VGGFeatures, content: Tensor, styles: Sequence[Tensor], params: Params) -> Objective:
+    """One image's objective (a batch of one) from its [0,1] content and styles."""
+    return make_objective(
+        vgg,
+        vgg.normalize(content),
+        [vgg.normalize(s) for s in styles],
+        style_layer_weights=params.style_layer_weights,
+        content_weight=params.content_weight,
+        style_weight=params.style_weight,
+        tv_weight=params.tv_weight,
+        style_blend=params.style_blend,
+        pooling=params.pooling,
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image of a batched optimization: a request's inputs and settings."""
+
+    content: Tensor  # (1, 3, H, W) in [0, 1]
+    styles: Sequence[Tensor]  # each (1, 3, h, w)
+    params: Params
+    callback: Callback | None = None
+    deadline: float | None = None  # time.monotonic() value
+
+
+def batch_key(content: Tensor, params: Params) -> tuple | None:
+    """Rows whose keys are equal can share one optimization (`stylize_batch`);
+    None for a row that always runs alone. What may differ within a batch:
+    the images, every weight, the steps, init, seed, colours and deadlines."""
+    if params.optimizer != "lbfgs" or use_coarse_to_fine(content, params):
+        return None
+    return _structure(content, params)
+
+
+def _structure(content: Tensor, params: Params) -> tuple:
+    """What one L-BFGS batch must share: the shape, the optimization space and
+    the objective's structure (the step scale is one number for all)."""
+    layers = tuple(sorted({canonical_layer(k) for k, v in params.style_layer_weights.items() if v}))
+    return (tuple(content.shape[-2:]), str(content.device), params.recipe_mode, params.pooling, layers,
+            bool(params.tv_weight), params.lr)
+
+
+def stylize_batch(
+    vgg: VGGFeatures,
+    rows: Sequence[Row],
+    *,
+    progress_every: int = 1,
+    compile_new: bool = False,
+    init: Sequence[Tensor] | None = None,
+    first_step: int = 1,
+) -> list:
+    """L-BFGS for several images at once (rows with equal `batch_key`s): one
+    VGG pass and one optimizer step per step for all of them, each image with
+    its own loss, targets, weights, curvature history, step bound and step
+    count. Returns, per row, its `Result` or the exception that ended it
+    (`BudgetExceeded` past its deadline, `Diverged`, or whatever its
+    callback raised): one row's failure never stops the others.
+
+    A row that has run its steps stays in the batch, frozen (its update is
+    masked), so the shapes, and a captured CUDA graph, never change. The host
+    reads the device only when some row is due a progress record (every
+    `progress_every` steps, and each row's last step)."""
+    start = time.monotonic()
+    B = len(rows)
+    p0 = rows[0].params
+    if len({_structure(r.content, r.params) for r in rows}) != 1 or p0.optimizer != "lbfgs":
+        raise ValueError("rows of different shapes or structures cannot share an optimization")
+    device = rows[0].content.device
+    lowp = compute_dtype(device, p0)
+    objective = stack_objectives([request_objective(vgg, r.content, r.styles, r.params) for r in rows])
+    content = torch.cat([r.content for r in rows])  # (B, 3, H, W)
+    if p0.recipe_mode:
+        x = vgg.normalize(torch.cat([_initial_image(r.content, r.params) for r in rows]))
+        to_pixels = vgg.denormalize
+    else:
+        x = torch.cat(list(init) if init is not None else [_initial_image(r.content, r.params) for r in rows])
+        to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
+    x = x.contiguous()  # (B, 3, H, W): updated in place, so a CUDA graph can hold it
+    loss_of = loss_function(p0.recipe_mode, device, compile_new)
+    n = x[0].numel()
+    steps = [r.params.steps for r in rows]
+    outcome: list = [None] * B
+    history: list[list[Progress]] = [[] for _ in rows]
+    finished_ms = [0.0] * B
+    # Device-side step counter and per-row last step: a row updates while
+    # counter < its last step, decided on the device, inside the graph.
+    counter = torch.full((), first_step - 1, device=device, dtype=torch.long)
+    last = torch.tensor(steps, device=device, dtype=torch.long)
+    state = lbfgs.init_state(B, n, lbfgs_history(shape_pixels(x)), device)
+    bounded = not p0.recipe_mode
+    loss_buf = torch.zeros(B, device=device)
+
+    def one_step(dtype: torch.dtype) -> None:
+        xv = x.detach().requires_grad_(True)
+        loss = loss_of(objective, xv, dtype)  # (B,)
+        (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
+        flat = x.view(B, n)
+        x_next = lbfgs.step(
+            state, flat, grad.reshape(B, n), lr=p0.lr, max_move=LBFGS_MAX_MOVE,
+            lower=0.0 if bounded else None, upper=1.0 if bounded else None,
+        )
+        active = (counter < last).view(B, 1)
+        x.copy_(torch.where(active, x_next, flat).view_as(x))
+        loss_buf.copy_(loss.detach())
+        counter.add_(1)
+
+    def fail(b: int, exc: BaseException, step: int) -> None:
+        outcome[b] = exc
+        finished_ms[b] = (time.monotonic() - start) * 1e3
+        last[b] = step  # frozen from here (a host write between steps, outside any graph)
+        with torch.no_grad():
+            x[b].copy_(content[b] if not p0.recipe_mode else vgg.normalize(content[b:b + 1])[0])  # stays finite
+
+    def running(b: int, step: int) -> bool:
+        return outcome[b] is None and step <= steps[b]
+
+    for b, r in enumerate(rows):
+        if r.deadline is not None and time.monotonic() > r.deadline:
+            fail(b, BudgetExceeded(f"time budget ran out after {first_step - 1} of {steps[b]} steps"),
+                 first_step - 1)
+    runner = _GraphRunner(one_step, enabled=use_cuda_graphs(device))
+    with torch.enable_grad():
+        for step in range(first_step, max(steps) + 1):
+            if not any(running(b, step) for b in range(B)):
+                break
+            # bf16 gradients are good enough to get near the optimum and
+            # stall there: finish in float32.
+            runner.run(lowp if step <= LOWP_STEPS else torch.float32)
+            due = [b for b in range(B) if running(b, step) and (step % progress_every == 0 or step == steps[b])]
+            if not due:
+                continue
+            losses = loss_buf.tolist()  # the one host sync of this stretch of steps
+            now = time.monotonic()
+            for b in due:
+                if not math.isfinite(losses[b]):
+                    fail(b, Diverged(f"loss became {losses[b]} at step {step}"), step)
+                    continue
+                p = Progress(step, steps[b], losses[b], (now - start) * 1e3)
+                history[b].append(p)
+                try:
+                    if rows[b].callback is not None:
+                        rows[b].callback(p)
+                except Exception as e:  # noqa: BLE001  the row's own consumer failed: that row ends
+                    fail(b, e, step)
+                    continue
+                if step == steps[b]:
+                    finished_ms[b] = (time.monotonic() - start) * 1e3
+                elif rows[b].deadline is not None and time.monotonic() > rows[b].deadline:
+                    fail(b, BudgetExceeded(f"time budget ran out after {step} of {steps[b]} steps"), step)
+
+    with torch.no_grad():
+        delivered = quantize(to_pixels(x.detach()))
+        for b, r in enumerate(rows):
+            if r.params.preserve_color:
+                delivered[b:b + 1] = quantize(transfer_luminance(delivered[b:b + 1], r.content))
+        finals = objective(vgg.normalize(delivered), torch.float32).total.tolist()
+    for b in range(B):
+        if outcome[b] is not None:
+            continue
+        if not math.isfinite(finals[b]):
+            outcome[b] = Diverged(f"loss of the delivered image is {finals[b]}")
+            continue
+        outcome[b] = Result(delivered[b:b + 1].clone(), finals[b], steps[b], finished_ms[b], history[b])
+    return outcome
+
+
 def stylize(
     vgg: VGGFeatures,
     content: Tensor,
@@ -309,19 +473,16 @@ def stylize(
     if use_coarse_to_fine(content, params) and init is None:
         return _coarse_to_fine(vgg, content, styles, params, callback=callback, deadline=deadline,
                                progress_every=progress_every, compile_new=compile_new)
+    if params.optimizer == "lbfgs":
+        (outcome,) = stylize_batch(vgg, [Row(content, styles, params, callback, deadline)],
+                                   progress_every=progress_every, compile_new=compile_new,
+                                   init=None if init is None else [init], first_step=first_step)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
     start = time.monotonic()
     lowp = compute_dtype(content.device, params)
-    objective = make_objective(
-        vgg,
-        vgg.normalize(content),
-        [vgg.normalize(s) for s in styles],
-        style_layer_weights=params.style_layer_weights,
-        content_weight=params.content_weight,
-        style_weight=params.style_weight,
-        tv_weight=params.tv_weight,
-        style_blend=params.style_blend,
-        pooling=params.pooling,
-    )
+    objective = request_objective(vgg, content, styles, params)
     if params.recipe_mode:
         var = vgg.normalize(_initial_image(content, params))
         to_pixels = vgg.denormalize
@@ -331,7 +492,6 @@ def stylize(
     loss_of = loss_function(params.recipe_mode, content.device, compile_new)
     var = var.contiguous().requires_grad_(True)
 
-    use_lbfgs = params.optimizer == "lbfgs"
     history: list[Progress] = []
     if deadline is not None and time.monotonic() > deadline:
         raise BudgetExceeded(f"time budget ran out after {first_step - 1} of {params.steps} steps")
@@ -349,49 +509,21 @@ def stylize(
     def due(step: int) -> bool:
         return step % progress_every == 0 or step == params.steps
 
-    if use_lbfgs:
-        x = var.detach().clone()  # (1, 3, H, W): updated in place, so a CUDA graph can hold it
-        n = x.numel()
-        state = lbfgs.init_state(1, n, lbfgs_history(shape_pixels(x)), x.device)
-        bounded = not params.recipe_mode
-        loss_buf = torch.zeros((), device=x.device)
-
-        def one_step(dtype: torch.dtype) -> None:
-            xv = x.detach().requires_grad_(True)
-            loss = loss_of(objective, xv, dtype)
-            (grad,) = torch.autograd.grad(loss, xv)
-            x_next = lbfgs.step(
-                state, x.view(1, n), grad.reshape(1, n), lr=params.lr, max_move=LBFGS_MAX_MOVE,
-                lower=0.0 if bounded else None, upper=1.0 if bounded else None,
-            )
-            x.copy_(x_next.view_as(x))
-            loss_buf.copy_(loss.detach())
-
-        runner = _GraphRunner(one_step, enabled=use_cuda_graphs(x.device))
-        with torch.enable_grad():
-            for step in range(first_step, params.steps + 1):
-                # bf16 gradients are good enough to get near the optimum and
-                # stall there: finish in float32.
-                runner.run(lowp if step <= LOWP_STEPS else torch.float32)
-                if due(step):
-                    report(step, loss_buf)
-        var = x
-    else:
-        opt = torch.optim.Adam([var], lr=params.lr)
-        with torch.enable_grad():
-            for step in range(first_step, params.steps + 1):
-                dtype = lowp if step <= LOWP_STEPS else torch.float32
-                loss = loss_of(objective, var, dtype)
-                (var.grad,) = torch.autograd.grad(loss, var)
-                opt.step()
-                if due(step):
-                    report(step, loss)
+    opt = torch.optim.Adam([var], lr=params.lr)
+    with torch.enable_grad():
+        for step in range(first_step, params.steps + 1):
+            dtype = lowp if step <= LOWP_STEPS else torch.float32
+            loss = loss_of(objective, var, dtype)
+            (var.grad,) = torch.autograd.grad(loss.sum(), var)
+            opt.step()
+            if due(step):
+                report(step, loss)
 
     with torch.no_grad():
         delivered = quantize(to_pixels(var.detach()))
         if params.preserve_color:
             delivered = quantize(transfer_luminance(delivered, content))
-        final = objective(vgg.normalize(delivered), torch.float32).total.item()
+        final = objective(vgg.normalize(delivered), torch.float32).total.item()  # (1,): one image
     if not math.isfinite(final):
         raise Diverged(f"loss of the delivered image is {final}")
     return Result(delivered, final, params.steps, (time.monotonic() - start) * 1e3, history)

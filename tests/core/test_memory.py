@@ -26,7 +26,7 @@ def test_saved_tensor_count_matches_what_autograd_saves(vgg):
     storages: dict[int, int] = {}
 
     def pack(t):
-        if not (t.dim() == 2 and t.shape[0] == t.shape[1]):  # Gram-sized (C x C): in the fixed BASE
+        if not (t.dim() in (2, 3) and t.shape[-1] == t.shape[-2]):  # Gram-sized (B x C x C): in the fixed BASE
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 

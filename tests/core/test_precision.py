@@ -68,6 +68,6 @@ def test_gram_of_channels_last_features_equals_the_reference():
     from nst.losses import gram
 
     f = torch.rand(1, 8, 5, 7)
-    reference = f.reshape(8, 35) @ f.reshape(8, 35).t()
+    reference = (f.reshape(8, 35) @ f.reshape(8, 35).t()).unsqueeze(0)  # (1, C, C): a batch of one
     assert torch.allclose(gram(f.contiguous(memory_format=torch.channels_last)), reference, atol=1e-5)
     assert torch.allclose(gram(f), reference, atol=1e-5)

@@ -108,14 +108,14 @@ def test_gram_is_unnormalized_f_ft(shape):
     if c <= 3:
         loop = np.array([[sum(flat[i, k] * flat[j, k] for k in range(h * w)) for j in range(c)] for i in range(c)])
         np.testing.assert_allclose(loop, expected, rtol=1e-10)
-    got = gram(feats)
+    (got,) = gram(feats)  # a batch of one
     assert got.shape == (c, c) and got.dtype == torch.float32
     np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_gram_is_float32_for_half_features():
     feats = torch.rand(1, 8, 6, 6).to(torch.bfloat16)
-    g = gram(feats)
+    (g,) = gram(feats)
     assert g.dtype == torch.float32
     f = feats.float().reshape(8, 36)
     torch.testing.assert_close(g, f @ f.T)

@@ -1,0 +1,112 @@
+"""One L-BFGS optimization for several images (`stylize_batch`): each image
+gets what it would get alone, and one image's failure stays its own."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nst.config import Params
+from nst.losses import gram
+from nst.optimize import BudgetExceeded, Diverged, Row, batch_key, stylize, stylize_batch
+
+
+def images(seed: int, h: int = 32, w: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, h, w, generator=gen), torch.rand(1, 3, 40, 36, generator=gen)
+
+
+def params(**kw) -> Params:
+    return dataclasses.replace(Params(), **kw)
+
+
+def test_gram_of_a_batch_is_each_images_own():
+    f = torch.rand(3, 8, 5, 7)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        g = gram(f.contiguous(memory_format=fmt))
+        assert g.shape == (3, 8, 8)
+        for b in range(3):
+            flat = f[b].reshape(8, 35)
+            torch.testing.assert_close(g[b], flat @ flat.t())
+
+
+def test_batch_key_separates_only_what_cannot_share_a_step():
+    content, _ = images(0)
+    base = batch_key(content, params())
+    same = [params(steps=7, seed=3, init="noise", style_weight=3e5, content_weight=2.0, preserve_color=True,
+                   style_layer_weights={"conv1_1": 0.3, "conv2_1": 1, "conv3_1": 1, "conv4_1": 1, "conv5_1": 1})]
+    for p in same:
+        assert batch_key(content, p) == base
+    other = [params(pooling="avg"), params(tv_weight=1.0), params(lr=0.5),
+             params(style_layer_weights={"conv1_1": 1.0}), params(preset="seed")]
+    for p in other:
+        assert batch_key(content, p) not in (base, None)
+    assert batch_key(images(0, h=48)[0], params()) != base
+    assert batch_key(content, params(optimizer="adam")) is None
+
+
+def test_each_image_of_a_batch_gets_what_it_gets_alone(vgg):
+    """Different contents, styles, weights, step counts and inits in one
+    batch; each result within 2/255 (mean absolute) of the same request alone."""
+    rows = [
+        Row(*images(1), params(steps=30)),
+        Row(*images(2), params(steps=18, style_weight=3e5, init="noise", seed=5)),
+        Row(*images(3), params(steps=25, content_weight=4.0, preserve_color=True)),
+    ]
+    rows = [dataclasses.replace(r, styles=[r.styles]) for r in rows]
+    batched = stylize_batch(vgg, rows, progress_every=5)
+    for row, got in zip(rows, batched):
+        alone = stylize(vgg, row.content, row.styles, row.params, progress_every=5)
+        assert got.steps == row.params.steps and got.image.shape == row.content.shape
+        assert (got.image - alone.image).abs().mean().item() <= 2 / 255
+        assert [p.step for p in got.history] == [p.step for p in alone.history]
+
+
+def test_a_row_with_fewer_steps_is_frozen_after_them(vgg):
+    (short, long) = stylize_batch(vgg, [Row(images(4)[0], [images(4)[1]], params(steps=7)),
+                                        Row(images(5)[0], [images(5)[1]], params(steps=20))], progress_every=5)
+    assert [p.step for p in short.history] == [5, 7] and short.steps == 7
+    assert [p.step for p in long.history] == [5, 10, 15, 20]
+    alone = stylize(vgg, images(4)[0], [images(4)[1]], params(steps=7), progress_every=5)
+    assert (short.image - alone.image).abs().mean().item() <= 2 / 255
+
+
+def test_a_row_past_its_deadline_fails_alone(vgg):
+    import time
+
+    seen = []
+    rows = [Row(images(6)[0], [images(6)[1]], params(steps=15), callback=seen.append,
+                deadline=time.monotonic() - 1),  # already past: fails before any step
+            Row(images(7)[0], [images(7)[1]], params(steps=15))]
+    late, ok = stylize_batch(vgg, rows, progress_every=5)
+    assert isinstance(late, BudgetExceeded) and "after 0 of 15 steps" in str(late) and seen == []
+    assert ok.steps == 15 and [p.step for p in ok.history] == [5, 10, 15]
+
+
+def test_a_diverging_row_and_a_failing_callback_end_only_their_rows(vgg):
+    class Gone(Exception):
+        pass
+
+    def consumer_gone(p):
+        raise Gone("the client went away")
+
+    nan_content = images(8)[0].clone()
+    nan_content[..., 3, 3] = float("nan")
+    rows = [Row(nan_content, [images(8)[1]], params(steps=10)),
+            Row(images(9)[0], [images(9)[1]], params(steps=10), callback=consumer_gone),
+            Row(images(10)[0], [images(10)[1]], params(steps=10))]
+    diverged, gone, ok = stylize_batch(vgg, rows, progress_every=5)
+    assert isinstance(diverged, Diverged) and isinstance(gone, Gone)
+    assert ok.steps == 10 and torch.isfinite(ok.image).all()
+    alone = stylize(vgg, rows[2].content, rows[2].styles, rows[2].params, progress_every=5)
+    assert (ok.image - alone.image).abs().mean().item() <= 2 / 255
+
+
+def test_rows_that_cannot_share_a_step_are_refused(vgg):
+    a, s = images(11)
+    b, _ = images(12, h=48)
+    with pytest.raises(ValueError, match="cannot share"):
+        stylize_batch(vgg, [Row(a, [s], params()), Row(b, [s], params())])
+    with pytest.raises(ValueError, match="cannot share"):
+        stylize_batch(vgg, [Row(a, [s], params()), Row(a, [s], params(pooling="avg"))])
