@@ -5,22 +5,23 @@ TorchServe requires exactly one class in this module.
 from __future__ import annotations
 
 import base64
-import gc
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nst import Limits, RequestError, VGGFeatures, parse_request, run
+from nst import Limits, RequestError, VGGFeatures, parse_request
 from nst import weights as nst_weights
 from nst.fetch import fetch
-from nst.memory import is_out_of_memory
+from nst.memory import is_out_of_memory, release
 from nst.config import CUDNN_AUTOTUNE, WARM_UP_SIZES
 from nst.optimize import BudgetExceeded, Diverged, Progress, warm_up
 from nst.params import parse_json_body
+from nst.pipeline import Job, Output, Prepared, prepare, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,26 @@ class StyleTransferHandler:
         return fetch(url, field, self.limits)
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
-        out = []
-        for idx, row in enumerate(data):
-            grpc = is_grpc(context, idx)
-            # No progress records over gRPC: the frontend sends the worker the
-            # same command for Predictions and StreamPredictions, and a
-            # Predictions call ends on its first response, so the next one
-            # (GRPCJob.response's onNext on a completed call) threw twice and
-            # took the model's worker thread down for good. stream=true still
-            # answers with the final NDJSON record.
-            out.append(self._handle_row(idx, row, context, progress=not grpc))
-            if grpc:
+        """decode (every row) -> predict (rows of one shape share an
+        optimization) -> encode and answer (each row its own answer or error)."""
+        out: list[bytes | None] = [None] * len(data)
+        rows: list[_Row] = []
+        for idx, raw in enumerate(data):
+            row = _Row(idx, taken=time.monotonic(), deadline=time.monotonic() + self.limits.time_budget_s,
+                       grpc=is_grpc(context, idx))
+            try:
+                self._decode(row, raw, context)
+                rows.append(row)
+            except Exception as e:  # noqa: BLE001  mapped to this row's status by _fail
+                out[idx] = self._fail(row, e, context)
+        outcomes = run_batch([Job(r.prepared, r.callback, r.deadline) for r in rows], self.vgg, self.limits)
+        for row, outcome in zip(rows, outcomes):
+            if isinstance(outcome, BaseException):
+                out[row.idx] = self._fail(row, outcome, context)
+            else:
+                out[row.idx] = self._respond(row, outcome, context)
+        for idx in range(len(data)):
+            if is_grpc(context, idx):
                 # TorchServe 0.12.0's GRPCJob.response reads this header for a
                 # StreamPredictions call and throws (restarting the worker) when
                 # it is missing, as it is on an answer with no progress record
@@ -98,61 +108,32 @@ class StyleTransferHandler:
                 context.set_response_header(idx, TS_STREAM_NEXT, "false")
         return out
 
-    # -- one request -------------------------------------------------------
+    # -- one row ------------------------------------------------------------
 
-    def _handle_row(self, idx: int, row: dict, context: Any, progress: bool = True) -> bytes:
-        streaming = False  # True once a progress record (and with it the 200 status) went out
-        taken = time.monotonic()
-        deadline = taken + self.limits.time_budget_s  # URL downloads and decoding count too
-        deadline_field = None  # the client's parameter when its deadline is the earlier one
-        oom = False
-        try:
-            request = parse_request(_fields(row), self.limits, fetch=self._fetch)
-            deadline, deadline_field = _client_deadline(request.params, taken, deadline)
-            callback = None
-            if request.params.stream:
-                context.set_response_content_type(idx, NDJSON)
-            if request.params.stream and progress:
-
+    def _decode(self, row: "_Row", raw: dict, context: Any) -> None:
+        """Parse and validate the fields, set the row's deadline, decode and
+        admit its images (URL downloads and decoding count against the budget)."""
+        request = parse_request(_fields(raw), self.limits, fetch=self._fetch)
+        row.deadline, row.deadline_field = _client_deadline(request.params, row.taken, row.deadline)
+        if request.params.stream:
+            context.set_response_content_type(row.idx, NDJSON)
+            # No progress records over gRPC: the frontend sends the worker the
+            # same command for Predictions and StreamPredictions, and a
+            # Predictions call ends on its first response, so the next one
+            # (GRPCJob.response's onNext on a completed call) threw twice and
+            # took the model's worker thread down for good. stream=true still
+            # answers with the final NDJSON record.
+            if not row.grpc:
                 def callback(p: Progress) -> None:
-                    nonlocal streaming
-                    self.send_intermediate(_progress_line(p), idx, context)
-                    streaming = True
-            output = run(
-                request,
-                self.vgg,
-                self.limits,
-                callback=callback,
-                deadline=deadline,
-            )
-        except RequestError as e:
-            return self._error(idx, e, context, streaming)
-        except BudgetExceeded as e:
-            if deadline_field is None:
-                err = RequestError(504, None, f"time budget exceeded: {e}")
-            else:
-                err = RequestError(504, deadline_field, f"{deadline_field}: the client's deadline passed: {e}")
-            return self._error(idx, err, context, streaming)
-        except Diverged as e:
-            err = RequestError(422, "lr", f"lr: the optimization diverged ({e}); use a smaller lr")
-            return self._error(idx, err, context, streaming)
-        except Exception as e:
-            if not is_out_of_memory(e):  # a bug, not the client's fault: log it, never leak it
-                log.exception("request %d failed", idx)
-                err = RequestError(500, None, "internal error while stylizing; see the server log")
-                return self._error(idx, err, context, streaming)
-            log.warning("request %d ran out of memory: %s", idx, e)
-            oom = True
-        if oom:
-            # Recover outside the except block: the exception's frames hold the tensors.
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            err = RequestError(507, None, "out of memory: try a smaller max_size")
-            return self._error(idx, err, context, streaming)
+                    self.send_intermediate(_progress_line(p), row.idx, context)
+                    row.streaming = True
+                row.callback = callback
+        row.prepared = prepare(request, self.vgg, self.limits, deadline=row.deadline)
 
+    def _respond(self, row: "_Row", output: Output, context: Any) -> bytes:
+        idx, params = row.idx, row.prepared.request.params
         result = output.result
-        total_ms = (time.monotonic() - taken) * 1e3
+        total_ms = (time.monotonic() - row.taken) * 1e3
         facts = {
             "X-Steps": str(result.steps),
             "X-Loss": f"{result.loss:.6g}",
@@ -160,9 +141,10 @@ class StyleTransferHandler:
             "X-Decode-Ms": f"{output.decode_ms:.0f}",
             "X-Encode-Ms": f"{output.encode_ms:.0f}",
             "X-Total-Ms": f"{total_ms:.0f}",
+            "X-Batch": str(output.batch),
             "X-Weights": self.weights_kind,
         }
-        if request.params.stream:
+        if params.stream:
             record = {
                 "done": True,
                 "image": base64.b64encode(output.data).decode("ascii"),
@@ -173,6 +155,7 @@ class StyleTransferHandler:
                 "decode_ms": round(output.decode_ms, 1),
                 "encode_ms": round(output.encode_ms, 1),
                 "total_ms": round(total_ms, 1),
+                "batch": output.batch,
                 "weights": self.weights_kind,
             }
             body = (json.dumps(record) + "\n").encode()
@@ -183,12 +166,33 @@ class StyleTransferHandler:
                 413, "max_size", f"max_size: the result is {len(body)} bytes, over this server's response limit "
                 f"of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg",
             )
-            return self._error(idx, err, context, streaming)
+            return self._error(idx, err, context, row.streaming)
         for key, value in facts.items():
             context.set_response_header(idx, key, value)
-        if not request.params.stream:
+        if not params.stream:
             context.set_response_content_type(idx, output.content_type)
         return body
+
+    def _fail(self, row: "_Row", exc: BaseException, context: Any) -> bytes:
+        """The one map from what ended a row to its status and message."""
+        if isinstance(exc, RequestError):
+            err = exc
+        elif isinstance(exc, BudgetExceeded):
+            if row.deadline_field is None:
+                err = RequestError(504, None, f"time budget exceeded: {exc}")
+            else:
+                field = row.deadline_field
+                err = RequestError(504, field, f"{field}: the client's deadline passed: {exc}")
+        elif isinstance(exc, Diverged):
+            err = RequestError(422, "lr", f"lr: the optimization diverged ({exc}); use a smaller lr")
+        elif is_out_of_memory(exc):
+            log.warning("request %d ran out of memory: %s", row.idx, exc)
+            release(self.device)
+            err = RequestError(507, None, "out of memory: try a smaller max_size")
+        else:  # a bug, not the client's fault: log it, never leak it
+            log.error("request %d failed", row.idx, exc_info=(type(exc), exc, exc.__traceback__))
+            err = RequestError(500, None, "internal error while stylizing; see the server log")
+        return self._error(row.idx, err, context, row.streaming)
 
     def _error(self, idx: int, err: RequestError, context: Any, streaming: bool) -> bytes:
         log.info("request %d rejected: %d %s", idx, err.code, err.message)
@@ -198,6 +202,20 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+@dataclass
+class _Row:
+    """What the handler knows of one row while it runs."""
+
+    idx: int
+    taken: float  # time.monotonic() when the worker took it
+    deadline: float  # the server's budget or the client's earlier deadline
+    grpc: bool
+    deadline_field: str | None = None  # the client's parameter when its deadline is the earlier one
+    streaming: bool = False  # True once a progress record (and with it the 200 status) went out
+    callback: Any = None
+    prepared: Prepared | None = None
 
 
 def parse_sizes(raw: Any) -> list[tuple[int, int]]:

@@ -11,6 +11,8 @@ above the measured peak, never below it).
 """
 from __future__ import annotations
 
+import gc
+
 import psutil
 import torch
 
@@ -75,6 +77,14 @@ _OOM_TEXT = (
     "CUBLAS_STATUS_ALLOC_FAILED",
     "CUDNN_STATUS_ALLOC_FAILED",
 )
+
+
+def release(device) -> None:
+    """Give back what a failed allocation left: collected tensors to the
+    allocator, the allocator's cache to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from PIL import Image
+from torch import Tensor
 
 from . import imageio, memory
 from .config import Limits
 from .errors import RequestError
 from .params import Request
-from .optimize import BudgetExceeded, Callback, Result, stylize
+from .optimize import BudgetExceeded, Callback, Result, Row, batch_key, stylize, stylize_batch
 from .vgg import VGGFeatures
 
 
@@ -21,6 +23,7 @@ class Output:
     result: Result
     decode_ms: float  # decoding and resizing the inputs, before the optimization
     encode_ms: float
+    batch: int = 1  # requests that shared this one's optimization
 
 
 def size_style(style: Image.Image, content: Image.Image, style_scale: float, recipe_mode: bool, limits: Limits) -> Image.Image:
@@ -48,14 +51,19 @@ def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limit
         )
 
 
-def run(
-    request: Request,
-    vgg: VGGFeatures,
-    limits: Limits,
-    *,
-    callback: Callback | None = None,
-    deadline: float | None = None,
-) -> Output:
+@dataclass(frozen=True)
+class Prepared:
+    """A request decoded and admitted, ready to optimize."""
+
+    request: Request
+    content: Tensor  # (1, 3, H, W) on the extractor's device
+    styles: list[Tensor]
+    decode_ms: float
+
+
+def prepare(request: Request, vgg: VGGFeatures, limits: Limits, *, deadline: float | None = None) -> Prepared:
+    """Decode and size the inputs, and admit the request (507 if it alone
+    would not fit); decoding counts against `deadline`."""
     p = request.params
     device = vgg.mean.device
     start = time.monotonic()
@@ -76,12 +84,104 @@ def run(
         # A decoder cannot be interrupted; the scan limit bounds it, the budget still counts it.
         raise BudgetExceeded(f"ran out before the first step (decoding took {decode_ms / 1e3:.1f} s)")
     admit(content_img, style_imgs, p, limits, device)
-    content = imageio.to_tensor(content_img, device)
-    styles = [imageio.to_tensor(s, device) for s in style_imgs]
-    result = stylize(
-        vgg, content, styles, p, callback=callback, deadline=deadline, progress_every=limits.progress_every
-    )
+    return Prepared(request, imageio.to_tensor(content_img, device),
+                    [imageio.to_tensor(s, device) for s in style_imgs], decode_ms)
+
+
+def finish(prepared: Prepared, result: Result, batch: int = 1) -> Output:
+    """Encode the delivered image."""
+    p = prepared.request.params
     start = time.monotonic()
     data = imageio.encode(result.image, p.format, p.quality)
     encode_ms = (time.monotonic() - start) * 1e3
-    return Output(data, imageio.CONTENT_TYPES[p.format], result, decode_ms, encode_ms)
+    return Output(data, imageio.CONTENT_TYPES[p.format], result, prepared.decode_ms, encode_ms, batch)
+
+
+def run(
+    request: Request,
+    vgg: VGGFeatures,
+    limits: Limits,
+    *,
+    callback: Callback | None = None,
+    deadline: float | None = None,
+) -> Output:
+    prepared = prepare(request, vgg, limits, deadline=deadline)
+    result = stylize(vgg, prepared.content, prepared.styles, prepared.request.params, callback=callback,
+                     deadline=deadline, progress_every=limits.progress_every)
+    return finish(prepared, result)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prepared request of a batch, with its own progress and deadline."""
+
+    prepared: Prepared
+    callback: Callback | None = None
+    deadline: float | None = None
+
+
+def estimate(prepared: Prepared, device_type: str) -> int:
+    _, _, h, w = prepared.content.shape
+    return memory.estimate_bytes(h, w, sum(s.shape[-2] * s.shape[-1] for s in prepared.styles),
+                                 prepared.request.params, device_type)
+
+
+def groups(jobs: Sequence[Job], limits: Limits, device) -> list[list[int]]:
+    """Indices of `jobs` that share one optimization: equal batch keys, in
+    arrival order, each group's summed memory estimate within the budget (a
+    group that would not fit is cut, and the rest forms a later group)."""
+    budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+    by_key: dict = {}
+    out: list[list[int]] = []
+    for i, job in enumerate(jobs):
+        key = batch_key(job.prepared.content, job.prepared.request.params)
+        if key is None:
+            out.append([i])
+            continue
+        need = estimate(job.prepared, device.type)
+        group, used = by_key.get(key, (None, 0))
+        if group is None or used + need > budget:
+            group, used = [], 0
+            out.append(group)
+        group.append(i)
+        by_key[key] = (group, used + need)
+    return out
+
+
+def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
+    """Run prepared requests, sharing one optimization where they can
+    (`groups`). Returns, per job, its `Output` or the exception that ended
+    it. A group that runs out of memory is retried one job at a time, so only
+    a job that cannot run even alone fails (with the allocation error)."""
+    device = vgg.mean.device
+    outcomes: list = [None] * len(jobs)
+    for group in groups(jobs, limits, device):
+        rows = [Row(jobs[i].prepared.content, jobs[i].prepared.styles, jobs[i].prepared.request.params,
+                    jobs[i].callback, jobs[i].deadline) for i in group]
+        if len(group) > 1:
+            results = _batch_or_none(vgg, rows, limits)
+            if results is not None:
+                for i, r in zip(group, results):
+                    outcomes[i] = r if isinstance(r, BaseException) else finish(jobs[i].prepared, r, len(group))
+                continue
+        for i, row in zip(group, rows):  # alone: a group of one, or a group that ran out of memory
+            try:
+                result = stylize(vgg, row.content, row.styles, row.params, callback=row.callback,
+                                 deadline=row.deadline, progress_every=limits.progress_every)
+                outcomes[i] = finish(jobs[i].prepared, result)
+            except Exception as e:  # noqa: BLE001  the job's own failure, mapped by the caller
+                outcomes[i] = e.with_traceback(None)  # its frames hold tensors: let them go
+                if memory.is_out_of_memory(e):
+                    memory.release(device)
+    return outcomes
+
+
+def _batch_or_none(vgg: VGGFeatures, rows: list[Row], limits: Limits) -> list | None:
+    """stylize_batch, or None if the batch ran out of memory (memory released)."""
+    try:
+        return stylize_batch(vgg, rows, progress_every=limits.progress_every)
+    except Exception as e:
+        if not memory.is_out_of_memory(e):
+            raise
+    memory.release(vgg.mean.device)  # outside the except block: its frames held the tensors
+    return None

@@ -291,11 +291,25 @@ def test_limits_from_model_config_are_applied(make_handler, make_context, inputs
     assert ctx.status(0) == 200 and max(png_of(out).size) == 32
 
 
+def fail_every_optimization(monkeypatch, fn):
+    """Each row's optimization becomes fn(job): what it raises is that row's outcome."""
+    def fake_run_batch(jobs, vgg, limits):
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(fn(job))
+            except Exception as e:  # noqa: BLE001  as run_batch reports a row's failure
+                outcomes.append(e)
+        return outcomes
+
+    monkeypatch.setattr(style_transfer_handler, "run_batch", fake_run_batch)
+
+
 def test_internal_error_is_500_without_details(handler, make_context, inputs, monkeypatch):
-    def broken(*args, **kwargs):
+    def broken(job):
         raise RuntimeError("boom in /work/main/handler/nst/secret.py line 3")
 
-    monkeypatch.setattr(style_transfer_handler, "run", broken)
+    fail_every_optimization(monkeypatch, broken)
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
     err = assert_error(ctx, 0, out, 500, None)
@@ -316,10 +330,7 @@ def _raise(exc):
     ids=["MemoryError", "cuda-oom", "host-allocator"],
 )
 def test_out_of_memory_is_507(handler, make_context, inputs, monkeypatch, fail):
-    def oom(*args, **kwargs):
-        fail()
-
-    monkeypatch.setattr(style_transfer_handler, "run", oom)
+    fail_every_optimization(monkeypatch, lambda job: fail())
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
     err = assert_error(ctx, 0, out, 507, None)
@@ -331,10 +342,7 @@ def test_out_of_memory_is_507(handler, make_context, inputs, monkeypatch, fail):
     [(BudgetExceeded("after 3 of 9 steps"), 504, None), (Diverged("loss became nan"), 422, "lr")],
 )
 def test_budget_and_divergence_map_to_contract_codes(handler, make_context, inputs, monkeypatch, exc, code, field):
-    def failing(*args, **kwargs):
-        raise exc
-
-    monkeypatch.setattr(style_transfer_handler, "run", failing)
+    fail_every_optimization(monkeypatch, lambda job: _raise(exc))
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
     assert_error(ctx, 0, out, code, field)
@@ -414,11 +422,11 @@ def test_stream_progress_every_from_limits(make_handler, make_context, inputs, m
     [(Diverged("loss became inf at step 2"), 422), (BudgetExceeded("after 1 of 3 steps"), 504), (RuntimeError("bug at /x.py"), 500)],
 )
 def test_error_after_stream_started_is_an_in_band_record(handler, make_context, inputs, sent, monkeypatch, exc, code):
-    def fails_after_one_step(request, vgg, limits, *, callback=None, deadline=None):
-        callback(Progress(1, request.params.steps, 123.0, 5.0))
+    def fails_after_one_step(job):
+        job.callback(Progress(1, job.prepared.request.params.steps, 123.0, 5.0))
         raise exc
 
-    monkeypatch.setattr(style_transfer_handler, "run", fails_after_one_step)
+    fail_every_optimization(monkeypatch, fails_after_one_step)
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=3, stream="true")], ctx)
     assert len(sent) == 1 and json.loads(sent[0][0])["step"] == 1
@@ -521,11 +529,11 @@ def test_grpc_stream_sends_no_progress_only_the_final_record(handler, make_conte
 def test_grpc_stream_error_is_the_json_error_not_an_in_band_record(handler, make_context, inputs, sent, monkeypatch):
     """With no progress record out, a failure mid-run is an error answer, as
     for stream=false (over HTTP the same failure after a record is in-band)."""
-    def fails_after_one_step(request, vgg, limits, *, callback=None, deadline=None):
-        assert callback is None
+    def fails_after_one_step(job):
+        assert job.callback is None
         raise BudgetExceeded("after 1 of 3 steps")
 
-    monkeypatch.setattr(style_transfer_handler, "run", fails_after_one_step)
+    fail_every_optimization(monkeypatch, fails_after_one_step)
     ctx = make_context(grpc=True)
     [out] = handler.handle([multipart_row(inputs, steps=3, stream="true")], ctx)
     assert sent == []
