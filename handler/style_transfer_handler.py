@@ -42,7 +42,22 @@ def _send_intermediate(line: bytes, idx: int, context: Any) -> None:
 
 
 class StyleTransferHandler:
-    """Loads the frozen VGG19 once per worker; each row of a batch is its own optimization."""
+    """Loads the frozen VGG19 once per worker; rows of a batch with the same
+    output shape share one optimization, and each row gets its own answer."""
+
+    @dataclass
+    class _Row:
+        """What the handler knows of one row while it runs (nested: TorchServe
+        requires exactly one class at the module level)."""
+
+        idx: int
+        taken: float  # time.monotonic() when the worker took it
+        deadline: float  # the server's budget or the client's earlier deadline
+        grpc: bool
+        deadline_field: str | None = None  # the client's parameter when its deadline is the earlier one
+        streaming: bool = False  # True once a progress record (and with it the 200 status) went out
+        callback: Any = None
+        prepared: Prepared | None = None
 
     def __init__(self) -> None:
         self.initialized = False
@@ -82,9 +97,9 @@ class StyleTransferHandler:
         """decode (every row) -> predict (rows of one shape share an
         optimization) -> encode and answer (each row its own answer or error)."""
         out: list[bytes | None] = [None] * len(data)
-        rows: list[_Row] = []
+        rows: list[StyleTransferHandler._Row] = []
         for idx, raw in enumerate(data):
-            row = _Row(idx, taken=time.monotonic(), deadline=time.monotonic() + self.limits.time_budget_s,
+            row = self._Row(idx, taken=time.monotonic(), deadline=time.monotonic() + self.limits.time_budget_s,
                        grpc=is_grpc(context, idx))
             try:
                 self._decode(row, raw, context)
@@ -110,7 +125,7 @@ class StyleTransferHandler:
 
     # -- one row ------------------------------------------------------------
 
-    def _decode(self, row: "_Row", raw: dict, context: Any) -> None:
+    def _decode(self, row: "StyleTransferHandler._Row", raw: dict, context: Any) -> None:
         """Parse and validate the fields, set the row's deadline, decode and
         admit its images (URL downloads and decoding count against the budget)."""
         request = parse_request(_fields(raw), self.limits, fetch=self._fetch)
@@ -130,7 +145,7 @@ class StyleTransferHandler:
                 row.callback = callback
         row.prepared = prepare(request, self.vgg, self.limits, deadline=row.deadline)
 
-    def _respond(self, row: "_Row", output: Output, context: Any) -> bytes:
+    def _respond(self, row: "StyleTransferHandler._Row", output: Output, context: Any) -> bytes:
         idx, params = row.idx, row.prepared.request.params
         result = output.result
         total_ms = (time.monotonic() - row.taken) * 1e3
@@ -173,7 +188,7 @@ class StyleTransferHandler:
             context.set_response_content_type(idx, output.content_type)
         return body
 
-    def _fail(self, row: "_Row", exc: BaseException, context: Any) -> bytes:
+    def _fail(self, row: "StyleTransferHandler._Row", exc: BaseException, context: Any) -> bytes:
         """The one map from what ended a row to its status and message."""
         if isinstance(exc, RequestError):
             err = exc
@@ -202,20 +217,6 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
-
-
-@dataclass
-class _Row:
-    """What the handler knows of one row while it runs."""
-
-    idx: int
-    taken: float  # time.monotonic() when the worker took it
-    deadline: float  # the server's budget or the client's earlier deadline
-    grpc: bool
-    deadline_field: str | None = None  # the client's parameter when its deadline is the earlier one
-    streaming: bool = False  # True once a progress record (and with it the 200 status) went out
-    callback: Any = None
-    prepared: Prepared | None = None
 
 
 def parse_sizes(raw: Any) -> list[tuple[int, int]]:

@@ -565,3 +565,13 @@ def test_a_grpc_field_named_like_an_http_header_is_still_grpc(make_context, name
     ctx._request_headers = {**ctx._request_headers, name: {"content-type": ""}}
     assert style_transfer_handler.is_grpc(ctx, 0)
     assert not style_transfer_handler.is_grpc(make_context(), 0)
+
+
+def test_the_handler_module_defines_exactly_one_class():
+    """TorchServe refuses to load a handler module with more than one class
+    (ts/model_loader.py: 'Expected only one class in custom service code')."""
+    import inspect
+
+    classes = [c for _, c in inspect.getmembers(style_transfer_handler, inspect.isclass)
+               if c.__module__ == style_transfer_handler.__name__]
+    assert classes == [style_transfer_handler.StyleTransferHandler]
