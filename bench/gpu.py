@@ -40,6 +40,12 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def load_pair(size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
     content = Image.open(ROOT / "examples" / "tubingen.jpg").convert("RGB").resize(size, Image.LANCZOS)
     style = Image.open(ROOT / "examples" / "starry_night.jpg").convert("RGB").resize(size, Image.LANCZOS)
@@ -249,6 +255,13 @@ def main(argv=None) -> int:
     r["default_300"]["loss_ratio"] = r["default_300"]["loss"] / r["recipe"]["loss"]
     r["coarse_to_fine"] = [bench.coarse_to_fine(s, steps=20 if args.quick else 100, threshold=max(s)) for s in
                            ([(128, 96)] if args.quick else [(1024, 768), (2048, 1536)])]
+    # Batching (issue #12): the handler's batch path, batch sizes 1/4/8 at 1/4/8 clients, 100-step requests.
+    import batching
+    r["batching"] = {}
+    for px in ((64,) if args.quick else (128, 256, 512)):
+        c, s = load_pair((px, px * 3 // 4))
+        fields = {"content": _png(c), "style": _png(s), "steps": 10 if args.quick else 100, "max_size": px}
+        r["batching"][str(px)] = batching.in_process(bench.vgg, fields, rounds=2 if args.quick else 3)
     r["memory"] = [] if device.type != "cuda" else [
         bench.memory(s, 70) for s in ([(256, 192), (512, 384)] if args.quick else [(512, 384), (1024, 768), (2048, 1536)])
     ]
@@ -314,6 +327,11 @@ def report(r: dict) -> str:
         *[f"| {m['size']} | {m['peak_bytes'] / 2**30:.2f} GiB | {m['estimate_bytes'] / 2**30:.2f} GiB | {m['ratio']:.2f} |"
           for m in r["memory"]],
     ]
+    if r.get("batching"):
+        import batching
+        for px, b in r["batching"].items():
+            lines += [""] + batching.report(b, f"Batching in-process at max_size {px} ({b['fields']['steps']} steps), "
+                                                "the handler's batch path, frontend queue simulated")
     if r.get("coarse_to_fine"):
         lines += ["", "Coarse-to-fine (the first half of the steps at half size; nst.config.COARSE_TO_FINE_FROM) "
                   "against single-scale, loss by the recipe's formula on the delivered image:", "",

@@ -174,6 +174,17 @@ class Bench:
             "speedup_vs_reference": hit and self.results["reference"]["time_2000_s"] / hit["wall_s"],
         }
 
+    # -- batching through the server ----------------------------------------------
+    def batching(self):
+        import batching
+
+        fields = {"steps": str(self.args.batching_steps), "max_size": str(self.args.batching_size)}
+        print(f"batching: {fields}", flush=True)
+        self.results["batching"] = batching.through_server(
+            Path(self.args.weights), {"content": self.content_png, "style": self.style_png}, fields,
+            max_batch_delay_ms=self.args.batching_delay_ms, requests_per_client=self.args.requests_per_client,
+            log=lambda m: print(m, flush=True))
+
     # -- through the server ----------------------------------------------------
     def server(self):
         from local_server import running_server
@@ -271,6 +282,15 @@ def report(r: dict, plot_link: str = "../bench/loss_vs_time.png") -> str:
             lines += ["(From a run before the engine of issue #11, on torch.optim.LBFGS; a full `make bench` "
                       "on a quiet machine replaces it.)", ""]
         lines += main_report(r, plot_link)
+    if "batching" in r:
+        import batching
+
+        bt = r["batching"]
+        lines += ["", "## Batching (CPU, through the server)", "",
+                  f"Requests of {bt['fields']['steps']} steps at max_size {bt['fields']['max_size']} (the "
+                  f"Tübingen pair), closed-loop clients, TorchServe's batchSize 1 against 4, maxBatchDelay "
+                  f"{bt['max_batch_delay_ms']} ms, on this section's machine; `bench/batching.py`. Small requests "
+                  "keep it within minutes on 2 cores.", ""] + batching.report(bt, "Server, CPU")
     if "corpus" in r:
         lines += [""] + corpus.report(r["corpus"], r["corpus"].get("machine", r.get("machine", "")))
     lines += gpu_sections()
@@ -352,7 +372,13 @@ def main(argv=None) -> int:
     ap.add_argument("--http-steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--requests-per-client", type=int, default=3)
-    ap.add_argument("--no-server", action="store_true", help="skip the HTTP measurements")
+    ap.add_argument("--no-server", action="store_true", help="skip the HTTP measurements (batching too)")
+    ap.add_argument("--no-batching", action="store_true", help="skip batching through the server")
+    ap.add_argument("--batching-only", action="store_true",
+                    help="run only batching through the server; the other figures of results.json are kept")
+    ap.add_argument("--batching-steps", type=int, default=20)
+    ap.add_argument("--batching-size", type=int, default=128, help="max_size of the batching requests")
+    ap.add_argument("--batching-delay-ms", type=int, default=25, help="maxBatchDelay of the batched server")
     ap.add_argument("--device", default="cpu", help="torch device of every method (cpu, cuda, cuda:1, ...)")
     corpus_args = ap.add_argument_group("quality corpus (bench/corpus.py)")
     which = corpus_args.add_mutually_exclusive_group()
@@ -404,6 +430,15 @@ def main(argv=None) -> int:
         Path(args.report).write_text(report(json.loads(results_path.read_text()), plot_link))
         return 0
     base_wall = base_cpu = 0.0
+    if args.batching_only:  # keep the other figures; measure batching alone
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        b = Bench(args, vgg, ref_vgg, weights_kind)
+        b.results = results
+        b.batching()
+        parts.append("batching")
+        save(results)
+        print(report(results, plot_link))
+        return 0
     if args.corpus_only or args.resume:  # keep the figures of the last full run beside the new corpus
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         if args.resume:  # the run cut short and this one add up
@@ -420,6 +455,9 @@ def main(argv=None) -> int:
         if not args.no_server:
             b.server()
             parts.append("server")
+            if not args.no_batching:
+                b.batching()
+                parts.append("batching")
         results = b.results
         results["load_avg_1m"] = [load0, os.getloadavg()[0]]  # other processes on the machine, start and end
         if "reference" in results:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -128,3 +130,35 @@ def test_a_stored_recipe_target_is_used_only_when_the_recipe_matches_it(tmp_path
     assert third["steps_run"] == 8 and third["stored_mismatch"] > 1e-3 and third["loss_png"] == first["loss_png"]
     (again,) = json.loads(targets.read_text())["targets"].values()
     assert again["curve"] == first["curve"]
+
+
+def test_in_process_batching_takes_up_to_the_batch_size_of_the_waiting_clients(vgg):
+    """The simulated queue of bench/batching.py: with b rows a batch and c
+    clients, every optimization serves min(b, c) requests, the throughput is
+    what the measured batch durations give, and a lone client's latency is
+    one request's duration."""
+    import io
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import batching
+
+    def png(seed):
+        gen = torch.Generator().manual_seed(seed)
+        img = Image.fromarray((torch.rand(24, 32, 3, generator=gen) * 255).byte().numpy())
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+
+    r = batching.in_process(vgg, {"content": png(1), "style": png(2), "steps": 2, "max_size": 32},
+                            batch_sizes=(1, 4), clients=(1, 4), rounds=2, log=lambda m: None)
+    d = {int(k): v for k, v in r["batch_s"].items()}
+    assert set(d) == {1, 4}
+    assert r["runs"]["1/4"]["mean_batch"] == 1 and r["runs"]["4/4"]["mean_batch"] == 4
+    assert r["runs"]["4/1"]["mean_batch"] == 1
+    assert abs(r["runs"]["1/1"]["p50_s"] - d[1]) < 1e-9
+    assert abs(r["runs"]["4/4"]["req_per_s"] - 4 / d[4]) < 1e-6
+    assert abs(r["runs"]["1/4"]["req_per_s"] - 1 / d[1]) < 1e-6
+    text = "\n".join(batching.report(r, "t"))
+    assert "| 4 | 4 |" in text and "vs batch size 1" in text
