@@ -182,8 +182,12 @@ class StyleTransferHandler:
                 f"of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg",
             )
             return self._error(idx, err, context, row.streaming)
-        for key, value in facts.items():
-            context.set_response_header(idx, key, value)
+        if not row.streaming:
+            # Once a progress record went out, the status line and headers
+            # have been sent: TorchServe sends later headers nowhere, so the
+            # facts travel in the final record instead (issue #8).
+            for key, value in facts.items():
+                context.set_response_header(idx, key, value)
         if not params.stream:
             context.set_response_content_type(idx, output.content_type)
         return body

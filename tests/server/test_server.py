@@ -108,6 +108,9 @@ def test_stream_sends_progress_then_image(server):
     assert all(p["steps"] == 20 and p["loss"] > 0 for p in progress)
     assert final["done"] is True and final["steps"] == 20 and final["weights"] == "random"
     assert _png(base64.b64decode(final["image"])).size == (48, 36)
+    # The facts travel in the final record: headers set after the first chunk never arrive.
+    assert final["loss"] > 0 and final["total_ms"] >= final["elapsed_ms"] and final["batch"] == 1
+    assert not any(k.startswith("X-") for k in r.headers)
 
 
 def test_no_or_wrong_token_is_refused(server):
