@@ -162,7 +162,8 @@ def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
             results = _batch_or_none(vgg, rows, limits)
             if results is not None:
                 for i, r in zip(group, results):
-                    outcomes[i] = r if isinstance(r, BaseException) else finish(jobs[i].prepared, r, len(group))
+                    outcomes[i] = r if isinstance(r, BaseException) else _finish_or_error(jobs[i].prepared, r,
+                                                                                         len(group), device)
                 continue
         for i, row in zip(group, rows):  # alone: a group of one, or a group that ran out of memory
             try:
@@ -176,12 +177,22 @@ def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
     return outcomes
 
 
+def _finish_or_error(prepared: Prepared, result: Result, batch: int, device):
+    try:
+        return finish(prepared, result, batch)
+    except Exception as e:  # noqa: BLE001  encoding can run out of memory too
+        if memory.is_out_of_memory(e):
+            memory.release(device)
+        return e.with_traceback(None)
+
+
 def _batch_or_none(vgg: VGGFeatures, rows: list[Row], limits: Limits) -> list | None:
-    """stylize_batch, or None if the batch ran out of memory (memory released)."""
+    """stylize_batch, or None if the batch ran out of memory (memory released).
+    Any other failure of the batch as a whole is every row's outcome."""
     try:
         return stylize_batch(vgg, rows, progress_every=limits.progress_every)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         if not memory.is_out_of_memory(e):
-            raise
+            return [e] * len(rows)
     memory.release(vgg.mean.device)  # outside the except block: its frames held the tensors
     return None

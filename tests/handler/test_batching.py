@@ -116,3 +116,18 @@ def test_a_group_larger_than_the_memory_budget_is_cut(make_handler, make_context
     ctx = make_context(rows=4)
     handler.handle(rows, ctx)
     assert [ctx.get_response_headers(i)["X-Batch"] for i in range(4)] == ["2"] * 4
+
+
+def test_a_bug_in_a_batch_is_a_500_for_its_rows_and_the_call_returns(handler, make_context, inputs, other,
+                                                                     monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in /work/main/handler/nst/secret.py")
+
+    monkeypatch.setattr(nst.pipeline, "stylize_batch", broken)
+    rows = [multipart_row(inputs, steps=2), multipart_row(inputs, steps=2), multipart_row(other, steps=2)]
+    ctx = make_context(rows=3)
+    outs = handler.handle(rows, ctx)
+    for i in (0, 1):
+        err = assert_error(ctx, i, outs[i], 500, None)
+        assert "boom" not in err["message"]
+    assert ctx.status(2) == 200  # alone in its group: not the batch path
