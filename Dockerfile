@@ -27,7 +27,7 @@ RUN pip install -r requirements.txt
 
 COPY handler handler
 COPY scripts scripts
-COPY config.properties ./
+COPY config.properties metrics.yaml ./
 
 # --require-imagenet: the build fails rather than ship random weights. The
 # download cache is dropped in the same layer; the archive keeps its own copy.

@@ -181,7 +181,8 @@ class StyleTransferHandler:
                 413, "max_size", f"max_size: the result is {len(body)} bytes, over this server's response limit "
                 f"of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg",
             )
-            return self._error(idx, err, context, row.streaming)
+            return self._fail(row, err, context)
+        _record_served(context, result.steps, result.elapsed_ms, output, self.device)
         if not row.streaming:
             # Once a progress record went out, the status line and headers
             # have been sent: TorchServe sends later headers nowhere, so the
@@ -211,6 +212,7 @@ class StyleTransferHandler:
         else:  # a bug, not the client's fault: log it, never leak it
             log.error("request %d failed", row.idx, exc_info=(type(exc), exc, exc.__traceback__))
             err = RequestError(500, None, "internal error while stylizing; see the server log")
+        _record(context, "RejectedRequests", 1, extra=(str(err.code),))
         return self._error(row.idx, err, context, row.streaming)
 
     def _error(self, idx: int, err: RequestError, context: Any, streaming: bool) -> bytes:
@@ -221,6 +223,39 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+def _record(context: Any, name: str, value: float, extra: tuple[str, ...] = ()) -> None:
+    """Update one of metrics.yaml's model metrics (dimensions: the model's
+    name, "Model", then `extra`). Metrics never fail a request: without
+    TorchServe's metrics cache (tests' fake context) or on any error, nothing
+    is recorded."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:
+        return
+    try:
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        kind = MetricTypes.COUNTER if name in ("StepsRun", "RejectedRequests") else MetricTypes.GAUGE
+        metrics.get_metric(name, kind).add_or_update(value, [context.model_name, "Model", *extra])
+    except Exception:  # noqa: BLE001  a metrics failure is logged, never the client's problem
+        log.warning("metric %s not recorded", name, exc_info=True)
+
+
+def _record_served(context: Any, steps: int, elapsed_ms: float, output: Output, device: torch.device) -> None:
+    _record(context, "StepsRun", steps)
+    _record(context, "OptimizationMs", elapsed_ms)
+    _record(context, "StepsPerSecond", steps / max(elapsed_ms / 1e3, 1e-9))
+    _record(context, "DecodeMs", output.decode_ms)
+    _record(context, "EncodeMs", output.encode_ms)
+    _record(context, "BatchSize", output.batch)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import psutil
+
+        peak = psutil.Process().memory_info().rss
+    _record(context, "PeakDeviceMemoryMB", peak / 2**20)
 
 
 def parse_sizes(raw: Any) -> list[tuple[int, int]]:

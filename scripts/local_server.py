@@ -85,6 +85,7 @@ def _config(store: Path, ports: dict[str, int], overrides: dict[str, str]) -> st
         "grpc_inference_port": str(ports["grpc_inference"]),
         "grpc_management_port": str(ports["grpc_management"]),
         "model_store": str(store),
+        "metrics_config": str(ROOT / "metrics.yaml"),
     }
     for key, value in replace.items():
         text, found = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)

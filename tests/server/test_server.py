@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -132,10 +133,46 @@ def test_model_registration_api_is_off(server):
     assert r.status_code == 405
 
 
-def test_prometheus_metrics(server):
-    r = requests.get(f"{server.metrics}/metrics", timeout=30)
+def _metric(server, name: str, **labels) -> float:
+    """The sum of `name`'s samples on the Prometheus endpoint whose labels include `labels`."""
+    import re
+
+    text = requests.get(f"{server.metrics}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def _wait_metric(server, name: str, expected: float, **labels) -> float:
+    """Backend metrics reach the endpoint a moment after the answer (the worker logs them)."""
+    import time
+
+    for _ in range(100):
+        value = _metric(server, name, **labels)
+        if value >= expected:
+            return value
+        time.sleep(0.1)
+    return value
+
+
+def test_prometheus_metrics_count_steps_and_rejections(server):
+    """metrics.yaml's model metrics on :8082/metrics: a request of N steps
+    raises StepsRun by exactly N, a rejected one RejectedRequests of its code."""
+    steps0 = _metric(server, "StepsRun", ModelName="style_transfer")
+    rejected0 = _metric(server, "RejectedRequests", ModelName="style_transfer", Code="422")
+    r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "7", "max_size": "32"})
     assert r.status_code == 200
-    assert "# TYPE" in r.text
+    assert _wait_metric(server, "StepsRun", steps0 + 7, ModelName="style_transfer") == steps0 + 7
+    r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "-3"})
+    assert r.status_code == 422
+    after = _wait_metric(server, "RejectedRequests", rejected0 + 1, ModelName="style_transfer", Code="422")
+    assert after == rejected0 + 1
+    assert _metric(server, "StepsRun", ModelName="style_transfer") == steps0 + 7  # a rejection runs no step
+    for name in ("OptimizationMs", "StepsPerSecond", "DecodeMs", "EncodeMs", "PeakDeviceMemoryMB", "BatchSize"):
+        assert re.search(rf"^{name}\{{", requests.get(f"{server.metrics}/metrics", timeout=30).text, re.M), name
 
 
 def _script(server, name: str, *args: str) -> subprocess.CompletedProcess:
