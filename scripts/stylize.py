@@ -6,8 +6,10 @@
 
 Every request parameter of the API is an option (--steps, --max-size,
 --preset, --seed, ...); both modes validate them with the same parser.
-Server mode streams progress (stream=true) and prints it; the token is read
-from TorchServe's key_file.json unless --token is given.
+Server mode streams progress (stream=true): a progress bar when stdout is a
+terminal, a plain line per record otherwise (on stderr), nothing with
+--quiet. The token is read from TorchServe's key_file.json unless --token is
+given.
 """
 from __future__ import annotations
 
@@ -28,6 +30,44 @@ MODEL = "style_transfer"
 
 def _progress(step: int, steps: int, loss: float, elapsed_ms: float) -> None:
     print(f"step {step}/{steps}  loss {loss:.4g}  {elapsed_ms / 1e3:.1f}s", file=sys.stderr, flush=True)
+
+
+class _Bar:
+    """The stream's progress as a tqdm bar on the terminal (stdout)."""
+
+    def __init__(self):
+        import os
+
+        from tqdm import tqdm
+
+        try:
+            size = os.get_terminal_size(sys.stdout.fileno())
+        except OSError:
+            size = os.terminal_size((0, 0))
+        # A terminal that reports no size (a bare pseudo-terminal) would get an
+        # empty bar, and tqdm hides a bar below the screen's last row.
+        known = size.columns > 0 and size.lines > 0
+        self.bar = tqdm(total=None, unit="step", file=sys.stdout, dynamic_ncols=known,
+                        ncols=None if known else 80, nrows=None if known else 24)
+
+    def __call__(self, step: int, steps: int, loss: float, elapsed_ms: float) -> None:
+        if self.bar.total != steps:
+            self.bar.total = steps
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4g}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_display(quiet: bool):
+    """(callback, close): a bar on a terminal, plain lines otherwise, nothing when quiet."""
+    if quiet:
+        return (lambda *a: None), (lambda: None)
+    if sys.stdout.isatty():
+        bar = _Bar()
+        return bar, bar.close
+    return _progress, (lambda: None)
 
 
 def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
@@ -51,14 +91,18 @@ def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str])
             print(f"error {r.status_code}: {r.text.strip()}", file=sys.stderr)
             return 1
         final = None
-        for line in r.iter_lines():
-            if not line:
-                continue
-            record = json.loads(line)
-            if record.get("done"):
-                final = record
-            else:
-                _progress(record["step"], record["steps"], record["loss"], record["elapsed_ms"])
+        show, close = progress_display(args.quiet)
+        try:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                record = json.loads(line)
+                if record.get("done"):
+                    final = record
+                else:
+                    show(record["step"], record["steps"], record["loss"], record["elapsed_ms"])
+        finally:
+            close()
     if final is None:
         print("error: the stream ended without a result", file=sys.stderr)
         return 1
@@ -66,12 +110,13 @@ def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str])
         print(f"error {final['error']['code']}: {final['error']['message']}", file=sys.stderr)
         return 1
     Path(args.output).write_bytes(base64.b64decode(final["image"]))
-    print(
-        f"wrote {args.output}: {final['steps']} steps, loss {final['loss']:.4g}, "
-        f"{final['elapsed_ms'] / 1e3:.1f}s optimizing, {time.monotonic() - t0:.1f}s total, "
-        f"weights {final['weights']}",
-        file=sys.stderr,
-    )
+    if not args.quiet:
+        print(
+            f"wrote {args.output}: {final['steps']} steps, loss {final['loss']:.4g}, "
+            f"{final['elapsed_ms'] / 1e3:.1f}s optimizing, {time.monotonic() - t0:.1f}s total, "
+            f"weights {final['weights']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -89,7 +134,11 @@ def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) 
         request = parse_request(fields, limits)  # before loading weights: fail fast
         state, kind = nst_weights.load(args.weights)
         vgg = VGGFeatures(state).to(torch.device(args.device))
-        out = run(request, vgg, limits, callback=lambda p: _progress(p.step, p.steps, p.loss, p.elapsed_ms))
+        show, close = progress_display(args.quiet)
+        try:
+            out = run(request, vgg, limits, callback=lambda p: show(p.step, p.steps, p.loss, p.elapsed_ms))
+        finally:
+            close()
     except RequestError as e:
         print(f"error {e.code}: {e.message}", file=sys.stderr)
         return 1
@@ -98,8 +147,9 @@ def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) 
         return 1
     Path(args.output).write_bytes(out.data)
     r = out.result
-    print(f"wrote {args.output}: {r.steps} steps, loss {r.loss:.4g}, {r.elapsed_ms / 1e3:.1f}s, weights {kind}",
-          file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {args.output}: {r.steps} steps, loss {r.loss:.4g}, {r.elapsed_ms / 1e3:.1f}s, weights {kind}",
+              file=sys.stderr)
     return 0
 
 
@@ -115,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", help="inference key, instead of reading --key-file")
     ap.add_argument("--timeout", type=float, default=900.0, help="read timeout, s")
     ap.add_argument("--local", action="store_true", help="run in-process instead of calling the server")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary; errors still go to stderr")
     ap.add_argument("--weights", default=str(ROOT / "weights" / "vgg19_features.pth"), help="--local: weights file")
     ap.add_argument("--device", default="cpu", help="--local: cpu or cuda")
     for name in PARSERS:

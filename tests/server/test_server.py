@@ -196,6 +196,46 @@ def test_stylize_cli_server_mode(server, tmp_path):
     assert bad.returncode == 1 and "422" in bad.stderr and "steps" in bad.stderr
 
 
+def test_stylize_cli_draws_a_bar_on_a_terminal_and_is_silent_when_quiet(server, tmp_path):
+    """stdout a pseudo-terminal: a tqdm bar fed by the stream (20 steps,
+    records at 10 and 20); --quiet: nothing at all on either stream."""
+    import os
+    import pty
+
+    (tmp_path / "c.png").write_bytes(CONTENT)
+    (tmp_path / "s.jpg").write_bytes(STYLE)
+    args = [sys.executable, str(ROOT / "scripts" / "stylize.py"), str(tmp_path / "c.png"), str(tmp_path / "s.jpg"),
+            "-o", str(tmp_path / "out.png"), "--server", server.inference, "--steps", "20", "--max-size", "32"]
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100x24 terminal
+    proc = subprocess.Popen(args, cwd=server.workdir, env=server.env, stdout=follower, stderr=subprocess.PIPE)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, err = proc.communicate(timeout=300)
+    os.close(leader)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, err
+    assert "20/20" in terminal and ("step/s" in terminal or "s/step" in terminal), terminal
+    assert "loss=" in terminal and "\r" in terminal  # redrawn in place
+    assert b"step 10/20" not in err  # no plain lines beside the bar
+
+    quiet = _script(server, "stylize.py", *args[2:], "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert _png((tmp_path / "out.png").read_bytes()).size == (32, 24)
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_readme_curl_example(server, tmp_path):
     (tmp_path / "content.png").write_bytes(CONTENT)
