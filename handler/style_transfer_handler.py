@@ -58,6 +58,7 @@ class StyleTransferHandler:
         streaming: bool = False  # True once a progress record (and with it the 200 status) went out
         callback: Any = None
         prepared: Prepared | None = None
+        error: RequestError | None = None  # what the row was answered with, if it failed
 
     def __init__(self) -> None:
         self.initialized = False
@@ -98,9 +99,11 @@ class StyleTransferHandler:
         optimization) -> encode and answer (each row its own answer or error)."""
         out: list[bytes | None] = [None] * len(data)
         rows: list[StyleTransferHandler._Row] = []
+        every: list[StyleTransferHandler._Row] = []
         for idx, raw in enumerate(data):
             row = self._Row(idx, taken=time.monotonic(), deadline=time.monotonic() + self.limits.time_budget_s,
-                       grpc=is_grpc(context, idx))
+                            grpc=is_grpc(context, idx))
+            every.append(row)
             try:
                 self._decode(row, raw, context)
                 rows.append(row)
@@ -121,6 +124,7 @@ class StyleTransferHandler:
                 # would take the answer for the end of a stream that never
                 # started and send no status line (the client hangs).
                 context.set_response_header(idx, TS_STREAM_NEXT, "false")
+        _raise_for_grpc(every, out)
         return out
 
     # -- one row ------------------------------------------------------------
@@ -213,6 +217,7 @@ class StyleTransferHandler:
             log.error("request %d failed", row.idx, exc_info=(type(exc), exc, exc.__traceback__))
             err = RequestError(500, None, "internal error while stylizing; see the server log")
         _record(context, "RejectedRequests", 1, extra=(str(err.code),))
+        row.error = err
         return self._error(row.idx, err, context, row.streaming)
 
     def _error(self, idx: int, err: RequestError, context: Any, streaming: bool) -> bytes:
@@ -223,6 +228,28 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+def _raise_for_grpc(rows: list, out: list) -> None:
+    """Make gRPC errors gRPC errors. TorchServe 0.12.0's GRPCJob ignores a
+    row's status (set_response_status) and sends any answer as OK; only a
+    failure of the whole batch reaches its sendError, which maps the code to
+    a gRPC status (400 INVALID_ARGUMENT, 413 RESOURCE_EXHAUSTED, 503
+    UNAVAILABLE, 504 DEADLINE_EXCEEDED, other 4xx FAILED_PRECONDITION, 5xx
+    INTERNAL) with the message as its details. So when every row of the
+    batch is a failed gRPC call with one code, the batch fails with that code
+    and the rows' JSON error as the message. A failed gRPC call batched with
+    rows that succeed (or with HTTP rows, whose own status does arrive) keeps
+    the OK answer carrying its JSON error: failing the batch would fail them."""
+    if not rows or not all(r.grpc and r.error is not None for r in rows):
+        return
+    codes = {r.error.code for r in rows}
+    if len(codes) != 1:
+        return
+    from ts.utils.util import PredictionException
+
+    raise PredictionException(out[0].decode() if len(rows) == 1 else
+                              json.dumps([json.loads(o) for o in out]), codes.pop())
 
 
 def _record(context: Any, name: str, value: float, extra: tuple[str, ...] = ()) -> None:

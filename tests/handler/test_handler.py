@@ -506,12 +506,39 @@ def test_grpc_answers_say_no_more_responses_follow(handler, make_context, inputs
     assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
 
 
+def grpc_failure(handler, ctx, rows) -> tuple[int, object]:
+    """A gRPC error as the backend reports it: the batch fails with the code,
+    which TorchServe's frontend maps to a gRPC status; the message is the JSON error."""
+    from ts.utils.util import PredictionException
+
+    with pytest.raises(PredictionException) as info:
+        handler.handle(rows, ctx)
+    return info.value.error_code, json.loads(info.value.message)
+
+
 @pytest.mark.parametrize("stream", ["false", "true"])
-def test_grpc_errors_say_no_more_responses_follow(handler, make_context, inputs, sent, stream):
+def test_a_grpc_error_fails_the_call_with_its_code_and_the_json_error(handler, make_context, inputs, sent, stream):
     ctx = make_context(grpc=True)
-    [out] = handler.handle([multipart_row(inputs, steps=1, stream=stream, **{"größe": 1})], ctx)
-    assert_error(ctx, 0, out, 422, "größe")
+    code, body = grpc_failure(handler, ctx, [multipart_row(inputs, steps=1, stream=stream, **{"größe": 1})])
+    assert code == 422 and body["code"] == 422 and body["message"].startswith("größe")
     assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+
+
+def test_grpc_errors_batched_with_a_success_stay_ok_answers_with_the_json_error(handler, make_context, inputs):
+    """Failing the batch would fail the neighbour that succeeded: the failed
+    call keeps TorchServe's OK answer carrying its JSON error."""
+    ctx = make_context(rows=2, grpc=True)
+    bad, good = handler.handle([multipart_row(inputs, steps=-1), multipart_row(inputs, steps=1, max_size=32)], ctx)
+    assert_error(ctx, 0, bad, 422, "steps")
+    assert png_of(good).size == (32, 24)
+
+
+def test_grpc_errors_of_different_codes_in_one_batch_stay_ok_answers(handler, make_context, inputs):
+    ctx = make_context(rows=2, grpc=True)
+    a, b = handler.handle([multipart_row(inputs, steps=-1), {"content": bytearray(b"x"),
+                                                            "style": bytearray(inputs["style"])}], ctx)
+    assert_error(ctx, 0, a, 422, "steps")
+    assert_error(ctx, 1, b, 415, "content")
 
 
 def test_grpc_stream_sends_no_progress_only_the_final_record(handler, make_context, inputs, sent):
@@ -537,10 +564,9 @@ def test_grpc_stream_error_is_the_json_error_not_an_in_band_record(handler, make
 
     fail_every_optimization(monkeypatch, fails_after_one_step)
     ctx = make_context(grpc=True)
-    [out] = handler.handle([multipart_row(inputs, steps=3, stream="true")], ctx)
+    code, body = grpc_failure(handler, ctx, [multipart_row(inputs, steps=3, stream="true")])
     assert sent == []
-    assert_error(ctx, 0, out, 504, None)
-    assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
+    assert code == 504 and body["code"] == 504 and "done" not in body
 
 
 def test_http_answers_never_carry_ts_stream_next(handler, make_context, inputs, sent):

@@ -8,10 +8,13 @@ message that names the field, holds no raw control character or surrogate and
 stays short; the worker keeps its PID; a normal request right after returns a
 PNG.
 
-How an error arrives: today TorchServe's GRPCJob ignores the per-row status,
-so it is an OK response whose `prediction` is the JSON error body. Issue #8
-will turn it into a gRPC error status (TorchServe's HTTP -> gRPC mapping);
-`error_of` accepts both forms and checks the same things in each.
+How an error arrives: TorchServe's GRPCJob ignores the per-row status, so
+the handler fails the whole batch when all its rows are failed gRPC calls of
+one code, and the frontend turns that into a gRPC error status (its HTTP ->
+gRPC mapping) with the JSON error as the details. A failed call batched with
+calls that succeed stays an OK response carrying the JSON error. `error_of`
+accepts both forms and checks the same things in each;
+`test_grpc_errors_arrive_as_grpc_errors` requires the status.
 
 The module also holds the calls that could take a worker down through
 TorchServe 0.12.0's frontend whatever the request's text: a StreamPredictions
@@ -45,6 +48,7 @@ BASE = {"content": GOOD, "style": GOOD, "steps": b"1", "max_size": b"32"}
 # TorchServe's GRPCUtils.getGRPCStatusCode, as the API contract states it.
 GRPC_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.FAILED_PRECONDITION,
     422: grpc.StatusCode.FAILED_PRECONDITION,
@@ -132,6 +136,25 @@ def test_invalid_utf8_in_a_field_name_is_refused_by_the_frontend(server, client)
     # The same bytes with a valid name are a request the server serves.
     _assert_png(client.predict_raw(raw_request("style_transfer", fields), key))
     assert server.worker_pids() == pids
+
+
+@pytest.mark.parametrize("fields, code, field", [
+    ({"steps": b"-3"}, 422, "steps"),
+    ({"content": b"just some text, not an image"}, 415, "content"),
+    ({"stepz": b"3"}, 422, "stepz"),
+    ({"style": None}, 400, "style"),
+], ids=["steps-out-of-range", "text-as-content", "unknown-parameter", "missing-style"])
+def test_grpc_errors_arrive_as_grpc_errors(server, client, fields, code, field):
+    """Issue #8: an error is a gRPC error with TorchServe's status for its
+    HTTP code and the JSON error (naming the field) as its details, over
+    Predictions and StreamPredictions alike."""
+    request = {k: v for k, v in {**BASE, **fields}.items() if v is not None}  # None: the field left out
+    for result in (client.predict(request, server.key("inference")),
+                   *client.stream_predict(request, server.key("inference"))):
+        assert isinstance(result, grpc.RpcError), _describe(result)
+        assert result.code() == GRPC_STATUS[code], _describe(result)
+        body = json.loads(result.details().split(TS_AUGMENT, 1)[0])
+        assert body["code"] == code and body["message"].startswith(field), body
 
 
 def test_unary_predictions_returns_the_png(server, client):
