@@ -10,40 +10,18 @@ admission-control estimate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "handler"), str(ROOT / "bench")]
-from nst import VGGFeatures  # noqa: E402
+from gpu_variants import per_step, run, setup  # noqa: E402
 from nst import optimize as o  # noqa: E402
 from nst.config import Params  # noqa: E402
 from nst.memory import estimate_bytes  # noqa: E402
-from nst.vgg import random_features_state  # noqa: E402
-
-
-def sync_time() -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def run(vgg, size, steps) -> float:
-    w, h = size
-    gen = torch.Generator().manual_seed(1)
-    content, style = (torch.rand((1, 3, h, w), generator=gen).cuda() for _ in range(2))
-    t0 = sync_time()
-    o.stylize(vgg, content, [style], dataclasses.replace(Params(), steps=steps), progress_every=steps)
-    return sync_time() - t0
-
-
-def per_step(vgg, size, a=20, b=220) -> float:
-    return statistics.median((run(vgg, size, b) - run(vgg, size, a)) / (b - a) * 1e3 for _ in range(3))
 
 
 def peak(vgg, size, steps=70) -> dict:
@@ -62,11 +40,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_autotune.json")
     args = ap.parse_args(argv)
-    torch.backends.cudnn.benchmark = False
-    torch.set_float32_matmul_precision("high")
-    vgg = VGGFeatures(random_features_state(0)).cuda()
+    vgg, r = setup(autotune=False)
     sq = (512, 512)
-    r: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "cudnn_benchmark": False}
     r["warm_up_s"] = o.warm_up(vgg, [sq])
     print("warm-up", r["warm_up_s"], flush=True)
     r["first_request_warmed_s"] = run(vgg, sq, 100)

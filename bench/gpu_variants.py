@@ -40,7 +40,7 @@ def run(vgg, size, steps, **kw) -> float:
     return sync_time() - t0
 
 
-def per_step(vgg, size, a, b) -> float:
+def per_step(vgg, size, a=20, b=220) -> float:
     diffs = [(run(vgg, size, b) - run(vgg, size, a)) / (b - a) * 1e3 for _ in range(3)]
     return statistics.median(diffs)
 
@@ -80,15 +80,21 @@ def profile(vgg, size, label, top=14) -> dict:
     return {"gpu_ms_per_step": total / 10, "top": [(k[:110], t / 10, n / 10) for k, t, n in rows[:top]]}
 
 
+def setup(autotune: bool) -> tuple:
+    """The GPU's settings as the handler makes them (autotuning as given), and the extractor."""
+    torch.backends.cudnn.benchmark = autotune
+    torch.set_float32_matmul_precision("high")
+    vgg = VGGFeatures(random_features_state(0)).cuda()
+    return vgg, {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "cudnn_benchmark": autotune}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_variants.json")
     args = ap.parse_args(argv)
-    torch.backends.cudnn.benchmark = True
-    torch.set_float32_matmul_precision("high")
-    vgg = VGGFeatures(random_features_state(0)).cuda()
+    vgg, r = setup(autotune=True)
     size = (512, 512)
-    r: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "size": "512x512"}
+    r["size"] = "512x512"
     reset_compile(False, False)
     r["graph"] = measure(vgg, size, "graph only")
     r["graph_profile"] = profile(vgg, size, "graph only (eager kernels)")
