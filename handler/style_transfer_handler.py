@@ -124,7 +124,7 @@ class StyleTransferHandler:
                 # would take the answer for the end of a stream that never
                 # started and send no status line (the client hangs).
                 context.set_response_header(idx, TS_STREAM_NEXT, "false")
-        _raise_for_grpc(every, out)
+        _raise_for_grpc(every)
         return out
 
     # -- one row ------------------------------------------------------------
@@ -230,26 +230,24 @@ class StyleTransferHandler:
         return json.dumps(err.as_dict()).encode()
 
 
-def _raise_for_grpc(rows: list, out: list) -> None:
+def _raise_for_grpc(rows: list) -> None:
     """Make gRPC errors gRPC errors. TorchServe 0.12.0's GRPCJob ignores a
     row's status (set_response_status) and sends any answer as OK; only a
     failure of the whole batch reaches its sendError, which maps the code to
     a gRPC status (400 INVALID_ARGUMENT, 413 RESOURCE_EXHAUSTED, 503
     UNAVAILABLE, 504 DEADLINE_EXCEEDED, other 4xx FAILED_PRECONDITION, 5xx
     INTERNAL) with the message as its details. So when every row of the
-    batch is a failed gRPC call with one code, the batch fails with that code
-    and the rows' JSON error as the message. A failed gRPC call batched with
-    rows that succeed (or with HTTP rows, whose own status does arrive) keeps
-    the OK answer carrying its JSON error: failing the batch would fail them."""
+    batch is a failed gRPC call with the same code and message (a batch of
+    one, as a rule), the batch fails with them. A failed call batched with
+    other rows keeps the OK answer carrying its JSON error: failing the batch
+    would fail its neighbours, or send them another request's message."""
     if not rows or not all(r.grpc and r.error is not None for r in rows):
         return
-    codes = {r.error.code for r in rows}
-    if len(codes) != 1:
+    if len({(r.error.code, r.error.message) for r in rows}) != 1:
         return
     from ts.utils.util import PredictionException
 
-    raise PredictionException(out[0].decode() if len(rows) == 1 else
-                              json.dumps([json.loads(o) for o in out]), codes.pop())
+    raise PredictionException(rows[0].error.message, rows[0].error.code)
 
 
 def _record(context: Any, name: str, value: float, extra: tuple[str, ...] = ()) -> None:

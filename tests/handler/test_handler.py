@@ -506,21 +506,21 @@ def test_grpc_answers_say_no_more_responses_follow(handler, make_context, inputs
     assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
 
 
-def grpc_failure(handler, ctx, rows) -> tuple[int, object]:
+def grpc_failure(handler, ctx, rows) -> tuple[int, str]:
     """A gRPC error as the backend reports it: the batch fails with the code,
-    which TorchServe's frontend maps to a gRPC status; the message is the JSON error."""
+    which TorchServe's frontend maps to a gRPC status, and the error's message."""
     from ts.utils.util import PredictionException
 
     with pytest.raises(PredictionException) as info:
         handler.handle(rows, ctx)
-    return info.value.error_code, json.loads(info.value.message)
+    return info.value.error_code, info.value.message
 
 
 @pytest.mark.parametrize("stream", ["false", "true"])
-def test_a_grpc_error_fails_the_call_with_its_code_and_the_json_error(handler, make_context, inputs, sent, stream):
+def test_a_grpc_error_fails_the_call_with_its_code_and_message(handler, make_context, inputs, sent, stream):
     ctx = make_context(grpc=True)
-    code, body = grpc_failure(handler, ctx, [multipart_row(inputs, steps=1, stream=stream, **{"größe": 1})])
-    assert code == 422 and body["code"] == 422 and body["message"].startswith("größe")
+    code, message = grpc_failure(handler, ctx, [multipart_row(inputs, steps=1, stream=stream, **{"größe": 1})])
+    assert code == 422 and message.startswith("größe") and not LEAK.search(message)
     assert ctx.get_response_headers(0)["ts_stream_next"] == "false"
 
 
@@ -534,6 +534,7 @@ def test_grpc_errors_batched_with_a_success_stay_ok_answers_with_the_json_error(
 
 
 def test_grpc_errors_of_different_codes_in_one_batch_stay_ok_answers(handler, make_context, inputs):
+    """One failure for the batch would send one call the other's message."""
     ctx = make_context(rows=2, grpc=True)
     a, b = handler.handle([multipart_row(inputs, steps=-1), {"content": bytearray(b"x"),
                                                             "style": bytearray(inputs["style"])}], ctx)
@@ -564,9 +565,9 @@ def test_grpc_stream_error_is_the_json_error_not_an_in_band_record(handler, make
 
     fail_every_optimization(monkeypatch, fails_after_one_step)
     ctx = make_context(grpc=True)
-    code, body = grpc_failure(handler, ctx, [multipart_row(inputs, steps=3, stream="true")])
+    code, message = grpc_failure(handler, ctx, [multipart_row(inputs, steps=3, stream="true")])
     assert sent == []
-    assert code == 504 and body["code"] == 504 and "done" not in body
+    assert code == 504 and message.startswith("time budget exceeded")
 
 
 def test_http_answers_never_carry_ts_stream_next(handler, make_context, inputs, sent):
