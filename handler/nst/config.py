@@ -166,8 +166,13 @@ LBFGS_MEMORY = 512 * 1024 * 1024
 # Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
 # weights the gradients are in the hundreds: an unbounded first step threw every
 # pixel out of range and the optimizer stalled there (issue #11). Chosen on the
-# quality corpus (bench/corpus): 0.05-0.25 all reach the recipe's loss.
-LBFGS_MAX_MOVE = 0.1
+# quality corpus (bench/corpus, stored recipe targets, all 12 pairs): 0.25 gives
+# median 222x, worst 79x to the recipe's loss, and every default (100-step)
+# image at most 0.22x the recipe's loss; 0.1 crawled on painting_painting (116
+# steps, its 100-step image 19.6x the recipe's loss: worst 22x); 0.5 slowed the
+# noise style (35 steps: worst 69x, median 184x); bounding only the first step
+# left the noise style's 100-step image at 0.51x the recipe's loss.
+LBFGS_MAX_MOVE = 0.25
 # On a GPU, the fast preset's L-BFGS steps are captured in a CUDA graph once
 # per image shape and dtype, after a few eager steps, and replayed: a step is
 # hundreds of small kernels, which otherwise leave the GPU waiting on launches.

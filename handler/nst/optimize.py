@@ -361,7 +361,11 @@ def stylize_batch(
     # counter < its last step, decided on the device, inside the graph.
     counter = torch.full((), first_step - 1, device=device, dtype=torch.long)
     last = torch.tensor(steps, device=device, dtype=torch.long)
-    state = lbfgs.init_state(B, n, lbfgs_history(shape_pixels(x)), device)
+    # One single-image state per row, each stepped by the very code that steps
+    # a request alone: a batched reduction (a B-row bmm or sum) orders its
+    # additions differently from a one-row one, and the optimization amplified
+    # those last bits to several levels of 255 over a few dozen steps.
+    states = [lbfgs.init_state(1, n, lbfgs_history(shape_pixels(x)), device) for _ in range(B)]
     bounded = not p0.recipe_mode
     loss_buf = torch.zeros(B, device=device)
 
@@ -369,11 +373,11 @@ def stylize_batch(
         xv = x.detach().requires_grad_(True)
         loss = loss_of(objective, xv, dtype)  # (B,)
         (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
-        flat = x.view(B, n)
-        x_next = lbfgs.step(
-            state, flat, grad.reshape(B, n), lr=p0.lr, max_move=LBFGS_MAX_MOVE,
+        flat, g = x.view(B, n), grad.reshape(B, n)
+        x_next = torch.cat([lbfgs.step(
+            state, flat[b:b + 1], g[b:b + 1], lr=p0.lr, max_move=LBFGS_MAX_MOVE,
             lower=0.0 if bounded else None, upper=1.0 if bounded else None,
-        )
+        ) for b, state in enumerate(states)])
         active = (counter < last).view(B, 1)
         x.copy_(torch.where(active, x_next, flat).view_as(x))
         loss_buf.copy_(loss.detach())

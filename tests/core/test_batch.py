@@ -110,3 +110,14 @@ def test_rows_that_cannot_share_a_step_are_refused(vgg):
         stylize_batch(vgg, [Row(a, [s], params()), Row(b, [s], params())])
     with pytest.raises(ValueError, match="cannot share"):
         stylize_batch(vgg, [Row(a, [s], params()), Row(a, [s], params(pooling="avg"))])
+
+
+def test_on_the_cpu_a_batched_image_is_bit_for_bit_its_image_alone(vgg):
+    """Per-image convolutions and per-row optimizer states: nothing in a
+    step depends on the batch's size, the bf16 steps included."""
+    rows = [Row(images(20)[0], [images(20)[1]], params(steps=70)),  # past the bf16 steps
+            Row(images(21)[0], [images(21)[1]], params(steps=40, init="noise", seed=2))]
+    for row, got in zip(rows, stylize_batch(vgg, rows, progress_every=10)):
+        alone = stylize(vgg, row.content, row.styles, row.params, progress_every=10)
+        assert torch.equal(got.image, alone.image)
+        assert got.loss == alone.loss

@@ -177,8 +177,13 @@ def test_the_default_does_not_stall_on_a_near_black_style(vgg):
     params = dataclasses.replace(Params(), steps=60)
     result = stylize(vgg, content, [style], params, progress_every=10)
     losses = [p.loss for p in result.history]
-    assert losses[-1] < 0.1 * losses[0]  # torch.optim.LBFGS stayed within 1% of its step-10 loss
-    assert all(b < a for a, b in zip(losses, losses[1:]))
+    # torch.optim.LBFGS stayed within 1% of its step-10 loss; the default
+    # falls 9x from there (with LBFGS_MAX_MOVE 0.25 its first 10 steps already
+    # go further than 0.1's did).
+    assert losses[-1] < 0.25 * losses[0]
+    # By step 40 it has settled on its floor (36x below the content's loss,
+    # half of Adam's); the switch from bf16 to float32 may move it by ~1%.
+    assert losses[-1] <= 1.02 * min(losses)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: host syncs are a CUDA notion")
