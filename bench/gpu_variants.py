@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Which engine variant is fastest on this GPU: ms per step of the default
 optimizer at 512x512, float32 and bf16 steps apart, for the CUDA graph alone,
-torch.compile (one program per shape, or one with dynamic shapes) inside the
-graph, and cuDNN autotuning off; then a profile of where a step's GPU time
-goes. Measured to choose `COMPILE` / `COMPILE_DYNAMIC` in nst/config.py;
+torch.compile (one program per shape) inside the graph, and cuDNN
+autotuning off; then a profile of where a step's GPU time goes. (Dynamic
+shapes were measured once, on an H200: 133 s to compile, slower steps; see
+bench/gpu_results_h200.json.) Measured to choose `COMPILE` / `COMPILE_DYNAMIC` in nst/config.py;
 `bench/gpu.py` measures the chosen engine against the recipe.
 """
 from __future__ import annotations
@@ -106,12 +107,6 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = False
     r["compile_static_no_autotune"] = measure(vgg, size, "compile static, cudnn.benchmark off")
     torch.backends.cudnn.benchmark = True
-    reset_compile(True, True)
-    t0 = time.perf_counter()
-    r["dynamic_warm_s"] = o.warm_up(vgg, [(384, 256), size])
-    print("dynamic warm-up", r["dynamic_warm_s"], time.perf_counter() - t0, flush=True)
-    r["compile_dynamic"] = measure(vgg, size, "compile dynamic")
-    r["compile_dynamic_other_shape_640x360"] = measure(vgg, (640, 360), "compile dynamic 640x360 (not warmed)")
     args.out.write_text(json.dumps(r, indent=2))
     return 0
 
