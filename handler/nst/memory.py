@@ -18,7 +18,7 @@ import torch
 
 from .config import Params
 from .optimize import lbfgs_history, lbfgs_pair_bytes
-from .vgg import _CONVS
+from .vgg import CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
 SAFETY = 1.1  # allocator rounding and block splitting; cuDNN's choice of kernels
@@ -36,7 +36,7 @@ GPU_BASE = 256 * 1024 * 1024
 def saved_elements_per_pixel() -> float:
     """Elements autograd saves per input pixel for one step through VGG19 to conv5_1."""
     stored = 2 * 3.0  # the image and its clamped, normalized copy
-    for block, index, cin, cout, _ in _CONVS:
+    for block, index, cin, cout, _ in CONVS:
         scale = 4.0 ** -(block - 1)  # 2x2 pooling between blocks
         if block > 1 and index == 1:  # the pool that ended the previous block, of cin channels
             stored += cin * scale  # its output, this conv's saved input

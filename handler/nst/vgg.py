@@ -15,16 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # VGG19 conv blocks up to conv5_1: (block, index in block, in_ch, out_ch,
-# index of the conv in torchvision's `features` Sequential).
-_CONVS = (
+# index of the conv in torchvision's `features` Sequential). Public: the
+# memory model reads the layer shapes from it.
+CONVS = (
     (1, 1, 3, 64, 0), (1, 2, 64, 64, 2),
     (2, 1, 64, 128, 5), (2, 2, 128, 128, 7),
     (3, 1, 128, 256, 10), (3, 2, 256, 256, 12), (3, 3, 256, 256, 14), (3, 4, 256, 256, 16),
     (4, 1, 256, 512, 19), (4, 2, 512, 512, 21), (4, 3, 512, 512, 23), (4, 4, 512, 512, 25),
     (5, 1, 512, 512, 28),
 )
-LAYER_NAMES = tuple(f"conv{b}_{i}" for b, i, *_ in _CONVS)
-TORCHVISION_INDEX = {f"conv{b}_{i}": idx for b, i, _, _, idx in _CONVS}
+LAYER_NAMES = tuple(f"conv{b}_{i}" for b, i, *_ in CONVS)
+TORCHVISION_INDEX = {f"conv{b}_{i}": idx for b, i, _, _, idx in CONVS}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,7 +65,7 @@ class VGGFeatures(nn.Module):
         super().__init__()
         state = features_state_dict(state)
         self.convs = nn.ModuleList()
-        for _, _, cin, cout, idx in _CONVS:
+        for _, _, cin, cout, idx in CONVS:
             conv = nn.Conv2d(cin, cout, 3, padding=1)
             conv.weight.data.copy_(state[f"{idx}.weight"])
             conv.bias.data.copy_(state[f"{idx}.bias"])
@@ -118,7 +119,7 @@ class VGGFeatures(nn.Module):
         out: dict[str, Tensor] = {}
         params = self._params(dtype, channels_last)
         for k in range(deepest + 1):
-            if k > 0 and _CONVS[k][0] != _CONVS[k - 1][0]:  # a new block: the previous one ends in a 2x2 pool
+            if k > 0 and CONVS[k][0] != CONVS[k - 1][0]:  # a new block: the previous one ends in a 2x2 pool
                 x = pool(x, 2)
             weight, bias = params[k]
             x = F.relu(_conv(x, weight, bias))
