@@ -7,7 +7,6 @@ file never touch a server that `make serve` started. Token auth stays on.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -20,6 +19,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from manage import read_key  # noqa: E402  one reader of TorchServe's key file
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -46,7 +48,7 @@ class Server:
         return self.workdir / "key_file.json"
 
     def key(self, kind: str) -> str:
-        return json.loads(self.key_file.read_text())[kind]["key"]
+        return read_key(self.key_file, kind)
 
     def auth(self, kind: str = "inference") -> dict:
         return {"Authorization": f"Bearer {self.key(kind)}"}

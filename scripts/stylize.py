@@ -73,7 +73,9 @@ def progress_display(quiet: bool):
 def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
-    token = args.token or json.loads(Path(args.key_file).read_text())["inference"]["key"]
+    from manage import read_key  # scripts/ is this script's own directory
+
+    token = args.token or read_key(args.key_file, "inference")
     files = {"content": ("content", content), "style": ("style", styles[0])}
     for i, data in enumerate(styles[1:], start=2):
         files[f"style_{i}"] = (f"style_{i}", data)
