@@ -39,16 +39,23 @@ def size_style(style: Image.Image, content: Image.Image, style_scale: float, rec
     return imageio.resize_to(style, size)
 
 
-def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limits, device) -> None:
-    """Refuse (507) a request whose estimated peak memory is over the budget, before allocating it."""
+def budget_bytes(limits: Limits, device) -> int:
+    """What one worker may spend now: the configured budget, else the device's free memory."""
+    return limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+
+
+def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limits, device) -> int:
+    """Refuse (507) a request whose estimated peak memory is over the budget,
+    before allocating it. Returns the estimate, in bytes."""
     w, h = content.size
     need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
-    budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+    budget = budget_bytes(limits, device)
     if need > budget:
         raise RequestError(
             507, "max_size", f"max_size: this request needs about {need // 2**20} MiB, the worker can spend "
             f"{budget // 2**20} MiB now; ask for a smaller max_size or retry later",
         )
+    return need
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class Prepared:
     content: Tensor  # (1, 3, H, W) on the extractor's device
     styles: list[Tensor]
     decode_ms: float
+    need_bytes: int  # the admission estimate of its peak memory
 
 
 def prepare(request: Request, vgg: VGGFeatures, limits: Limits, *, deadline: float | None = None) -> Prepared:
@@ -83,9 +91,9 @@ def prepare(request: Request, vgg: VGGFeatures, limits: Limits, *, deadline: flo
     if deadline is not None and time.monotonic() > deadline:
         # A decoder cannot be interrupted; the scan limit bounds it, the budget still counts it.
         raise BudgetExceeded(f"ran out before the first step (decoding took {decode_ms / 1e3:.1f} s)")
-    admit(content_img, style_imgs, p, limits, device)
+    need = admit(content_img, style_imgs, p, limits, device)
     return Prepared(request, imageio.to_tensor(content_img, device),
-                    [imageio.to_tensor(s, device) for s in style_imgs], decode_ms)
+                    [imageio.to_tensor(s, device) for s in style_imgs], decode_ms, need)
 
 
 def finish(prepared: Prepared, result: Result, batch: int = 1) -> Output:
@@ -120,17 +128,11 @@ class Job:
     deadline: float | None = None
 
 
-def estimate(prepared: Prepared, device_type: str) -> int:
-    _, _, h, w = prepared.content.shape
-    return memory.estimate_bytes(h, w, sum(s.shape[-2] * s.shape[-1] for s in prepared.styles),
-                                 prepared.request.params, device_type)
-
-
 def groups(jobs: Sequence[Job], limits: Limits, device) -> list[list[int]]:
     """Indices of `jobs` that share one optimization: equal batch keys, in
     arrival order, each group's summed memory estimate within the budget (a
     group that would not fit is cut, and the rest forms a later group)."""
-    budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+    budget = budget_bytes(limits, device)
     by_key: dict = {}
     out: list[list[int]] = []
     for i, job in enumerate(jobs):
@@ -138,7 +140,7 @@ def groups(jobs: Sequence[Job], limits: Limits, device) -> list[list[int]]:
         if key is None:
             out.append([i])
             continue
-        need = estimate(job.prepared, device.type)
+        need = job.prepared.need_bytes
         group, used = by_key.get(key, (None, 0))
         if group is None or used + need > budget:
             group, used = [], 0
