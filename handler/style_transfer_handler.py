@@ -115,15 +115,15 @@ class StyleTransferHandler:
                 out[row.idx] = self._fail(row, outcome, context)
             else:
                 out[row.idx] = self._respond(row, outcome, context)
-        for idx in range(len(data)):
-            if is_grpc(context, idx):
+        for row in every:
+            if row.grpc:
                 # TorchServe 0.12.0's GRPCJob.response reads this header for a
                 # StreamPredictions call and throws (restarting the worker) when
                 # it is missing, as it is on an answer with no progress record
                 # before it; Predictions ignores it. Never on HTTP: RestJob
                 # would take the answer for the end of a stream that never
                 # started and send no status line (the client hangs).
-                context.set_response_header(idx, TS_STREAM_NEXT, "false")
+                context.set_response_header(row.idx, TS_STREAM_NEXT, "false")
         _raise_for_grpc(every)
         return out
 
