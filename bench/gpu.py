@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe-steps", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="small sizes and few steps: a smoke run")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only with --quick, to check the script itself")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="skip the sections still to run once this many seconds have passed (a lent GPU's time "
+                         "is short); the JSON is rewritten after every section, so what ran is kept")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -198,6 +202,7 @@ def main(argv=None) -> int:
     if args.device != "cuda" and not args.quick:
         print("bench/gpu.py measures a GPU; --device cpu is for --quick smoke runs", file=sys.stderr)
         return 2
+    began = time.monotonic()
     torch.backends.cudnn.benchmark = CUDNN_AUTOTUNE  # as the handler sets it
     torch.set_float32_matmul_precision("high")
     device = torch.device(args.device)
@@ -206,79 +211,139 @@ def main(argv=None) -> int:
     recipe_steps = 50 if args.quick else args.recipe_steps
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke run)"
     r: dict = {"card": card, "torch": torch.__version__, "weights": "random", "cudnn_benchmark": CUDNN_AUTOTUNE,
-               "size": f"{main_size[0]}x{main_size[1]}", "square": f"{square[0]}x{square[1]}"}
+               "size": f"{main_size[0]}x{main_size[1]}", "square": f"{square[0]}x{square[1]}",
+               "lbfgs_max_move": nst_optimize.LBFGS_MAX_MOVE, "section_s": {}, "skipped": [], "errors": {}}
 
-    # What a worker does at start (the handler's initialize): compile the
-    # loss for the shapes it expects; a request never compiles.
-    r["compile"] = nst_optimize.use_compile(device)
-    r["warm_up_s"] = nst_optimize.warm_up(bench.vgg, [main_size, square])
-    t0 = sync_time()
-    first = bench.product(main_size, steps=100)  # first request of a warmed shape: autotuning, capture
-    r["first_request_s"] = first["seconds"]
-    r["first_request_wall_s"] = sync_time() - t0
-    cold = (main_size[0], main_size[0] * 9 // 16)  # 16:9, a shape nobody warmed
-    r["cold_shape"] = f"{cold[0]}x{cold[1]}"
-    r["first_request_cold_shape_s"] = bench.product(cold, steps=100)["seconds"]
-    r["cold_shape_again_s"] = bench.product(cold, steps=100)["seconds"]
-    r["recipe"] = bench.recipe(main_size, recipe_steps)
-    r["default"] = bench.product(main_size, steps=100)
-    r["default"]["speedup"] = r["recipe"]["seconds"] / r["default"]["seconds"]
-    r["default"]["loss_ratio"] = r["default"]["loss"] / r["recipe"]["loss"]
-    r["to_recipe_loss"] = ttl = bench.time_to_loss(main_size, r["recipe"]["loss"])
-    if ttl["reached"]:
-        ttl["speedup"] = r["recipe"]["seconds"] / ttl["seconds"]
-    seed_a, seed_b = (20, 60) if args.quick else (100, 300)
-    r["seed_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed",
-                                           **{k: v for k, v in SEED_PRESET.items() if k != "steps"})
-    r["seed_vs_recipe"] = r["seed_ms_per_step"] / r["recipe"]["ms_per_step"]
-    # The default optimizer at 512x512, float32 steps (after LOWP_STEPS) and bf16 steps.
-    lowp = nst_optimize.LOWP_STEPS
-    span = 40 if args.quick else 200
-    r["square_ms_per_step_fp32"] = bench.per_step(square, lowp + 40, lowp + 40 + span)
-    r["square_ms_per_step_bf16"] = bench.per_step(square, 10, lowp)
-    nst_optimize.CUDA_GRAPHS = False
-    r["square_ms_per_step_fp32_eager"] = bench.per_step(square, lowp + 20, lowp + 20 + span // 2)
-    nst_optimize.CUDA_GRAPHS = True
-    compiled, nst_optimize.COMPILE = nst_optimize.COMPILE, False
-    r["square_ms_per_step_fp32_uncompiled"] = bench.per_step(square, lowp + 40, lowp + 40 + span)
-    nst_optimize.COMPILE = compiled
-    long_run = 100 if args.quick else 500
-    r["square_500_steps_s"] = min(bench.product(square, steps=long_run)["seconds"] for _ in range(3))
-    # Experiment, not the default: bf16 VGG passes for every step (the default
-    # switches to float32 after LOWP_STEPS, since bf16 gradients stall near the optimum).
-    nst_optimize.LOWP_STEPS = 10**9
-    r["bf16_throughout"] = {n: bench.product(main_size, steps=n) for n in (100, 300)}
-    for v in r["bf16_throughout"].values():
-        v["loss_ratio"] = v["loss"] / r["recipe"]["loss"]
-    nst_optimize.LOWP_STEPS = lowp
-    r["default_300"] = bench.product(main_size, steps=300)
-    r["default_300"]["loss_ratio"] = r["default_300"]["loss"] / r["recipe"]["loss"]
-    r["coarse_to_fine"] = [bench.coarse_to_fine(s, steps=20 if args.quick else 100, threshold=max(s)) for s in
-                           ([(128, 96)] if args.quick else [(1024, 768), (2048, 1536)])]
-    # Batching (issue #12): the handler's batch path, batch sizes 1/4/8 at 1/4/8 clients, 100-step requests.
+    def section(name: str, fn) -> None:
+        """Run one part of the bench; a failure or the time budget skips it, not the rest."""
+        if time.monotonic() - began > args.budget_s:
+            r["skipped"].append(name)
+            print(f"[{name}] skipped: past --budget-s", flush=True)
+            return
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  a bench section's failure is a result too
+            import traceback
+            r["errors"][name] = traceback.format_exc()
+            print(f"[{name}] FAILED: {e!r}", flush=True)
+        r["section_s"][name] = time.monotonic() - t0
+        print(f"[{name}] {r['section_s'][name]:.1f} s", flush=True)
+        args.out.write_text(json.dumps(r, indent=2))
+
+    def core() -> None:
+        # What a worker does at start (the handler's initialize): compile the
+        # loss for the shapes it expects; a request never compiles.
+        r["compile"] = nst_optimize.use_compile(device)
+        r["warm_up_s"] = nst_optimize.warm_up(bench.vgg, [main_size, square])
+        t0 = sync_time()
+        first = bench.product(main_size, steps=100)  # first request of a warmed shape: capture
+        r["first_request_s"] = first["seconds"]
+        r["first_request_wall_s"] = sync_time() - t0
+        cold = (main_size[0], main_size[0] * 9 // 16)  # 16:9, a shape nobody warmed
+        r["cold_shape"] = f"{cold[0]}x{cold[1]}"
+        r["first_request_cold_shape_s"] = bench.product(cold, steps=100)["seconds"]
+        r["cold_shape_again_s"] = bench.product(cold, steps=100)["seconds"]
+        r["recipe"] = bench.recipe(main_size, recipe_steps)
+        r["default"] = bench.product(main_size, steps=100)
+        r["default"]["speedup"] = r["recipe"]["seconds"] / r["default"]["seconds"]
+        r["default"]["loss_ratio"] = r["default"]["loss"] / r["recipe"]["loss"]
+        r["to_recipe_loss"] = ttl = bench.time_to_loss(main_size, r["recipe"]["loss"])
+        if ttl["reached"]:
+            ttl["speedup"] = r["recipe"]["seconds"] / ttl["seconds"]
+        seed_a, seed_b = (20, 60) if args.quick else (100, 300)
+        r["seed_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed",
+                                               **{k: v for k, v in SEED_PRESET.items() if k != "steps"})
+        r["seed_vs_recipe"] = r["seed_ms_per_step"] / r["recipe"]["ms_per_step"]
+        # The default optimizer at 512x512, float32 steps (after LOWP_STEPS) and bf16 steps.
+        lowp = nst_optimize.LOWP_STEPS
+        span = 40 if args.quick else 200
+        r["square_ms_per_step_fp32"] = bench.per_step(square, lowp + 40, lowp + 40 + span)
+        r["square_ms_per_step_bf16"] = bench.per_step(square, 10, lowp)
+        long_run = 100 if args.quick else 500
+        r["square_500_steps_s"] = min(bench.product(square, steps=long_run)["seconds"] for _ in range(3))
+
+    def engine_ablation() -> None:
+        lowp = nst_optimize.LOWP_STEPS
+        span = 40 if args.quick else 200
+        nst_optimize.CUDA_GRAPHS = False
+        try:
+            r["square_ms_per_step_fp32_eager"] = bench.per_step(square, lowp + 20, lowp + 20 + span // 2)
+        finally:
+            nst_optimize.CUDA_GRAPHS = True
+        compiled, nst_optimize.COMPILE = nst_optimize.COMPILE, False
+        try:
+            r["square_ms_per_step_fp32_uncompiled"] = bench.per_step(square, lowp + 40, lowp + 40 + span)
+        finally:
+            nst_optimize.COMPILE = compiled
+
+    def bf16_experiment() -> None:
+        # Experiment, not the default: bf16 VGG passes for every step (the default
+        # switches to float32 after LOWP_STEPS, since bf16 gradients stall near the optimum).
+        lowp, nst_optimize.LOWP_STEPS = nst_optimize.LOWP_STEPS, 10**9
+        try:
+            r["bf16_throughout"] = {n: bench.product(main_size, steps=n) for n in (100, 300)}
+        finally:
+            nst_optimize.LOWP_STEPS = lowp
+        for v in r["bf16_throughout"].values():
+            v["loss_ratio"] = v["loss"] / r["recipe"]["loss"]
+        r["default_300"] = bench.product(main_size, steps=300)
+        r["default_300"]["loss_ratio"] = r["default_300"]["loss"] / r["recipe"]["loss"]
+
+    def coarse() -> None:
+        r["coarse_to_fine"] = [bench.coarse_to_fine(s, steps=20 if args.quick else 100, threshold=max(s)) for s in
+                               ([(128, 96)] if args.quick else [(1024, 768), (2048, 1536)])]
+
+    def memory() -> None:
+        r["memory"] = [] if device.type != "cuda" else [
+            bench.memory(s, 70) for s in ([(256, 192), (512, 384)] if args.quick else
+                                          [(512, 384), (1024, 768), (2048, 1536)])]
+
     import batching
     r["batching"] = {}
-    for px in ((64,) if args.quick else (128, 256, 512)):
-        c, s = load_pair((px, px * 3 // 4))
-        fields = {"content": _png(c), "style": _png(s), "steps": 10 if args.quick else 100, "max_size": px}
-        r["batching"][str(px)] = batching.in_process(bench.vgg, fields, rounds=2 if args.quick else 3)
-    r["memory"] = [] if device.type != "cuda" else [
-        bench.memory(s, 70) for s in ([(256, 192), (512, 384)] if args.quick else [(512, 384), (1024, 768), (2048, 1536)])
-    ]
-    args.out.write_text(json.dumps(r, indent=2))
+
+    def batched(px: int) -> Callable[[], None]:
+        """Issue #12: the handler's batch path at batch sizes 1/4/8 and 1/4/8
+        clients, 100-step requests, the size compiled as a worker with
+        batchSize 8 compiles it; both ways of stepping the rows' L-BFGS states."""
+        def run() -> None:
+            size = (px, px * 3 // 4)
+            c, s = load_pair(size)
+            fields = {"content": _png(c), "style": _png(s), "steps": 10 if args.quick else 100, "max_size": px}
+            out = {"warm_up_s": nst_optimize.warm_up(bench.vgg, [size], max_batch=8)}
+            rounds = 2 if args.quick else 3
+            for label, devices in (("state_per_row", ()), ("one_state", (device.type,))):
+                nst_optimize.LBFGS_ONE_STATE_DEVICES, saved = devices, nst_optimize.LBFGS_ONE_STATE_DEVICES
+                try:
+                    out[label] = batching.in_process(bench.vgg, fields, rounds=rounds)
+                finally:
+                    nst_optimize.LBFGS_ONE_STATE_DEVICES = saved
+            r["batching"][str(px)] = out
+        return run
+
+    if args.quick:
+        plan = [("core", core), ("batching_64", batched(64)), ("coarse_to_fine", coarse), ("memory", memory),
+                ("engine_ablation", engine_ablation), ("bf16_experiment", bf16_experiment)]
+    else:
+        # Most wanted first: a short lent session may not reach the end.
+        plan = [("core", core), ("batching_256", batched(256)), ("coarse_to_fine", coarse), ("memory", memory),
+                ("batching_512", batched(512)), ("batching_128", batched(128)), ("bf16_experiment", bf16_experiment),
+                ("engine_ablation", engine_ablation)]
+    for name, fn in plan:
+        section(name, fn)
     print(report(r))
-    return 0
+    return 0 if not r["errors"] else 1
 
 
-def report(r: dict) -> str:
+def _core_report(r: dict) -> list[str]:
     ttl = r["to_recipe_loss"]
-    bf16 = {int(k): v for k, v in r["bf16_throughout"].items()}  # JSON made the keys strings
     ttl_text = (f"{ttl['speedup']:.0f}x ({ttl['steps']} steps, {ttl['seconds']:.3f} s, loss {ttl['loss']:.4g})"
                 if ttl["reached"] else f"not reached within {ttl['bound']} steps")
     rows = [
         ("default step at 512x512, float32 steps (steady state)", f"{r['square_ms_per_step_fp32']:.2f} ms", "<= 2.0 ms"),
         ("default step at 512x512, bf16 steps (first 60)", f"{r['square_ms_per_step_bf16']:.2f} ms", "-"),
-        ("the same float32 step without CUDA graphs", f"{r['square_ms_per_step_fp32_eager']:.2f} ms", "-"),
+        *([("the same float32 step without CUDA graphs", f"{r['square_ms_per_step_fp32_eager']:.2f} ms", "-")]
+          if "square_ms_per_step_fp32_eager" in r else []),
         *([("the same float32 step, CUDA graph but not compiled", f"{r['square_ms_per_step_fp32_uncompiled']:.2f} ms",
             "-")] if "square_ms_per_step_fp32_uncompiled" in r else []),
         ("500 default steps at 512x512 (whole run)", f"{r['square_500_steps_s']:.2f} s", "< 1.5 s"),
@@ -288,22 +353,19 @@ def report(r: dict) -> str:
          ">= 25x, <= 0.05x"),
         ("preset=seed per step against the recipe's", f"{r['seed_vs_recipe']:.2f}x ({r['seed_ms_per_step']:.2f} ms)",
          "<= 1.0x"),
-        ("first request of a shape (100 steps, autotuning and capture)", f"{r['first_request_s']:.2f} s", "-"),
+        ("first request of a warmed shape (100 steps: graph capture)", f"{r['first_request_s']:.2f} s", "-"),
     ]
     if "warm_up_s" in r:
-        rows[-1] = ("first request of a warmed shape (100 steps: autotuning, graph capture)",
-                    f"{r['first_request_s']:.2f} s", "-")
         rows += [
             ("worker start: compiling " + (", ".join(r["warm_up_s"]) or "nothing (compile off)"),
              ", ".join(f"{v:.1f} s" for v in r["warm_up_s"].values()) or "-", "off the request path"),
             (f"first request of a shape not warmed ({r['cold_shape']}, runs uncompiled), then again",
              f"{r['first_request_cold_shape_s']:.2f} s, then {r['cold_shape_again_s']:.2f} s", "-"),
         ]
-    lines = [
-        f"## GPU: {r['card']} (torch {r['torch']}, {r['weights']} weights)",
-        "",
+    return [
         f"Written by `python bench/gpu.py` from one run"
         + (" with cuDNN autotuning on (it is off now: see the comparison below)" if r.get("cudnn_benchmark") else "")
+        + (f", L-BFGS step bound {r['lbfgs_max_move']}" if "lbfgs_max_move" in r else "")
         + f". Pair: tubingen / starry night at {r['size']}; "
         f"the tutorial's loop ran {r['recipe']['steps']} steps in {r['recipe']['seconds']:.2f} s "
         f"({r['recipe']['ms_per_step']:.2f} ms/step), delivered loss {r['recipe']['loss']:.4g}.",
@@ -311,27 +373,61 @@ def report(r: dict) -> str:
         "| measure | result | target |",
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
-        "",
-        "Experiment (not the default): bf16 VGG passes for every step, against the default "
-        f"(bf16 for the first {nst_optimize.LOWP_STEPS}, then float32), at {r['size']}:",
-        "",
-        "| steps | bf16 throughout: s, loss / recipe's | default: s, loss / recipe's |",
-        "|---|---|---|",
-        f"| 100 | {bf16[100]['seconds']:.3f}, {bf16[100]['loss_ratio']:.4f} "
-        f"| {r['default']['seconds']:.3f}, {r['default']['loss_ratio']:.4f} |",
-        f"| 300 | {bf16[300]['seconds']:.3f}, {bf16[300]['loss_ratio']:.4f} "
-        f"| {r['default_300']['seconds']:.3f}, {r['default_300']['loss_ratio']:.4f} |",
-        "",
-        "| size | measured peak | estimate | estimate / peak |",
-        "|---|---|---|---|",
-        *[f"| {m['size']} | {m['peak_bytes'] / 2**30:.2f} GiB | {m['estimate_bytes'] / 2**30:.2f} GiB | {m['ratio']:.2f} |"
-          for m in r["memory"]],
     ]
-    if r.get("batching"):
-        import batching
-        for px, b in r["batching"].items():
-            lines += [""] + batching.report(b, f"Batching in-process at max_size {px} ({b['fields']['steps']} steps), "
-                                                "the handler's batch path, frontend queue simulated")
+
+
+def batching_report(px: str, b: dict) -> list[str]:
+    """Issue #12's tables for one size; the older layout (one engine) too."""
+    import batching
+    if "runs" in b:  # before the batch-compiled runs: one in-process measurement
+        return batching.report(b, f"Batching in-process at max_size {px} ({b['fields']['steps']} steps), "
+                                  "the handler's batch path, frontend queue simulated")
+    lines = [f"Batching in-process at max_size {px}: the handler's batch path, frontend queue simulated, the size "
+             "compiled as a worker with batchSize 8 compiles it ("
+             + ", ".join(f"{k} in {v:.0f} s" for k, v in b.get("warm_up_s", {}).items()) + ")."]
+    for label, title in (("state_per_row", "one L-BFGS state per row (shipped)"),
+                         ("one_state", "one batched L-BFGS state (LBFGS_ONE_STATE_DEVICES)")):
+        if label in b:
+            m = b[label]
+            lines += [""] + batching.report(m, f"{px} px, {m['fields']['steps']} steps, {title}")
+            one = m["batch_s"]["1"]
+            lines += ["", "A lone request with batching on waits maxBatchDelay for company: "
+                      + ", ".join(f"{d} ms makes it {(one + d / 1e3) / one:.2f}x" for d in (5, 10, 25))
+                      + f" of its {one * 1e3:.0f} ms alone."]
+    return lines
+
+
+def report(r: dict) -> str:
+    lines = [f"## GPU: {r['card']} (torch {r['torch']}, {r['weights']} weights)", ""]
+    if "to_recipe_loss" in r:
+        lines += _core_report(r)
+    if "bf16_throughout" in r:
+        bf16 = {int(k): v for k, v in r["bf16_throughout"].items()}  # JSON made the keys strings
+        lines += [
+            "",
+            "Experiment (not the default): bf16 VGG passes for every step, against the default "
+            f"(bf16 for the first {nst_optimize.LOWP_STEPS}, then float32), at {r['size']}:",
+            "",
+            "| steps | bf16 throughout: s, loss / recipe's | default: s, loss / recipe's |",
+            "|---|---|---|",
+            f"| 100 | {bf16[100]['seconds']:.3f}, {bf16[100]['loss_ratio']:.4f} "
+            f"| {r['default']['seconds']:.3f}, {r['default']['loss_ratio']:.4f} |",
+            f"| 300 | {bf16[300]['seconds']:.3f}, {bf16[300]['loss_ratio']:.4f} "
+            f"| {r['default_300']['seconds']:.3f}, {r['default_300']['loss_ratio']:.4f} |",
+        ]
+    if r.get("memory"):
+        lines += [
+            "",
+            "| size | measured peak | estimate | estimate / peak |",
+            "|---|---|---|---|",
+            *[f"| {m['size']} | {m['peak_bytes'] / 2**30:.2f} GiB | {m['estimate_bytes'] / 2**30:.2f} GiB "
+              f"| {m['ratio']:.2f} |" for m in r["memory"]],
+        ]
+    for px, b in (r.get("batching") or {}).items():
+        lines += [""] + batching_report(px, b)
+    if r.get("skipped") or r.get("errors"):
+        lines += ["", f"Not measured in this run: {', '.join(r.get('skipped', [])) or '-'}; "
+                  f"failed: {', '.join(r.get('errors', {})) or '-'}."]
     if r.get("coarse_to_fine"):
         lines += ["", "Coarse-to-fine (the first half of the steps at half size; nst.config.COARSE_TO_FINE_FROM) "
                   "against single-scale, loss by the recipe's formula on the delivered image:", "",

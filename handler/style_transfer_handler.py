@@ -83,7 +83,9 @@ class StyleTransferHandler:
         self.vgg = VGGFeatures(state).to(self.device)
         # Compile the common shapes now, inside startupTimeout: requests never
         # compile (a shape not warmed runs uncompiled), so none waits for it.
-        warmed = warm_up(self.vgg, parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES)))
+        # With TorchServe batching on, batches of those shapes too.
+        warmed = warm_up(self.vgg, parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES)),
+                         max_batch=int(props.get("batch_size") or 1))
         self.initialized = True
         log.info(
             "style_transfer ready: device=%s weights=%s limits=%s compiled=%s",

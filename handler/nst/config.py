@@ -200,6 +200,14 @@ COARSE_TO_FINE_FROM: int | None = None
 COARSE_FRACTION = 0.5
 # False: one compiled program per image shape (each warmed up at worker start).
 COMPILE_DYNAMIC = False
+# A batched optimization (TorchServe batching) steps each row's L-BFGS state
+# on its own (False) or all rows as one batched state (True: a few batched
+# kernels per step instead of a few per row). Per row is bit for bit the row
+# alone on the CPU, where a batched reduction rounded differently and the
+# optimization amplified that to 2.7/255; on a GPU the batched convolutions
+# already round differently from a lone one. False until a GPU run measures
+# both (`bench/gpu.py`: throughput, and the 2/255 test of tests/core/test_batch.py).
+LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types; ("cuda",) for GPUs
 # Output shapes (width, height) a GPU worker compiles at start: the default
 # max_size (512) at the commonest aspect ratios. The model config's
 # `warm_up_sizes` replaces the list ("WxH" strings; [] compiles nothing).

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import lbfgs
-from .config import COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LOWP_STEPS, Params
+from .config import (COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY,
+                     LBFGS_MAX_MOVE, LBFGS_MEMORY, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import stack as stack_objectives
 from .vgg import VGGFeatures, canonical_layer
@@ -165,10 +166,14 @@ def loss_function(recipe_mode: bool, device: torch.device, compile_new: bool = F
     return run_only
 
 
-def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params | None = None) -> dict:
+def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params | None = None,
+            max_batch: int = 1) -> dict:
     """Compile the fast preset's loss and its backward for each (width, height)
     in `sizes` and each dtype its steps use, so that requests of those shapes
     find compiled code (they never compile themselves: see `loss_function`).
+    With `max_batch` > 1 (the worker's TorchServe batchSize) each size also
+    gets one program for batches of rows, compiled at max_batch rows with the
+    batch dimension dynamic: it serves every batch of 2 or more.
     For a worker's start, inside TorchServe's startupTimeout. Returns seconds
     per size; nothing is compiled where `use_compile` is off."""
     params = params or Params()
@@ -180,16 +185,30 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     gen = torch.Generator(device="cpu").manual_seed(0)
     for w, h in sizes:
         t0 = time.monotonic()
-        content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
-        objective = request_objective(vgg, content, [style], params)  # built as a request's is
-        for dtype in {compute_dtype(device, params), torch.float32}:
-            x = content.clone().requires_grad_(True)
-            with torch.enable_grad():
-                torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
+        for batch in (1, max_batch) if max_batch > 1 else (1,):
+            content, style = (torch.rand((batch, 3, h, w), generator=gen).to(device) for _ in range(2))
+            # built as a request's are: one objective per row, stacked
+            objective = stack_objectives([request_objective(vgg, content[b:b + 1], [style[b:b + 1]], params)
+                                          for b in range(batch)])
+            for dtype in {compute_dtype(device, params), torch.float32}:
+                x = content.clone().requires_grad_(True)
+                if batch > 1:
+                    _mark_batch_dynamic(objective, x)
+                with torch.enable_grad():
+                    torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds[f"{w}x{h}"] = time.monotonic() - t0
     return seconds
+
+
+def _mark_batch_dynamic(objective: Objective, x: Tensor) -> None:
+    """Let torch.compile treat the batch dimension of every per-row tensor as
+    one variable (any batch of 2 or more rows; 1 gets its own program, since
+    torch.compile always specializes a dimension of size 1). "maybe": the
+    dimensions are all the same variable, which strict marks would refuse."""
+    for t in (x, objective.content_target, objective.style_layer_weights, objective.weights, *objective.grams):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 class _GraphRunner:
@@ -365,7 +384,11 @@ def stylize_batch(
     # a request alone: a batched reduction (a B-row bmm or sum) orders its
     # additions differently from a one-row one, and the optimization amplified
     # those last bits to several levels of 255 over a few dozen steps.
-    states = [lbfgs.init_state(1, n, lbfgs_history(shape_pixels(x)), device) for _ in range(B)]
+    one_state = device.type in LBFGS_ONE_STATE_DEVICES
+    history_pairs = lbfgs_history(shape_pixels(x))
+    states = [lbfgs.init_state(B, n, history_pairs, device)] if one_state else [
+        lbfgs.init_state(1, n, history_pairs, device) for _ in range(B)]
+    rows_of = [slice(0, B)] if one_state else [slice(b, b + 1) for b in range(B)]  # each state's rows
     bounded = not p0.recipe_mode
     loss_buf = torch.zeros(B, device=device)
 
@@ -375,9 +398,9 @@ def stylize_batch(
         (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
         flat, g = x.view(B, n), grad.reshape(B, n)
         x_next = torch.cat([lbfgs.step(
-            state, flat[b:b + 1], g[b:b + 1], lr=p0.lr, max_move=LBFGS_MAX_MOVE,
+            state, flat[rows], g[rows], lr=p0.lr, max_move=LBFGS_MAX_MOVE,
             lower=0.0 if bounded else None, upper=1.0 if bounded else None,
-        ) for b, state in enumerate(states)])
+        ) for rows, state in zip(rows_of, states)])
         active = (counter < last).view(B, 1)
         x.copy_(torch.where(active, x_next, flat).view_as(x))
         loss_buf.copy_(loss.detach())

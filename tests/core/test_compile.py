@@ -139,3 +139,62 @@ def test_a_warmed_shape_runs_fused_kernels_and_a_cold_one_does_not(vgg_state, fr
     assert any("triton" in k for k in kernels(48, 64))
     assert not any("triton" in k for k in kernels(56, 72))
     assert graphs_compiled() == warmed
+
+
+def test_one_warmed_program_serves_every_batch_of_2_or_more_rows(vgg, eager_backend_on_cpu, monkeypatch):
+    """A worker with TorchServe batching on warms each size for one row and
+    for batches: the batch dimension is dynamic, so batches of any size find
+    compiled code, and a size nobody warmed still does not."""
+    import torch.nn.functional as F
+
+    import nst.vgg
+    from nst.losses import stack
+
+    # Convolve the batch whole, as on a GPU (on the CPU `_conv` loops over the
+    # images, which fixes the batch size in the traced program).
+    monkeypatch.setattr(nst.vgg, "_conv", lambda x, w, b: F.conv2d(x, w, b, padding=1))
+
+    warm_up(vgg, [(48, 32)], max_batch=4)
+    compiled = optimize_mod._COMPILED[pixels_loss]
+    p = Params()
+
+    def call(rows, h=32, w=48):
+        pairs = [images(h, w, 10 + r) for r in range(rows)]
+        objective = stack([make_objective(vgg, vgg.normalize(c), [vgg.normalize(s)],
+                                          style_layer_weights=p.style_layer_weights, content_weight=1.0 + r,
+                                          style_weight=1e6) for r, (c, s) in enumerate(pairs)])
+        x = torch.cat([c for c, _ in pairs]).requires_grad_(True)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled(objective, x, torch.float32), pixels_loss(objective, x, torch.float32)
+
+    for rows in (1, 2, 3, 4, 6):
+        a, b = call(rows)
+        assert a.shape == (rows,)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="recompile"):
+        call(3, h=40)  # a size nobody warmed
+
+
+@GPU
+def test_a_batch_runs_the_warmed_batch_program_on_the_gpu(vgg_state, fresh_compile):
+    """Real inductor: a worker warmed with max_batch=4 serves a batch of three
+    rows compiled, with nothing compiled on the request's path, and the same
+    images as the uncompiled batch to within 2/255."""
+    from nst.optimize import Row, stylize_batch
+
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    warm_up(vgg, [(64, 48)], max_batch=4)
+    warmed = graphs_compiled()
+    rows = []
+    for i in range(3):
+        content, style = (t.to(device) for t in images(48, 64, 20 + i))
+        rows.append(Row(content, [style], dataclasses.replace(Params(), steps=30 + 5 * i)))
+    compiled = stylize_batch(vgg, rows)
+    assert graphs_compiled() == warmed
+    optimize_mod.COMPILE = False  # fresh_compile restores it
+    plain = stylize_batch(vgg, rows)
+    for a, b in zip(compiled, plain):
+        diff = (a.image - b.image).abs().mean().item()
+        print(f"compiled vs uncompiled batch row: {diff * 255:.3f}/255")
+        assert diff <= 2 / 255

@@ -109,16 +109,16 @@ def test_initialize_rejects_bad_warm_up_sizes(make_context, sizes, message):
         StyleTransferHandler().initialize(ctx)
 
 
-def test_warm_up_sizes_from_the_model_config_reach_the_warm_up(make_context, monkeypatch):
+def test_warm_up_sizes_and_batch_size_from_the_model_config_reach_the_warm_up(make_context, monkeypatch):
     import style_transfer_handler as module
 
     seen = []
-    monkeypatch.setattr(module, "warm_up", lambda vgg, sizes: seen.append(sizes) or {})
-    ctx = make_context()
+    monkeypatch.setattr(module, "warm_up", lambda vgg, sizes, max_batch: seen.append((sizes, max_batch)) or {})
+    ctx = make_context(rows=8)  # TorchServe's batchSize reaches the worker as system property batch_size
     ctx.model_yaml_config["warm_up_sizes"] = ["640x360", [360, 640]]
     StyleTransferHandler().initialize(ctx)
     StyleTransferHandler().initialize(make_context())
-    assert seen == [[(640, 360), (360, 640)], list(module.WARM_UP_SIZES)]
+    assert seen == [([(640, 360), (360, 640)], 8), (list(module.WARM_UP_SIZES), 1)]
 
 
 def test_initialize_assumes_torchserves_120_s_without_a_response_timeout(make_context):
