@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import lbfgs
-from .config import (COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY,
+from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY,
                      LBFGS_MAX_MOVE, LBFGS_MEMORY, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import stack as stack_objectives
@@ -323,6 +323,8 @@ def batch_key(content: Tensor, params: Params) -> tuple | None:
     the images, every weight, the steps, init, seed, colours and deadlines."""
     if params.optimizer != "lbfgs" or use_coarse_to_fine(content, params):
         return None
+    if shape_pixels(content) < BATCH_MIN_PIXELS.get(content.device.type, 0):
+        return None  # batched, it would not get its own answer (see BATCH_MIN_PIXELS)
     return _structure(content, params)
 
 
