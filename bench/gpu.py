@@ -384,7 +384,8 @@ def batching_report(px: str, b: dict) -> list[str]:
                                   "the handler's batch path, frontend queue simulated")
     lines = [f"Batching in-process at max_size {px}: the handler's batch path, frontend queue simulated, the size "
              "compiled as a worker with batchSize 8 compiles it ("
-             + ", ".join(f"{k} in {v:.0f} s" for k, v in b.get("warm_up_s", {}).items()) + ")."]
+             + ", ".join(f"{k} in {v:.0f} s" for k, v in b.get("warm_up_s", {}).items()) + ")."
+             + (f" {b['note']}" if b.get("note") else "")]
     for label, title in (("state_per_row", "one L-BFGS state per row (shipped)"),
                          ("one_state", "one batched L-BFGS state (LBFGS_ONE_STATE_DEVICES)")):
         if label in b:

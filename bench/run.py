@@ -303,12 +303,21 @@ def gpu_sections() -> list[str]:
     import gpu
 
     lines = []
-    for path in sorted(OUT_DIR.glob("gpu_results_*.json")):
-        lines += ["", gpu.report(json.loads(path.read_text())), "",
-                  f"(From `{path.relative_to(ROOT)}`. The bench's own memory rows were measured with cuDNN's "
-                  "autotuning on, after other runs in the same process: autotuning tries workspaces as large as "
-                  "the free memory (the 1024x768 row), and earlier runs already hold the fixed workspaces. "
-                  "`tests/core/test_memory.py` measures each size fresh; its figures calibrate the estimate.)"]
+    import gpu_batch_equality
+
+    lines = []
+    for path in sorted(OUT_DIR.glob("gpu_results_*.json"), reverse=True):  # the newest card first
+        r = json.loads(path.read_text())
+        lines += ["", gpu.report(r), "", f"(From `{path.relative_to(ROOT)}`. The bench's own memory rows were "
+                  "measured after other runs in the same process, which already hold fixed workspaces"
+                  + (", with cuDNN's autotuning on: it tries workspaces as large as the free memory (the 1024x768 "
+                     "row)" if r.get("cudnn_benchmark") else "")
+                  + ". `tests/core/test_memory.py` measures each size fresh; its figures calibrate the estimate.)"]
+        if r.get("gpu_tests"):
+            lines += ["", "GPU tests: " + r["gpu_tests"]]
+        equality = path.with_name(path.name.replace("gpu_results_", "gpu_batch_equality_"))
+        if equality.exists():
+            lines += [""] + gpu_batch_equality.report(json.loads(equality.read_text()))
     return lines
 
 

@@ -162,3 +162,29 @@ def test_in_process_batching_takes_up_to_the_batch_size_of_the_waiting_clients(v
     assert abs(r["runs"]["1/4"]["req_per_s"] - 1 / d[1]) < 1e-6
     text = "\n".join(batching.report(r, "t"))
     assert "| 4 | 4 |" in text and "vs batch size 1" in text
+
+
+def test_stored_gpu_results_render_with_their_figures():
+    """docs/PERFORMANCE.md's GPU sections are rendered from the stored JSON of
+    each lent card (older layouts included); the figures must come through."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+    import gpu_batch_equality
+
+    paths = sorted((ROOT / "bench").glob("gpu_results_*.json"))
+    assert paths
+    for path in paths:
+        r = json.loads(path.read_text())
+        text = gpu.report(r)
+        assert r["card"] in text
+        assert f"{r['square_ms_per_step_fp32']:.2f} ms" in text
+        assert f"{r['to_recipe_loss']['speedup']:.0f}x" in text
+        for px, b in r.get("batching", {}).items():
+            runs = b["state_per_row"]["runs"] if "state_per_row" in b else b["runs"]
+            assert f"| 8 | 8 | {runs['8/8']['req_per_s']:.3f} |" in text, px
+    for path in sorted((ROOT / "bench").glob("gpu_batch_equality_*.json")):
+        r = json.loads(path.read_text())
+        text = "\n".join(gpu_batch_equality.report(r))
+        for name, e in r["settings"].items():
+            assert f"| {name} | " in text
+            assert f"{max(e['256x192']['batched_vs_alone_255']):.2f}" in text
