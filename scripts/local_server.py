@@ -42,6 +42,7 @@ class Server:
     grpc_management: str  # host:port of its gRPC ManagementAPIsService
     workdir: Path
     env: dict
+    token_auth: bool = True  # off as in deploy/kubernetes's pods, where a gateway checks the key
 
     @property
     def key_file(self) -> Path:
@@ -51,7 +52,7 @@ class Server:
         return read_key(self.key_file, kind)
 
     def auth(self, kind: str = "inference") -> dict:
-        return {"Authorization": f"Bearer {self.key(kind)}"}
+        return {"Authorization": f"Bearer {self.key(kind)}"} if self.token_auth else {}
 
     def predict(self, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 300)
@@ -168,6 +169,7 @@ def running_server(
         grpc_management=f"127.0.0.1:{ports['grpc_management']}",
         workdir=workdir,
         env=env,
+        token_auth=(config or {}).get("disable_token_authorization", "false") != "true",
     )
     with open(workdir / "torchserve.out", "wb") as out:
         proc = subprocess.Popen(

@@ -5,6 +5,8 @@
   manage.py scale N           set the worker count to N (waits until done)
   manage.py wait              block until /ping is healthy (or --timeout s)
   manage.py key inference|management   print a key from key_file.json
+  manage.py k8s-secret        print a Kubernetes Secret with a new random
+                              inference key for deploy/ (kubectl apply -f -)
 
 Keys come from the key_file.json TorchServe writes at start (token
 authorization is on): the management key for management calls, the
@@ -71,6 +73,24 @@ def key(args) -> int:
     return 0
 
 
+K8S_SECRET = "style-transfer-keys"  # deploy/kubernetes/deployment.yaml reads it
+
+
+def k8s_secret(args) -> int:
+    """The pods' gateway checks this key (deploy/kubernetes/configmap.yaml);
+    32 random bytes, URL-safe, so it fits an HTTP header and a gRPC metadata
+    value as it is."""
+    import secrets
+
+    import yaml
+
+    manifest = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": K8S_SECRET, "labels": {"app.kubernetes.io/name": "style-transfer"}},
+                "stringData": {"inference-key": secrets.token_urlsafe(32)}}
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--management", default="http://127.0.0.1:8081")
@@ -86,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("key")
     k.add_argument("kind", choices=["inference", "management", "API"])
     k.set_defaults(fn=key)
+    sub.add_parser("k8s-secret").set_defaults(fn=k8s_secret)
     args = ap.parse_args(argv)
     return args.fn(args)
 

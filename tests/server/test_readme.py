@@ -3,7 +3,9 @@
 Only what cannot differ on a test machine is rewritten: the addresses (free
 ports), the example images (shrunk copies) and the step count (2 instead of
 300, so the CPU suite stays fast). `make` and `docker` blocks are covered by
-`make demo` / `make test` and the Dockerfile lint.
+`make demo` / `make test` and the Dockerfile lint; lines that need a
+Kubernetes cluster (`kubectl`) by tests/scripts/test_deploy.py, which validates
+the manifests they apply and runs `manage.py k8s-secret`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def readme_commands() -> list[str]:
         block = block.replace("\\\n", " ")
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
-            if line and not line.startswith(("make ", "docker ")):
+            if line and not line.startswith(("make ", "docker ")) and "kubectl " not in line:
                 commands.append(line)
     return commands
 

@@ -1,0 +1,167 @@
+"""deploy/: the Kubernetes manifests under strict schema validation (pinned
+Kubernetes version), the KServe InferenceService checked as far as its schema
+can be offline, and the pieces that must agree with the repo (config.properties,
+the Secret's name, the ports, the limits) held to it."""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.37.0"  # kubernetes-validate==1.37.0's newest schemas (requirements-dev.txt)
+# The config.properties keys a pod sets otherwise than the repo (marked "pod:" in the ConfigMap).
+POD_KEYS = {"inference_address", "metrics_address", "grpc_inference_port", "disable_token_authorization"}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def properties(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def configmap() -> dict:
+    return load(DEPLOY / "kubernetes" / "configmap.yaml")["data"]
+
+
+def pod_spec() -> dict:
+    return load(DEPLOY / "kubernetes" / "deployment.yaml")["spec"]["template"]["spec"]
+
+
+def container(spec: dict, name: str) -> dict:
+    return next(c for c in spec["containers"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("path", sorted((DEPLOY / "kubernetes").glob("*.yaml")), ids=lambda p: p.name)
+def test_manifest_passes_strict_validation(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_a_misspelt_field_fails_strict_validation():
+    """The check has teeth: strict mode refuses a field the schema lacks."""
+    deployment = load(DEPLOY / "kubernetes" / "deployment.yaml")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readynessProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_k8s_secret_command_prints_a_valid_secret_with_a_fresh_key():
+    import manage
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "manage.py"), "k8s-secret"],
+                             capture_output=True, text=True, check=True).stdout
+        return yaml.safe_load(out)
+
+    a, b = run(), run()
+    kubernetes_validate.validate(a, K8S_VERSION, strict=True)
+    key = a["stringData"]["inference-key"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", key)  # 32 random bytes; no character nginx's map or a header would mangle
+    assert key != b["stringData"]["inference-key"]
+    gateway = container(pod_spec(), "gateway")
+    ref = next(e for e in gateway["env"] if e["name"] == "INFERENCE_KEY")["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": manage.K8S_SECRET, "key": "inference-key"} and a["metadata"]["name"] == manage.K8S_SECRET
+
+
+def test_pod_config_is_the_repos_config_but_for_the_pod_keys():
+    repo = properties((ROOT / "config.properties").read_text())
+    pod = properties(configmap()["config.properties"])
+    assert set(pod) == set(repo)
+    assert {k for k in repo if repo[k] != pod[k]} == POD_KEYS
+    assert pod["disable_token_authorization"] == "true"
+    assert pod["inference_address"].startswith("http://127.0.0.1:")  # only the gateway reaches it
+    assert pod["grpc_inference_address"] == "127.0.0.1"
+
+
+def test_gateway_forwards_to_the_pods_torchserve_with_the_repos_limits():
+    pod = properties(configmap()["config.properties"])
+    template = configmap()["gateway.conf.template"]
+    inference_port = pod["inference_address"].rsplit(":", 1)[1]
+    assert set(re.findall(r"proxy_pass http://127\.0\.0\.1:(\d+);", template)) == {inference_port}
+    assert re.findall(r"grpc_pass grpc://127\.0\.0\.1:(\d+);", template) == [pod["grpc_inference_port"]]
+    assert "${INFERENCE_KEY}" in template
+    body_mb = {int(v) for v in re.findall(r"client_max_body_size (\d+)m;", template)}
+    assert body_mb == {int(pod["max_request_size"]) // 2**20}
+    model_config = load(ROOT / "handler" / "model-config.yaml")
+    for timeout in re.findall(r"(?:proxy|grpc)_read_timeout (\d+)s;", template):
+        assert int(timeout) >= model_config["responseTimeout"]
+    ports = {p["name"]: p["containerPort"] for p in container(pod_spec(), "gateway")["ports"]}
+    assert {int(p) for p in re.findall(r"listen (\d+);", template)} == set(ports.values())
+
+
+def test_pods_run_non_root_with_a_gpu_and_probes_on_declared_ports():
+    spec = pod_spec()
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        named = {p["name"] for p in c["ports"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in c:
+                assert c[probe]["httpGet"]["port"] in named, (c["name"], probe)
+    torchserve = container(spec, "torchserve")
+    assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "livenessProbe" in torchserve and "readinessProbe" in container(spec, "gateway")
+    # The model's readiness is TorchServe's /ping, which the gateway lets through without a key.
+    assert container(spec, "gateway")["readinessProbe"]["httpGet"]["path"] == "/ping"
+    assert re.search(r"location = /ping \{[^}]*proxy_pass", configmap()["gateway.conf.template"])
+    # The pod outlives a request cut off at the time budget.
+    budget = load(ROOT / "handler" / "model-config.yaml")["limits"]["time_budget_s"]
+    assert spec["terminationGracePeriodSeconds"] >= budget
+
+
+def test_service_and_autoscaler_point_at_the_deployment():
+    deployment = load(DEPLOY / "kubernetes" / "deployment.yaml")
+    service = load(DEPLOY / "kubernetes" / "service.yaml")
+    hpa = load(DEPLOY / "kubernetes" / "hpa.yaml")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    declared = {p["name"] for c in pod_spec()["containers"] for p in c["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= declared
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+
+
+# KServe's ComponentExtensionSpec (serving.kserve.io/v1beta1, from its API
+# reference) beside a predictor's inlined PodSpec; the framework keys are left
+# out on purpose: this predictor is a custom container.
+KSERVE_COMPONENT_FIELDS = {
+    "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
+    "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
+    "deploymentStrategy",
+}
+KSERVE_SCALE_METRICS = {"cpu", "memory", "concurrency", "rps"}
+KSERVE_DEPLOYMENT_MODES = {"Serverless", "RawDeployment", "ModelMesh"}
+
+
+def test_inference_service_is_the_deployments_pod_under_kserves_fields():
+    isvc = load(DEPLOY / "kserve" / "inferenceservice.yaml")
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert set(isvc["spec"]) == {"predictor"}
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in KSERVE_DEPLOYMENT_MODES
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["scaleMetric"] in KSERVE_SCALE_METRICS
+    assert predictor["minReplicas"] <= predictor["maxReplicas"]
+    pod = {k: v for k, v in predictor.items() if k not in KSERVE_COMPONENT_FIELDS}
+    # The rest must be a PodSpec: validated strictly as a Pod's.
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "style-transfer"},
+                                  "spec": pod}, K8S_VERSION, strict=True)
+    # ... and the Deployment's own pod, the gateway first as kserve-container.
+    expected = copy.deepcopy(pod_spec())
+    gateway = container(expected, "gateway")
+    gateway["name"] = "kserve-container"
+    expected["containers"] = [gateway, container(expected, "torchserve")]
+    assert pod == expected
+    assert predictor["timeout"] >= load(ROOT / "handler" / "model-config.yaml")["responseTimeout"]
