@@ -310,14 +310,20 @@ def main(argv=None) -> int:
             size = (px, px * 3 // 4)
             c, s = load_pair(size)
             fields = {"content": _png(c), "style": _png(s), "steps": 10 if args.quick else 100, "max_size": px}
-            out = {"warm_up_s": nst_optimize.warm_up(bench.vgg, [size], max_batch=8)}
-            rounds = 2 if args.quick else 3
-            for label, devices in (("state_per_row", ()), ("one_state", (device.type,))):
-                nst_optimize.LBFGS_ONE_STATE_DEVICES, saved = devices, nst_optimize.LBFGS_ONE_STATE_DEVICES
-                try:
-                    out[label] = batching.in_process(bench.vgg, fields, rounds=rounds)
-                finally:
-                    nst_optimize.LBFGS_ONE_STATE_DEVICES = saved
+            # A GPU shares no optimization by default (nst.config.BATCH_MIN_PIXELS):
+            # lifted here, to measure what sharing would gain.
+            saved_bound, nst_optimize.BATCH_MIN_PIXELS = nst_optimize.BATCH_MIN_PIXELS, {}
+            try:
+                out = {"warm_up_s": nst_optimize.warm_up(bench.vgg, [size], max_batch=8)}
+                rounds = 2 if args.quick else 3
+                for label, devices in (("state_per_row", ()), ("one_state", (device.type,))):
+                    nst_optimize.LBFGS_ONE_STATE_DEVICES, saved = devices, nst_optimize.LBFGS_ONE_STATE_DEVICES
+                    try:
+                        out[label] = batching.in_process(bench.vgg, fields, rounds=rounds)
+                    finally:
+                        nst_optimize.LBFGS_ONE_STATE_DEVICES = saved
+            finally:
+                nst_optimize.BATCH_MIN_PIXELS = saved_bound
             r["batching"][str(px)] = out
         return run
 

@@ -210,14 +210,17 @@ COMPILE_DYNAMIC = False
 # already round differently from a lone one. False until a GPU run measures
 # both (`bench/gpu.py`: throughput, and the 2/255 test of tests/core/test_batch.py).
 LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types; ("cuda",) for GPUs
-# Smallest output (pixels) that shares a batched optimization, per device type
-# (smaller rows run alone). Issue #12 allows a batched row 2/255 (mean) from
-# the same request alone. On the CPU a row is bit for bit itself. On an H100
-# (bench/gpu_batch_equality_h100.json) the batched kernels' other rounding,
-# amplified by the optimization, moved rows 0.75-0.94/255 at 256x192 but
-# 2.1-3.0/255 at 128x96 and 9/255 at 40x32, whether the convolutions ran
-# batched or image by image, in bf16 or float32.
-BATCH_MIN_PIXELS: Mapping[str, int] = {"cuda": 256 * 192}
+# Smallest output (pixels) that shares a batched optimization, per device
+# type; None = rows never share one there (each runs alone, in the same call).
+# Issue #12 allows a batched row 2/255 (mean) from the same request alone. On
+# the CPU a row is bit for bit itself. On an H100 the batched kernels' other
+# rounding, amplified by the optimization, moved rows of noise images up to
+# 0.94/255 at 256x192 in one probe (bench/gpu_batch_equality_h100.json) but
+# 2.4/255 at 256x192 with other styles in the GPU test, 3/255 at 128x96 and
+# 9/255 at 40x32, whether the convolutions ran batched or image by image, in
+# bf16 or float32: no size keeps every row within 2/255, so a GPU does not
+# share optimizations until its kernels are made batch-invariant.
+BATCH_MIN_PIXELS: Mapping[str, int | None] = {"cuda": None}
 # Output shapes (width, height) a GPU worker compiles at start: the default
 # max_size (512) at the commonest aspect ratios. The model config's
 # `warm_up_sizes` replaces the list ("WxH" strings; [] compiles nothing).

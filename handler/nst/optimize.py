@@ -185,7 +185,8 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     gen = torch.Generator(device="cpu").manual_seed(0)
     for w, h in sizes:
         t0 = time.monotonic()
-        for batch in (1, max_batch) if max_batch > 1 else (1,):
+        batches = max_batch > 1 and BATCH_MIN_PIXELS.get(device.type, 0) is not None  # rows may share here
+        for batch in (1, max_batch) if batches else (1,):
             content, style = (torch.rand((batch, 3, h, w), generator=gen).to(device) for _ in range(2))
             # built as a request's are: one objective per row, stacked
             objective = stack_objectives([request_objective(vgg, content[b:b + 1], [style[b:b + 1]], params)
@@ -323,7 +324,8 @@ def batch_key(content: Tensor, params: Params) -> tuple | None:
     the images, every weight, the steps, init, seed, colours and deadlines."""
     if params.optimizer != "lbfgs" or use_coarse_to_fine(content, params):
         return None
-    if shape_pixels(content) < BATCH_MIN_PIXELS.get(content.device.type, 0):
+    bound = BATCH_MIN_PIXELS.get(content.device.type, 0)
+    if bound is None or shape_pixels(content) < bound:
         return None  # batched, it would not get its own answer (see BATCH_MIN_PIXELS)
     return _structure(content, params)
 

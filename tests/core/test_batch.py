@@ -47,8 +47,8 @@ def test_batch_key_separates_only_what_cannot_share_a_step():
 
 
 def test_rows_below_the_devices_batching_size_run_alone(monkeypatch):
-    """nst.config.BATCH_MIN_PIXELS: on a GPU, small rows batched drifted past
-    2/255 from their images alone, so they get no batch key there."""
+    """nst.config.BATCH_MIN_PIXELS: rows below a device's bound (or on a
+    device whose bound is None) get no batch key: they run alone."""
     import nst.optimize
 
     small, _ = images(0, h=32, w=40)
@@ -58,6 +58,8 @@ def test_rows_below_the_devices_batching_size_run_alone(monkeypatch):
     assert batch_key(large, params()) is not None
     monkeypatch.setattr(nst.optimize, "BATCH_MIN_PIXELS", {"cuda": 48 * 64})  # another device's bound
     assert batch_key(small, params()) is not None
+    monkeypatch.setattr(nst.optimize, "BATCH_MIN_PIXELS", {"cpu": None})
+    assert batch_key(large, params()) is None
 
 
 def test_each_image_of_a_batch_gets_what_it_gets_alone(vgg):
@@ -138,28 +140,13 @@ def test_on_the_cpu_a_batched_image_is_bit_for_bit_its_image_alone(vgg):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("one_state", [False, True], ids=["state-per-row", "one-batched-state"])
-@pytest.mark.parametrize("h,w", [(192, 256), (384, 512)])
-def test_on_the_gpu_a_batched_image_is_within_2_of_255_of_its_image_alone(vgg_state, monkeypatch, one_state, h, w):
-    """Batched kernels round otherwise than one image's, and the optimization
-    amplifies that; the issue's bound is 2/255 mean absolute difference, met
-    at the sizes a GPU batches (nst.config.BATCH_MIN_PIXELS: 256x192 and up).
-    Both ways of stepping the rows' L-BFGS states (LBFGS_ONE_STATE_DEVICES)."""
-    import nst.optimize
-    from nst.vgg import VGGFeatures
-
-    monkeypatch.setattr(nst.optimize, "LBFGS_ONE_STATE_DEVICES", ("cuda",) if one_state else ())
-    gpu_vgg = VGGFeatures(vgg_state).cuda()
-    rows = []
-    for i in range(3):
-        content, style = (t.cuda() for t in images(30 + i, h, w))
-        rows.append(Row(content, [style], params(steps=80 + 10 * i, seed=i)))
-    for row, got in zip(rows, stylize_batch(gpu_vgg, rows, progress_every=20)):
-        alone = stylize(gpu_vgg, row.content, row.styles, row.params, progress_every=20)
-        diff = (got.image - alone.image).abs().mean().item()
-        print(f"batched vs alone on the GPU ({'one state' if one_state else 'state per row'}, {w}x{h}): "
-              f"{diff * 255:.3f}/255, loss {got.loss:.4g} vs {alone.loss:.4g}")
-        assert diff <= 2 / 255
+def test_on_the_gpu_rows_never_share_an_optimization(vgg_state):
+    """Batched on an H100, rows drifted 2.4/255 (256x192) to 9/255 (40x32)
+    from their images alone, past issue #12's 2/255 (nst.config.BATCH_MIN_PIXELS):
+    by default a GPU runs each row alone, so each gets exactly its answer."""
+    content, _ = images(30, 192, 256)
+    assert batch_key(content.cuda(), params()) is None
+    assert batch_key(content, params()) is not None  # the CPU shares, bit for bit
 
 
 def test_one_batched_lbfgs_state_steps_each_row_as_it_would_alone(vgg, monkeypatch):

@@ -176,7 +176,7 @@ def test_one_warmed_program_serves_every_batch_of_2_or_more_rows(vgg, eager_back
 
 
 @GPU
-def test_a_batch_runs_the_warmed_batch_program_on_the_gpu(vgg_state, fresh_compile):
+def test_a_batch_runs_the_warmed_batch_program_on_the_gpu(vgg_state, fresh_compile, monkeypatch):
     """Real inductor: a worker warmed with max_batch=4 serves a batch of three
     rows compiled, with nothing compiled on the request's path, each row as
     good as uncompiled (fused kernels round otherwise, and at 64x48 the steps
@@ -184,6 +184,7 @@ def test_a_batch_runs_the_warmed_batch_program_on_the_gpu(vgg_state, fresh_compi
     from nst.optimize import Row, stylize_batch
 
     device = torch.device("cuda")
+    monkeypatch.setattr(optimize_mod, "BATCH_MIN_PIXELS", {})  # a GPU shares nothing by default
     vgg = VGGFeatures(vgg_state).to(device)
     warm_up(vgg, [(64, 48)], max_batch=4)
     warmed = graphs_compiled()
@@ -192,7 +193,7 @@ def test_a_batch_runs_the_warmed_batch_program_on_the_gpu(vgg_state, fresh_compi
         content, style = (t.to(device) for t in images(48, 64, 20 + i))
         rows.append(Row(content, [style], dataclasses.replace(Params(), steps=30 + 5 * i)))
     compiled = stylize_batch(vgg, rows)
-    assert graphs_compiled() == warmed
+    assert graphs_compiled() == warmed > 0
     optimize_mod.COMPILE = False  # fresh_compile restores it
     plain = stylize_batch(vgg, rows)
     for a, b in zip(compiled, plain):
@@ -200,3 +201,18 @@ def test_a_batch_runs_the_warmed_batch_program_on_the_gpu(vgg_state, fresh_compi
         print(f"compiled vs uncompiled batch row: {diff * 255:.3f}/255, loss {a.loss:.4g} vs {b.loss:.4g}")
         assert a.loss == pytest.approx(b.loss, rel=0.1)
         assert diff <= 5 / 255
+
+
+def test_no_batch_program_where_rows_never_share(vgg, eager_backend_on_cpu, monkeypatch):
+    """A worker whose device shares no optimization (nst.config.BATCH_MIN_PIXELS
+    None, as on a GPU) compiles for one row only, whatever its batchSize."""
+    monkeypatch.setattr(optimize_mod, "BATCH_MIN_PIXELS", {"cpu": None})
+    before = graphs_compiled()
+    warm_up(vgg, [(48, 32)], max_batch=4)
+    one_row = graphs_compiled() - before
+    torch._dynamo.reset()
+    optimize_mod._COMPILED.clear()
+    monkeypatch.setattr(optimize_mod, "BATCH_MIN_PIXELS", {})
+    before = graphs_compiled()
+    warm_up(vgg, [(48, 32)], max_batch=4)
+    assert graphs_compiled() - before > one_row > 0
