@@ -104,7 +104,7 @@ def _model_config(workdir: Path, overrides: dict) -> Path:
     config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     for key, value in overrides.items():
         if key == "limits":
-            config["limits"].update(value)
+            config.setdefault("limits", {}).update(value)
         else:
             config[key] = value
     path = workdir / "model-config.yaml"
