@@ -373,7 +373,7 @@ def main_report(r: dict, plot_link: str) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default=str(ROOT / "weights" / "vgg19_features.pth"))
+    ap.add_argument("--weights", default=str(ROOT / "weights" / nst_weights.FILE_NAME))
     ap.add_argument("--size", default="170x128", help="WxH of both images")
     ap.add_argument("--reference-steps", type=int, default=2000,
                     help="reference steps actually run; fewer = per-step time extrapolated to 2000")

@@ -78,7 +78,7 @@ class StyleTransferHandler:
         config = getattr(context, "model_yaml_config", None) or {}
         self.limits = Limits.from_mapping(config.get("limits")).for_device(self.device.type)
         self.limits.check_response_timeout(config.get("responseTimeout", TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S))
-        serialized = context.manifest["model"].get("serializedFile", "vgg19_features.pth")
+        serialized = context.manifest["model"].get("serializedFile", nst_weights.FILE_NAME)
         state, self.weights_kind = nst_weights.load(Path(props["model_dir"]) / serialized)
         self.vgg = VGGFeatures(state).to(self.device)
         # Compile the common shapes now, inside startupTimeout: requests never

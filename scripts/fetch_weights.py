@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
 from nst.vgg import features_state_dict, random_features_state  # noqa: E402
+from nst.weights import FILE_NAME  # noqa: E402
 from nst.weights import RANDOM_WARNING, sidecar  # noqa: E402
 
 log = logging.getLogger("fetch_weights")
@@ -45,7 +46,7 @@ def imagenet_state() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="weights/vgg19_features.pth", help="output state dict")
+    ap.add_argument("--out", default=f"weights/{FILE_NAME}", help="output state dict")
     ap.add_argument("--weights", help="use this local checkpoint instead of torchvision's")
     ap.add_argument("--require-imagenet", action="store_true", help="fail instead of writing random weights")
     ap.add_argument("--random", action="store_true", help="write the deterministic random weights directly")

@@ -21,7 +21,9 @@ from typing import Callable, Iterator
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from manage import read_key  # noqa: E402  one reader of TorchServe's key file
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "handler"))
+from manage import MODEL, read_key  # noqa: E402  one reader of TorchServe's key file
+from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -57,10 +59,10 @@ class Server:
     def predict(self, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 300)
         headers = {**self.auth(), **kwargs.pop("headers", {})}
-        return requests.post(f"{self.inference}/predictions/style_transfer", headers=headers, **kwargs)
+        return requests.post(f"{self.inference}/predictions/{MODEL}", headers=headers, **kwargs)
 
     def describe(self) -> dict:
-        r = requests.get(f"{self.management}/models/style_transfer", headers=self.auth("management"), timeout=30)
+        r = requests.get(f"{self.management}/models/{MODEL}", headers=self.auth("management"), timeout=30)
         r.raise_for_status()
         return r.json()[0]
 
@@ -148,7 +150,7 @@ def running_server(
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", TMPDIR=str(workdir))
-    weights = weights or ROOT / "weights" / "vgg19_features.pth"
+    weights = weights or ROOT / "weights" / WEIGHTS_FILE
     build_env = dict(env, VENV=str(VENV_BIN.parent), OUT=str(store), WEIGHTS=str(weights))
     if model_config:
         build_env["MODEL_CONFIG"] = str(_model_config(workdir, model_config))

@@ -23,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handler"))
+from manage import MODEL  # noqa: E402
 from nst.params import PARSERS  # noqa: E402
-
-MODEL = "style_transfer"
+from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 
 def _progress(step: int, steps: int, loss: float, elapsed_ms: float) -> None:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="read timeout, s")
     ap.add_argument("--local", action="store_true", help="run in-process instead of calling the server")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary; errors still go to stderr")
-    ap.add_argument("--weights", default=str(ROOT / "weights" / "vgg19_features.pth"), help="--local: weights file")
+    ap.add_argument("--weights", default=str(ROOT / "weights" / WEIGHTS_FILE), help="--local: weights file")
     ap.add_argument("--device", default="cpu", help="--local: cpu or cuda")
     for name in PARSERS:
         if name == "stream":

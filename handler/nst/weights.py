@@ -13,6 +13,10 @@ from .vgg import features_state_dict
 log = logging.getLogger(__name__)
 
 KINDS = ("imagenet", "random", "custom")
+# The weights file's name: in weights/ (scripts/fetch_weights.py writes it) and
+# as the archive's serialized file. Shell scripts, the Makefile and the
+# Dockerfile spell it too; tests/scripts/test_scripts.py checks they agree.
+FILE_NAME = "vgg19_features.pth"
 RANDOM_WARNING = (
     "VGG19 weights are RANDOM (offline fallback): results are a texture-transfer "
     "approximation, not ImageNet style transfer. Run scripts/fetch_weights.py "

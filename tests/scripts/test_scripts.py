@@ -106,3 +106,25 @@ def test_dockerfile_bakes_imagenet_and_runs_unprivileged():
     assert "--require-imagenet" in text
     assert "\nUSER 10001" in text and "HEALTHCHECK" in text
     assert "EXPOSE 8080 8081 8082" in text
+
+
+def test_model_name_and_weights_file_are_spelt_alike_everywhere():
+    """The Python side reads them from one constant each (manage.MODEL,
+    nst.weights.FILE_NAME); the files that cannot import them must agree."""
+    import re
+
+    from manage import MODEL
+    from nst.weights import FILE_NAME
+
+    def found(path: str, pattern: str) -> list[str]:
+        hits = re.findall(pattern, (ROOT / path).read_text(), re.M)
+        assert hits, (path, pattern)
+        return hits
+
+    assert set(found("config.properties", r"^load_models=(\w+)=(\w+)\.mar")) == {(MODEL, MODEL)}
+    assert set(found("scripts/build_mar.sh", r"--model-name (\w+)")) == {MODEL}
+    assert set(found("Makefile", r"^MAR\s*:= model_store/(\w+)\.mar")) == {MODEL}
+    assert set(found("scripts/serve.sh", r"model_store/(\w+)\.mar")) == {MODEL}
+    assert set(found("Makefile", r"^WEIGHTS\s*:= weights/(\S+)")) == {FILE_NAME}
+    assert set(found("scripts/build_mar.sh", r"WEIGHTS:-weights/([^}]+)\}")) == {FILE_NAME}
+    assert set(found("Dockerfile", r"--out weights/(\S+)")) == {FILE_NAME}
