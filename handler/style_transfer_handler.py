@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nst import Limits, RequestError, VGGFeatures, parse_request
+from nst.errors import InternalError, InvalidParameter, OutOfMemory, TimedOut, TooLarge
 from nst import weights as nst_weights
 from nst.fetch import fetch
 from nst.memory import is_out_of_memory, release
@@ -183,10 +184,8 @@ class StyleTransferHandler:
         else:
             body = output.data
         if len(body) > self.limits.max_response_bytes:
-            err = RequestError(
-                413, "max_size", f"max_size: the result is {len(body)} bytes, over this server's response limit "
-                f"of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg",
-            )
+            err = TooLarge("max_size", f"max_size: the result is {len(body)} bytes, over this server's response "
+                                       f"limit of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg")
             return self._fail(row, err, context)
         _record_served(context, result.steps, result.elapsed_ms, output, self.device)
         if not row.streaming:
@@ -205,19 +204,19 @@ class StyleTransferHandler:
             err = exc
         elif isinstance(exc, BudgetExceeded):
             if row.deadline_field is None:
-                err = RequestError(504, None, f"time budget exceeded: {exc}")
+                err = TimedOut(None, f"time budget exceeded: {exc}")
             else:
                 field = row.deadline_field
-                err = RequestError(504, field, f"{field}: the client's deadline passed: {exc}")
+                err = TimedOut(field, f"{field}: the client's deadline passed: {exc}")
         elif isinstance(exc, Diverged):
-            err = RequestError(422, "lr", f"lr: the optimization diverged ({exc}); use a smaller lr")
+            err = InvalidParameter("lr", f"lr: the optimization diverged ({exc}); use a smaller lr")
         elif is_out_of_memory(exc):
             log.warning("request %d ran out of memory: %s", row.idx, exc)
             release(self.device)
-            err = RequestError(507, None, "out of memory: try a smaller max_size")
+            err = OutOfMemory(None, "out of memory: try a smaller max_size")
         else:  # a bug, not the client's fault: log it, never leak it
             log.error("request %d failed", row.idx, exc_info=(type(exc), exc, exc.__traceback__))
-            err = RequestError(500, None, "internal error while stylizing; see the server log")
+            err = InternalError(None, "internal error while stylizing; see the server log")
         _record(context, "RejectedRequests", 1, extra=(str(err.code),))
         row.error = err
         return self._error(row.idx, err, context, row.streaming)
@@ -338,9 +337,7 @@ def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float,
     if params.deadline is not None:
         left = params.deadline - time.time()
         if left <= 0:
-            raise RequestError(
-                504, "deadline", f"deadline: passed {-left:.1f} s before a worker took the request; not started"
-            )
+            raise TimedOut("deadline", f"deadline: passed {-left:.1f} s before a worker took the request; not started")
         if taken + left < deadline:
             deadline, field = taken + left, "deadline"
     return deadline, field

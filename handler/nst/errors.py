@@ -35,46 +35,74 @@ def quote_field(name: str) -> str:
 
 
 class RequestError(Exception):
-    """A client error: `code` is the HTTP status, `field` the request field at fault."""
+    """A request the service refuses. The subclass says why; each kind's
+    answer (HTTP status, the JSON body's `type`, the status line's fixed
+    ASCII reason) is written once, on the class, and nowhere else: the edge
+    reads it from there (and TorchServe maps the status to gRPC's).
+    `field` is the request field at fault."""
 
-    TYPES = {
-        400: "BadRequest",
-        403: "Forbidden",
-        413: "PayloadTooLarge",
-        415: "UnsupportedMediaType",
-        422: "InvalidParameter",
-        500: "InternalServerError",
-        503: "ServiceUnavailable",
-        504: "GatewayTimeout",
-        507: "InsufficientStorage",
-    }
-    # The HTTP reason phrase of each status: fixed ASCII, never request text.
-    REASONS = {
-        400: "Bad Request",
-        403: "Forbidden",
-        413: "Payload Too Large",
-        415: "Unsupported Media Type",
-        422: "Unprocessable Entity",
-        500: "Internal Server Error",
-        503: "Service Unavailable",
-        504: "Gateway Timeout",
-        507: "Insufficient Storage",
-    }
+    status = 400
+    type = "BadRequest"
+    reason = "Bad Request"
 
-    def __init__(self, code: int, field: str | None, message: str):
+    def __init__(self, field: str | None, message: str):
         message = printable(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
-        self.code = code
         self.field = None if field is None else quote_field(field)
         self.message = message
 
     @property
-    def type(self) -> str:
-        return self.TYPES.get(self.code, "Error")
-
-    @property
-    def reason(self) -> str:
-        return self.REASONS.get(self.code, "Error")
+    def code(self) -> int:
+        return self.status
 
     def as_dict(self) -> dict:
-        return {"code": self.code, "type": self.type, "message": self.message}
+        return {"code": self.status, "type": self.type, "message": self.message}
+
+
+class BadRequest(RequestError):
+    """The body or a field cannot be read as a request at all."""
+
+
+class Forbidden(RequestError):
+    """A URL input this server may not fetch (a private address, URLs off)."""
+
+    status, type, reason = 403, "Forbidden", "Forbidden"
+
+
+class TooLarge(RequestError):
+    """An input or the answer is over a size limit."""
+
+    status, type, reason = 413, "PayloadTooLarge", "Payload Too Large"
+
+
+class UnsupportedMedia(RequestError):
+    """An input is no image of an accepted format."""
+
+    status, type, reason = 415, "UnsupportedMediaType", "Unsupported Media Type"
+
+
+class InvalidParameter(RequestError):
+    """A field was read but its value is out of range or inconsistent."""
+
+    status, type, reason = 422, "InvalidParameter", "Unprocessable Entity"
+
+
+class InternalError(RequestError):
+    """A fault of this service, not of the request."""
+
+    status, type, reason = 500, "InternalServerError", "Internal Server Error"
+
+
+class TimedOut(RequestError):
+    """The time budget or the client's deadline ran out."""
+
+    status, type, reason = 504, "GatewayTimeout", "Gateway Timeout"
+
+
+class OutOfMemory(RequestError):
+    """The device cannot hold this request now."""
+
+    status, type, reason = 507, "InsufficientStorage", "Insufficient Storage"
+
+
+KINDS = (BadRequest, Forbidden, TooLarge, UnsupportedMedia, InvalidParameter, InternalError, TimedOut, OutOfMemory)

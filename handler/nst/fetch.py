@@ -19,7 +19,7 @@ from requests_hardened import Config, Manager
 from requests_hardened.ip_filter import InvalidIPAddress
 
 from .config import Limits
-from .errors import RequestError
+from .errors import BadRequest, Forbidden, RequestError, TimedOut, TooLarge
 
 SessionFactory = Callable[[], requests.Session]
 
@@ -39,15 +39,15 @@ def _check_url(url: str, field: str, allowed_ports: tuple[int, ...] | None) -> N
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise RequestError(400, field, f"{field}: not a valid URL") from None
+        raise BadRequest(field, f"{field}: not a valid URL") from None
     if parts.scheme not in ("http", "https"):
-        raise RequestError(400, field, f"{field}: only http and https URLs are fetched")
+        raise BadRequest(field, f"{field}: only http and https URLs are fetched")
     if parts.username is not None or parts.password is not None:
-        raise RequestError(400, field, f"{field}: URLs with credentials are not fetched")
+        raise BadRequest(field, f"{field}: URLs with credentials are not fetched")
     if not parts.hostname:
-        raise RequestError(400, field, f"{field}: the URL has no host")
+        raise BadRequest(field, f"{field}: the URL has no host")
     if allowed_ports is not None and port is not None and port not in allowed_ports:
-        raise RequestError(403, field, f"{field}: port {port} is not allowed (80 and 443 only)")
+        raise Forbidden(field, f"{field}: port {port} is not allowed (80 and 443 only)")
 
 
 def fetch(
@@ -61,7 +61,7 @@ def fetch(
     """GET `url` -> its bytes, or a RequestError naming `field`:
     403 forbidden address, 400 unusable URL/answer, 413 too big, 504 too slow."""
     if not isinstance(url, str) or len(url) > 2048:
-        raise RequestError(400, field, f"{field}: expected a URL string of at most 2048 characters")
+        raise BadRequest(field, f"{field}: expected a URL string of at most 2048 characters")
     deadline = time.monotonic() + limits.url_total_timeout_s
     timeout = (limits.url_connect_timeout_s, limits.url_read_timeout_s)
     with session_factory() as session:
@@ -76,30 +76,29 @@ def fetch(
                         url = urljoin(url, r.headers["Location"])
                         continue
                     if r.status_code != 200:
-                        raise RequestError(400, field, f"{field}: the URL answered HTTP {r.status_code}")
+                        raise BadRequest(field, f"{field}: the URL answered HTTP {r.status_code}")
                     return _read_capped(r, field, limits.max_input_bytes, deadline)
             except InvalidIPAddress:
-                raise RequestError(
-                    403, field, f"{field}: the address is not public (loopback, private, link-local...)"
-                ) from None
+                raise Forbidden(
+                    field, f"{field}: the address is not public (loopback, private, link-local...)") from None
             except (requests.Timeout, TimeoutError):
-                raise RequestError(504, field, f"{field}: the download timed out") from None
+                raise TimedOut(field, f"{field}: the download timed out") from None
             except requests.RequestException as e:
-                raise RequestError(400, field, f"{field}: could not fetch the URL ({type(e).__name__})") from None
-        raise RequestError(400, field, f"{field}: more than {limits.url_max_redirects} redirects")
+                raise BadRequest(field, f"{field}: could not fetch the URL ({type(e).__name__})") from None
+        raise BadRequest(field, f"{field}: more than {limits.url_max_redirects} redirects")
 
 
 def _read_capped(response: requests.Response, field: str, cap: int, deadline: float) -> bytes:
     """Count the bytes actually received (Content-Length is only a hint)."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise RequestError(413, field, f"{field}: {declared} bytes, more than the limit of {cap}")
+        raise TooLarge(field, f"{field}: {declared} bytes, more than the limit of {cap}")
     chunks, size = [], 0
     for chunk in response.iter_content(None):  # as it arrives: a trickle cannot dodge the deadline
         size += len(chunk)
         if size > cap:
-            raise RequestError(413, field, f"{field}: more than the limit of {cap} bytes")
+            raise TooLarge(field, f"{field}: more than the limit of {cap} bytes")
         if time.monotonic() > deadline:
-            raise RequestError(504, field, f"{field}: the download took too long")
+            raise TimedOut(field, f"{field}: the download took too long")
         chunks.append(chunk)
     return b"".join(chunks)

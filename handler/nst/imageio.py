@@ -10,7 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .config import Limits
-from .errors import RequestError
+from .errors import BadRequest, InvalidParameter, TooLarge, UnsupportedMedia
 
 # Decoders we let Pillow try: obscure ones carry most of its CVEs.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
@@ -71,39 +71,29 @@ def decode(data: bytes, field: str, limits: Limits, *, draft_size: int | None = 
     pixel count are checked from the header, before decoding. `draft_size`
     lets JPEG decode at a reduced scale when the result is downscaled anyway."""
     if not data:
-        raise RequestError(400, field, f"{field}: empty image")
+        raise BadRequest(field, f"{field}: empty image")
     if len(data) > limits.max_input_bytes:
-        raise RequestError(
-            413, field, f"{field}: {len(data)} bytes, more than the limit of {limits.max_input_bytes}"
-        )
+        raise TooLarge(field, f"{field}: {len(data)} bytes, more than the limit of {limits.max_input_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise RequestError(
-                415, field, f"{field}: not an accepted image format (PNG, JPEG, WebP, GIF)"
-            ) from None
-        raise RequestError(413, field, f"{field}: too many pixels") from None
+            raise UnsupportedMedia(field, f"{field}: not an accepted image format (PNG, JPEG, WebP, GIF)") from None
+        raise TooLarge(field, f"{field}: too many pixels") from None
     except (OSError, ValueError, SyntaxError):
-        raise RequestError(400, field, f"{field}: unreadable image data") from None
+        raise BadRequest(field, f"{field}: unreadable image data") from None
     w, h = img.size
     if w * h > limits.max_input_pixels:
-        raise RequestError(
-            413, field, f"{field}: {w}x{h} px, more than the limit of {limits.max_input_pixels} pixels"
-        )
+        raise TooLarge(field, f"{field}: {w}x{h} px, more than the limit of {limits.max_input_pixels} pixels")
     if min(w, h) < limits.min_input_side:
-        raise RequestError(
-            422, field, f"{field}: {w}x{h} px, each side must be at least {limits.min_input_side} px"
-        )
+        raise InvalidParameter(field, f"{field}: {w}x{h} px, each side must be at least {limits.min_input_side} px")
     if img.format == "JPEG":
         scans = jpeg_scans(data, limits.max_jpeg_scans)
         if scans > limits.max_jpeg_scans:
-            raise RequestError(
-                413, field, f"{field}: a JPEG of more than {limits.max_jpeg_scans} scans "
-                f"(this server's limit); re-encode it as baseline or standard progressive JPEG"
-            )
+            raise TooLarge(field, f"{field}: a JPEG of more than {limits.max_jpeg_scans} scans "
+                                  f"(this server's limit); re-encode it as baseline or standard progressive JPEG")
     try:
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
@@ -111,7 +101,7 @@ def decode(data: bytes, field: str, limits: Limits, *, draft_size: int | None = 
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise RequestError(400, field, f"{field}: truncated or corrupt image data") from None
+        raise BadRequest(field, f"{field}: truncated or corrupt image data") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

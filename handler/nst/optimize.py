@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import lbfgs
-from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS, LBFGS_HISTORY,
-                     LBFGS_MAX_MOVE, LBFGS_MEMORY, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
+from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
+                     LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import stack as stack_objectives
 from .vgg import VGGFeatures, canonical_layer

@@ -27,7 +27,7 @@ from .config import (
     Limits,
     Params,
 )
-from .errors import RequestError, quote_field
+from .errors import BadRequest, InvalidParameter, TooLarge, quote_field
 from .vgg import canonical_layer
 
 
@@ -36,10 +36,10 @@ def _text(value: Any, name: str) -> str:
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise RequestError(422, name, f"{name}: not valid UTF-8 text") from None
+            raise InvalidParameter(name, f"{name}: not valid UTF-8 text") from None
     if isinstance(value, str):
         return value.strip()
-    raise RequestError(422, name, f"{name}: expected a {type(value).__name__!s} to be text")
+    raise InvalidParameter(name, f"{name}: expected a {type(value).__name__!s} to be text")
 
 
 def _is_textual(value: Any) -> bool:
@@ -82,14 +82,14 @@ def parse_int(value: Any, name: str, lo: int, hi: int) -> int:
     if _is_textual(value):
         text = _text(value, name)
         if not re.fullmatch(r"[+-]?\d{1,19}", text):
-            raise RequestError(422, name, f"{name}: expected an integer, got {text[:40]!r}")
+            raise InvalidParameter(name, f"{name}: expected an integer, got {text[:40]!r}")
         value = int(text)
     elif isinstance(value, TooLongInteger):
-        raise RequestError(422, name, f"{name}: {_describe_int(value)} is out of range [{lo}, {hi}]")
+        raise InvalidParameter(name, f"{name}: {_describe_int(value)} is out of range [{lo}, {hi}]")
     elif isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(422, name, f"{name}: expected an integer")
+        raise InvalidParameter(name, f"{name}: expected an integer")
     if not lo <= value <= hi:
-        raise RequestError(422, name, f"{name}: {_describe_int(value)} is out of range [{lo}, {hi}]")
+        raise InvalidParameter(name, f"{name}: {_describe_int(value)} is out of range [{lo}, {hi}]")
     return value
 
 
@@ -100,21 +100,19 @@ def parse_float(value: Any, name: str, lo: float, hi: float, *, lo_open: bool = 
         try:
             value = float(text)  # a decimal string too large for a float is inf, never an error
         except ValueError:
-            raise RequestError(422, name, f"{name}: expected a number, got {text[:40]!r}") from None
+            raise InvalidParameter(name, f"{name}: expected a number, got {text[:40]!r}") from None
     elif isinstance(value, TooLongInteger):
-        raise RequestError(422, name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]")
+        raise InvalidParameter(name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(422, name, f"{name}: expected a number")
+        raise InvalidParameter(name, f"{name}: expected a number")
     try:
         value = float(value)
     except OverflowError:  # a JSON integer beyond float's range (about 1.8e308)
-        raise RequestError(
-            422, name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]"
-        ) from None
+        raise InvalidParameter(name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]") from None
     if not math.isfinite(value):
-        raise RequestError(422, name, f"{name}: must be a finite number")
+        raise InvalidParameter(name, f"{name}: must be a finite number")
     if value > hi or value < lo or (lo_open and value == lo):
-        raise RequestError(422, name, f"{name}: {value} is out of range {bracket}{lo}, {hi}]")
+        raise InvalidParameter(name, f"{name}: {value} is out of range {bracket}{lo}, {hi}]")
     return value
 
 
@@ -129,13 +127,13 @@ def parse_bool(value: Any, name: str) -> bool:
             return True
         if text in ("false", "0"):
             return False
-    raise RequestError(422, name, f"{name}: expected true/false/1/0")
+    raise InvalidParameter(name, f"{name}: expected true/false/1/0")
 
 
 def parse_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     text = _text(value, name).lower() if _is_textual(value) else None
     if text not in choices:
-        raise RequestError(422, name, f"{name}: must be one of {', '.join(choices)}")
+        raise InvalidParameter(name, f"{name}: must be one of {', '.join(choices)}")
     return text
 
 
@@ -151,9 +149,9 @@ def _json_value(value: Any, name: str) -> Any:
         try:
             return _loads(_text(value, name))
         except RecursionError:
-            raise RequestError(422, name, f"{name}: JSON nested too deeply") from None
+            raise InvalidParameter(name, f"{name}: JSON nested too deeply") from None
         except ValueError:
-            raise RequestError(422, name, f"{name}: not valid JSON") from None
+            raise InvalidParameter(name, f"{name}: not valid JSON") from None
     return value
 
 
@@ -210,40 +208,40 @@ def parse_json_body(body: Any) -> dict:
         except RecursionError:
             field = _too_deep_field(raw)
             if field is None:
-                raise RequestError(400, "body", "body: JSON nested too deeply") from None
-            raise RequestError(422, field, f"{quote_field(field)}: JSON nested too deeply") from None
+                raise BadRequest("body", "body: JSON nested too deeply") from None
+            raise InvalidParameter(field, f"{quote_field(field)}: JSON nested too deeply") from None
         except ValueError:
-            raise RequestError(
-                400, "body", "body: expected multipart/form-data or a JSON object (Content-Type: application/json)"
+            raise BadRequest(
+                "body", "body: expected multipart/form-data or a JSON object (Content-Type: application/json)"
             ) from None
     if not isinstance(body, dict):
-        raise RequestError(400, "body", "body: expected a JSON object")
+        raise BadRequest("body", "body: expected a JSON object")
     return body
 
 
 def parse_layer_weights(value: Any, name: str) -> dict[str, float]:
     raw = _json_value(value, name)
     if not isinstance(raw, dict) or not raw:
-        raise RequestError(422, name, f"{name}: expected a JSON object of layer -> weight")
+        raise InvalidParameter(name, f"{name}: expected a JSON object of layer -> weight")
     out: dict[str, float] = {}
     for key, weight in raw.items():
         try:
             layer = canonical_layer(str(key))
         except ValueError as e:
-            raise RequestError(422, name, f"{name}: {e}") from None
+            raise InvalidParameter(name, f"{name}: {e}") from None
         out[layer] = parse_float(weight, f"{name}.{key}", 0.0, 1e6)
     if not any(out.values()):
-        raise RequestError(422, name, f"{name}: at least one weight must be > 0")
+        raise InvalidParameter(name, f"{name}: at least one weight must be > 0")
     return out
 
 
 def parse_blend(value: Any, name: str) -> tuple[float, ...]:
     raw = _json_value(value, name)
     if not isinstance(raw, list) or not raw:
-        raise RequestError(422, name, f"{name}: expected a JSON list of numbers")
+        raise InvalidParameter(name, f"{name}: expected a JSON list of numbers")
     weights = tuple(parse_float(w, f"{name}[{i}]", 0.0, 1e6) for i, w in enumerate(raw))
     if not any(weights):
-        raise RequestError(422, name, f"{name}: at least one weight must be > 0")
+        raise InvalidParameter(name, f"{name}: at least one weight must be > 0")
     return weights
 
 
@@ -309,14 +307,12 @@ def decode_base64(value: str, name: str, limits: Limits) -> bytes:
     text = _DATA_URL.sub("", value.strip(), count=1)
     text = re.sub(r"\s+", "", text)
     if len(text) * 3 // 4 > limits.max_input_bytes:
-        raise RequestError(
-            413, name, f"{name}: more than the limit of {limits.max_input_bytes} bytes once decoded"
-        )
+        raise TooLarge(name, f"{name}: more than the limit of {limits.max_input_bytes} bytes once decoded")
     text += "=" * (-len(text) % 4)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(400, name, f"{name}: not valid base64") from None
+        raise BadRequest(name, f"{name}: not valid base64") from None
 
 
 def _image_bytes(value: Any, name: str, limits: Limits) -> bytes:
@@ -324,7 +320,7 @@ def _image_bytes(value: Any, name: str, limits: Limits) -> bytes:
         return bytes(value)
     if isinstance(value, str):
         return decode_base64(value, name, limits)
-    raise RequestError(400, name, f"{name}: expected an image file or a base64 string")
+    raise BadRequest(name, f"{name}: expected an image file or a base64 string")
 
 
 Fetcher = Callable[[str, str], bytes]  # (url, field) -> the image bytes
@@ -343,42 +339,41 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         if url_field not in fields:
             continue
         if not limits.allow_urls or fetch is None:
-            raise RequestError(422, url_field, f"{url_field}: URL inputs are disabled on this server")
+            raise InvalidParameter(url_field, f"{url_field}: URL inputs are disabled on this server")
         if image_field in fields:
-            raise RequestError(400, url_field, f"{url_field}: give {image_field} or {url_field}, not both")
+            raise BadRequest(url_field, f"{url_field}: give {image_field} or {url_field}, not both")
         urls[image_field] = fields.pop(url_field)
         fields[image_field] = b""  # placeholder until the parameters are known to be valid
     if "content" not in fields:
-        raise RequestError(400, "content", "content: required image missing")
+        raise BadRequest("content", "content: required image missing")
     if "style" not in fields:
-        raise RequestError(400, "style", "style: required image missing")
+        raise BadRequest("style", "style: required image missing")
     content = _image_bytes(fields.pop("content"), "content", limits)
 
     style_value = fields.pop("style")
     style_values = list(style_value) if isinstance(style_value, list) else [style_value]
     if not style_values:
-        raise RequestError(400, "style", "style: required image missing (empty list)")
+        raise BadRequest("style", "style: required image missing (empty list)")
     names = ["style"] if len(style_values) == 1 else [f"style[{i}]" for i in range(len(style_values))]
     extra = sorted((k for k in fields if _STYLE_N.match(k)), key=lambda k: int(k.split("_")[1]))
     expected = [f"style_{i}" for i in range(2, 2 + len(extra))]
     if extra != expected:
         missing = next(e for e, k in zip(expected + [None], extra + [None]) if e != k)
-        raise RequestError(400, missing, f"{missing}: missing (style images are numbered style_2, style_3, ...)")
+        raise BadRequest(missing, f"{missing}: missing (style images are numbered style_2, style_3, ...)")
     for k in extra:
         style_values.append(fields.pop(k))
         names.append(k)
     if len(style_values) > limits.max_styles:
-        raise RequestError(422, "style", f"style: {len(style_values)} style images, at most {limits.max_styles}")
+        raise InvalidParameter("style", f"style: {len(style_values)} style images, at most {limits.max_styles}")
     styles = [_image_bytes(v, n, limits) for v, n in zip(style_values, names)]
 
     unknown = sorted(set(fields) - set(PARSERS))
     if unknown:
-        raise RequestError(422, unknown[0], f"{quote_field(unknown[0])}: unknown parameter")
+        raise InvalidParameter(unknown[0], f"{quote_field(unknown[0])}: unknown parameter")
     params = build_params(fields, limits)
     if params.style_blend is not None and len(params.style_blend) != len(styles):
-        raise RequestError(
-            422, "style_blend", f"style_blend: {len(params.style_blend)} weights for {len(styles)} style images"
-        )
+        raise InvalidParameter(
+            "style_blend", f"style_blend: {len(params.style_blend)} weights for {len(styles)} style images")
     content_field = "content"
     if "content" in urls:
         content, content_field = fetch(urls["content"], "content_url"), "content_url"

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import imageio, memory
 from .config import Limits
-from .errors import RequestError
+from .errors import InvalidParameter, OutOfMemory
 from .params import Request
 from .optimize import BudgetExceeded, Callback, Result, Row, batch_key, stylize, stylize_batch
 from .vgg import VGGFeatures
@@ -51,10 +51,8 @@ def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limit
     need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
     budget = budget_bytes(limits, device)
     if need > budget:
-        raise RequestError(
-            507, "max_size", f"max_size: this request needs about {need // 2**20} MiB, the worker can spend "
-            f"{budget // 2**20} MiB now; ask for a smaller max_size or retry later",
-        )
+        raise OutOfMemory("max_size", f"max_size: this request needs about {need // 2**20} MiB, the worker can "
+                                      f"spend {budget // 2**20} MiB now; ask for a smaller max_size or retry later")
     return need
 
 
@@ -79,10 +77,8 @@ def prepare(request: Request, vgg: VGGFeatures, limits: Limits, *, deadline: flo
     content_img = imageio.fit(imageio.decode(request.content, field, limits, draft_size=p.max_size), p.max_size)
     if min(content_img.size) < limits.min_input_side:  # an elongated image scaled down to max_size
         w, h = content_img.size
-        raise RequestError(
-            422, field, f"{field}: scaled to max_size {p.max_size} it is {w}x{h} px, "
-            f"each side must be at least {limits.min_input_side} px"
-        )
+        raise InvalidParameter(field, f"{field}: scaled to max_size {p.max_size} it is {w}x{h} px, "
+                                      f"each side must be at least {limits.min_input_side} px")
     style_imgs = [
         size_style(imageio.decode(data, name, limits), content_img, p.style_scale, p.recipe_mode, limits)
         for data, name in zip(request.styles, request.style_fields, strict=True)
