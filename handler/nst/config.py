@@ -108,7 +108,13 @@ class Limits:
 class Params:
     """One request's settings. Defaults = the `fast` preset."""
 
-    preset: str = "fast"  # fast | seed
+    preset: str = "fast"  # fast | seed: a preset only lays defaults over these (SEED_PRESET)
+    # What is optimized. pixels: [0,1] RGB that the objective sees clamped (the
+    # image scored is the image delivered), bf16 VGG passes for the first
+    # LOWP_STEPS. normalized: ImageNet-normalized values, unclamped, float32
+    # throughout, the style resized to the content's exact shape at
+    # style_scale 1 (the recipe's pipeline; its pixels clip on delivery).
+    space: str = "pixels"  # pixels | normalized
     steps: int = 100  # L-BFGS iterations; each is one forward+backward
     max_size: int = 512  # longest output side, px (never upscales)
     optimizer: str = "lbfgs"  # lbfgs | adam
@@ -133,14 +139,15 @@ class Params:
     deadline: float | None = None  # Unix time; a request still queued past it is dropped unstarted
 
     @property
-    def recipe_mode(self) -> bool:
-        """The seed preset optimizes ImageNet-normalized pixels without clamping, as the recipe does."""
-        return self.preset == "seed"
+    def normalized_space(self) -> bool:
+        """space=normalized: the recipe's optimization space (see `space`)."""
+        return self.space == "normalized"
 
 
 # What `preset=seed` changes relative to the dataclass defaults. Fields a request
 # sets explicitly win over the preset.
 SEED_PRESET: Mapping[str, Any] = {
+    "space": "normalized",
     "steps": 2000,
     "max_size": 400,
     "optimizer": "adam",
@@ -227,6 +234,7 @@ BATCH_MIN_PIXELS: Mapping[str, int | None] = {"cuda": None}
 WARM_UP_SIZES = ((512, 512), (512, 384), (384, 512))
 
 PRESETS = ("fast", "seed")
+SPACES = ("pixels", "normalized")
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("content", "noise")
 POOLINGS = ("max", "avg")

@@ -89,10 +89,10 @@ def _initial_image(content: Tensor, params: Params) -> Tensor:
 
 
 def compute_dtype(device: torch.device, params: Params) -> torch.dtype:
-    """bf16 for the first VGG passes of the fast preset where the hardware does
-    bf16 (Grams and losses stay float32: see losses.py). The seed preset stays
-    float32 so it matches the recipe step for step."""
-    if params.recipe_mode or LOWP_STEPS == 0:
+    """bf16 for the first VGG passes in `space=pixels` where the hardware does
+    bf16 (Grams and losses stay float32: see losses.py). `space=normalized`
+    stays float32 so it matches the recipe step for step."""
+    if params.normalized_space or LOWP_STEPS == 0:
         return torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -141,12 +141,12 @@ def input_loss(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
 _COMPILED: dict = {}
 
 
-def loss_function(recipe_mode: bool, device: torch.device, compile_new: bool = False) -> Callable:
+def loss_function(normalized_space: bool, device: torch.device, compile_new: bool = False) -> Callable:
     """The loss of the optimization variable. Compiled (on a GPU) once per
     process and function; `compile_new` lets torch.compile compile a shape or
     dtype it has not seen, which only the warm-up does: a request gets the
     compiled code where it exists and runs uncompiled otherwise."""
-    fn = input_loss if recipe_mode else pixels_loss
+    fn = input_loss if normalized_space else pixels_loss
     if not use_compile(device):
         return fn
     compiled = _COMPILED.get(fn)
@@ -257,7 +257,7 @@ class _GraphRunner:
 
 def use_coarse_to_fine(content: Tensor, params: Params) -> bool:
     return (COARSE_TO_FINE_FROM is not None and max(content.shape[-2:]) >= COARSE_TO_FINE_FROM
-            and not params.recipe_mode and params.init == "content" and params.steps >= 4)
+            and not params.normalized_space and params.init == "content" and params.steps >= 4)
 
 
 def _half(images: Tensor) -> Tensor:
@@ -334,7 +334,7 @@ def _structure(content: Tensor, params: Params) -> tuple:
     """What one L-BFGS batch must share: the shape, the optimization space and
     the objective's structure (the step scale is one number for all)."""
     layers = tuple(sorted({canonical_layer(k) for k, v in params.style_layer_weights.items() if v}))
-    return (tuple(content.shape[-2:]), str(content.device), params.recipe_mode, params.pooling, layers,
+    return (tuple(content.shape[-2:]), str(content.device), params.normalized_space, params.pooling, layers,
             bool(params.tv_weight), params.lr)
 
 
@@ -367,14 +367,14 @@ def stylize_batch(
     lowp = compute_dtype(device, p0)
     objective = stack_objectives([request_objective(vgg, r.content, r.styles, r.params) for r in rows])
     content = torch.cat([r.content for r in rows])  # (B, 3, H, W)
-    if p0.recipe_mode:
+    if p0.normalized_space:
         x = vgg.normalize(torch.cat([_initial_image(r.content, r.params) for r in rows]))
         to_pixels = vgg.denormalize
     else:
         x = torch.cat(list(init) if init is not None else [_initial_image(r.content, r.params) for r in rows])
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
     x = x.contiguous()  # (B, 3, H, W): updated in place, so a CUDA graph can hold it
-    loss_of = loss_function(p0.recipe_mode, device, compile_new)
+    loss_of = loss_function(p0.normalized_space, device, compile_new)
     n = x[0].numel()
     steps = [r.params.steps for r in rows]
     outcome: list = [None] * B
@@ -393,7 +393,7 @@ def stylize_batch(
     states = [lbfgs.init_state(B, n, history_pairs, device)] if one_state else [
         lbfgs.init_state(1, n, history_pairs, device) for _ in range(B)]
     rows_of = [slice(0, B)] if one_state else [slice(b, b + 1) for b in range(B)]  # each state's rows
-    bounded = not p0.recipe_mode
+    bounded = not p0.normalized_space
     loss_buf = torch.zeros(B, device=device)
 
     def one_step(dtype: torch.dtype) -> None:
@@ -415,7 +415,7 @@ def stylize_batch(
         finished_ms[b] = (time.monotonic() - start) * 1e3
         last[b] = step  # frozen from here (a host write between steps, outside any graph)
         with torch.no_grad():
-            x[b].copy_(content[b] if not p0.recipe_mode else vgg.normalize(content[b:b + 1])[0])  # stays finite
+            x[b].copy_(content[b] if not p0.normalized_space else vgg.normalize(content[b:b + 1])[0])  # stays finite
 
     def running(b: int, step: int) -> bool:
         return outcome[b] is None and step <= steps[b]
@@ -486,9 +486,9 @@ def stylize(
     """Optimize an image against `content` (1,3,H,W) and `styles` (each
     (1,3,h,w)), all [0,1] RGB on the extractor's device.
 
-    The seed preset (recipe mode) optimizes ImageNet-normalized pixels with no
-    constraint, step for step as the tutorial does. The fast preset optimizes
-    pixels in [0,1] with the device-resident L-BFGS of `nst.lbfgs` (bounded
+    `space=normalized` (the seed preset's) optimizes ImageNet-normalized
+    values with no constraint, step for step as the tutorial does.
+    `space=pixels` (the fast preset's) optimizes pixels in [0,1] with the device-resident L-BFGS of `nst.lbfgs` (bounded
     steps, pixels held at the bounds), or Adam; the objective sees the pixels
     clamped, so the image it scores is the image it delivers.
 
@@ -514,13 +514,13 @@ def stylize(
     start = time.monotonic()
     lowp = compute_dtype(content.device, params)
     objective = request_objective(vgg, content, styles, params)
-    if params.recipe_mode:
+    if params.normalized_space:
         var = vgg.normalize(_initial_image(content, params))
         to_pixels = vgg.denormalize
     else:
         var = _initial_image(content, params) if init is None else init.clone()
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
-    loss_of = loss_function(params.recipe_mode, content.device, compile_new)
+    loss_of = loss_function(params.normalized_space, content.device, compile_new)
     var = var.contiguous().requires_grad_(True)
 
     history: list[Progress] = []

@@ -24,6 +24,7 @@ from .config import (
     POOLINGS,
     PRESETS,
     SEED_PRESET,
+    SPACES,
     Limits,
     Params,
 )
@@ -249,6 +250,7 @@ def parse_blend(value: Any, name: str) -> tuple[float, ...]:
 # handler rejects any other name and the CLI makes an option of each.
 PARSERS: dict[str, Callable[[Any, Limits], Any]] = {
     "preset": lambda v, lim: parse_choice(v, "preset", PRESETS),
+    "space": lambda v, lim: parse_choice(v, "space", SPACES),
     "steps": lambda v, lim: parse_int(v, "steps", 1, lim.max_steps),
     "max_size": lambda v, lim: parse_int(v, "max_size", lim.min_input_side, lim.max_size),
     "optimizer": lambda v, lim: parse_choice(v, "optimizer", OPTIMIZERS),

@@ -26,10 +26,12 @@ class Output:
     batch: int = 1  # requests that shared this one's optimization
 
 
-def size_style(style: Image.Image, content: Image.Image, style_scale: float, recipe_mode: bool, limits: Limits) -> Image.Image:
-    """The recipe resizes the style to the content's exact shape; otherwise
-    keep the style's aspect and make its longest side `style_scale` times the content's."""
-    if recipe_mode and style_scale == 1.0:
+def size_style(style: Image.Image, content: Image.Image, style_scale: float, normalized_space: bool,
+               limits: Limits) -> Image.Image:
+    """In the recipe's space (at style_scale 1) the style is resized to the
+    content's exact shape, as the recipe does; otherwise it keeps its aspect
+    and its longest side becomes `style_scale` times the content's."""
+    if normalized_space and style_scale == 1.0:
         return imageio.resize_to(style, content.size)
     longest = round(style_scale * max(content.size))
     longest = max(limits.min_input_side, min(longest, limits.max_size))
@@ -80,7 +82,7 @@ def prepare(request: Request, vgg: VGGFeatures, limits: Limits, *, deadline: flo
         raise InvalidParameter(field, f"{field}: scaled to max_size {p.max_size} it is {w}x{h} px, "
                                       f"each side must be at least {limits.min_input_side} px")
     style_imgs = [
-        size_style(imageio.decode(data, name, limits), content_img, p.style_scale, p.recipe_mode, limits)
+        size_style(imageio.decode(data, name, limits), content_img, p.style_scale, p.normalized_space, limits)
         for data, name in zip(request.styles, request.style_fields, strict=True)
     ]
     decode_ms = (time.monotonic() - start) * 1e3

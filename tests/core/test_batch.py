@@ -39,7 +39,7 @@ def test_batch_key_separates_only_what_cannot_share_a_step():
     for p in same:
         assert batch_key(content, p) == base
     other = [params(pooling="avg"), params(tv_weight=1.0), params(lr=0.5),
-             params(style_layer_weights={"conv1_1": 1.0}), params(preset="seed")]
+             params(style_layer_weights={"conv1_1": 1.0}), params(space="normalized")]
     for p in other:
         assert batch_key(content, p) not in (base, None)
     assert batch_key(images(0, h=48)[0], params()) != base

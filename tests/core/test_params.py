@@ -379,7 +379,7 @@ def test_seed_preset_values():
     assert (p.steps, p.optimizer, p.lr, p.max_size, p.init) == (2000, "adam", 0.003, 400, "content")
     assert (p.content_weight, p.style_weight, p.tv_weight, p.pooling) == (1.0, 1e6, 0.0, "max")
     assert dict(p.style_layer_weights) == {"conv1_1": 1.0, "conv2_1": 0.75, "conv3_1": 0.2, "conv4_1": 0.2, "conv5_1": 0.2}
-    assert p.recipe_mode
+    assert p.normalized_space
 
 
 def test_seed_preset_fields_can_be_overridden():
@@ -464,3 +464,15 @@ def test_the_largest_max_size_follows_the_device():
         parse_request(fields, limits.for_device("cpu"))
     assert e.value.code == 422 and e.value.field == "max_size"
     assert parse_request(fields, limits.for_device("cuda")).params.max_size == 2048
+
+
+def test_a_preset_only_sets_defaults_and_the_space_is_its_own_parameter():
+    """issue #9: preset=seed used to switch the optimization space silently."""
+    seed = build_params({"preset": "seed"}, LIMITS)
+    assert seed.space == "normalized" and seed.normalized_space
+    assert build_params({}, LIMITS).space == "pixels"
+    mixed = build_params({"preset": "seed", "space": "pixels", "optimizer": "lbfgs"}, LIMITS)
+    assert (mixed.space, mixed.optimizer, mixed.steps) == ("pixels", "lbfgs", 2000) and not mixed.normalized_space
+    assert build_params({"space": "normalized"}, LIMITS).normalized_space
+    err = fails({"content": b64(CONTENT), "style": b64(STYLE), "space": "clamped"}, 422, "space")
+    assert "pixels" in err.message

@@ -105,7 +105,7 @@ def test_deadline_in_the_past_raises_budget_exceeded(vgg, pair):
 def test_absurd_lr_in_recipe_mode_diverges(vgg, pair):
     content, style = pair
     params = dataclasses.replace(build_params({"preset": "seed", "steps": 4}, Limits()), lr=1e30)
-    assert params.recipe_mode and params.optimizer == "adam"
+    assert params.normalized_space and params.optimizer == "adam"
     with pytest.raises(Diverged):
         stylize(vgg, content, [style], params)
 
