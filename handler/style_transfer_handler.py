@@ -137,7 +137,7 @@ class StyleTransferHandler:
         admit its images (URL downloads and decoding count against the budget)."""
         request = parse_request(_fields(raw), self.limits, fetch=self._fetch)
         row.deadline, row.deadline_field = _client_deadline(request.params, row.taken, row.deadline)
-        if request.params.stream:
+        if request.stream:
             context.set_response_content_type(row.idx, NDJSON)
             # No progress records over gRPC: the frontend sends the worker the
             # same command for Predictions and StreamPredictions, and a
@@ -153,7 +153,7 @@ class StyleTransferHandler:
         row.prepared = prepare(request, self.vgg, self.limits, deadline=row.deadline)
 
     def _respond(self, row: "StyleTransferHandler._Row", output: Output, context: Any) -> bytes:
-        idx, params = row.idx, row.prepared.request.params
+        idx, stream = row.idx, row.prepared.request.stream
         result = output.result
         total_ms = (time.monotonic() - row.taken) * 1e3
         facts = {
@@ -166,7 +166,7 @@ class StyleTransferHandler:
             "X-Batch": str(output.batch),
             "X-Weights": self.weights_kind,
         }
-        if params.stream:
+        if stream:
             record = {
                 "done": True,
                 "image": base64.b64encode(output.data).decode("ascii"),
@@ -194,7 +194,7 @@ class StyleTransferHandler:
             # facts travel in the final record instead (issue #8).
             for key, value in facts.items():
                 context.set_response_header(idx, key, value)
-        if not params.stream:
+        if not stream:
             context.set_response_content_type(idx, output.content_type)
         return body
 

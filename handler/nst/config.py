@@ -126,7 +126,6 @@ class Params:
     )
     init: str = "content"  # content | noise
     seed: int | None = None  # noise init and any other randomness
-    stream: bool = False  # NDJSON progress records, then the image
     preserve_color: bool = False  # keep the content image's colors (luminance transfer)
     style_blend: tuple[float, ...] | None = None  # weights of the style images, in order
     style_scale: float = 1.0  # style size relative to the content's longest side

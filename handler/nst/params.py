@@ -273,9 +273,14 @@ PARSERS: dict[str, Callable[[Any, Limits], Any]] = {
 }
 
 
+# Parameters of how the answer travels, not of the optimization: they go on
+# the Request, beside the core's Params.
+TRANSPORT = ("stream",)
+
+
 def build_params(given: Mapping[str, Any], limits: Limits) -> Params:
     """Parse the given parameters and lay them over the preset's defaults."""
-    parsed = {name: PARSERS[name](value, limits) for name, value in given.items()}
+    parsed = {name: PARSERS[name](value, limits) for name, value in given.items() if name not in TRANSPORT}
     values: dict[str, Any] = {"max_size": min(Params.max_size, limits.max_size)}
     preset = parsed.get("preset", Params.preset)
     if preset == "seed":
@@ -297,6 +302,7 @@ class Request:
     # "content" or "content_url"; "style", "style[1]", "style_2" or "style_url".
     content_field: str
     style_fields: tuple[str, ...]  # one per style
+    stream: bool = False  # NDJSON progress records, then the image (a transport choice: the core never reads it)
 
 
 _STYLE_N = re.compile(r"^style_([2-9]|[1-9]\d)$")
@@ -373,6 +379,7 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
     if unknown:
         raise InvalidParameter(unknown[0], f"{quote_field(unknown[0])}: unknown parameter")
     params = build_params(fields, limits)
+    stream = PARSERS["stream"](fields["stream"], limits) if "stream" in fields else False
     if params.style_blend is not None and len(params.style_blend) != len(styles):
         raise InvalidParameter(
             "style_blend", f"style_blend: {len(params.style_blend)} weights for {len(styles)} style images")
@@ -381,4 +388,4 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         content, content_field = fetch(urls["content"], "content_url"), "content_url"
     if "style" in urls:
         styles[0], names[0] = fetch(urls["style"], "style_url"), "style_url"
-    return Request(content, styles, params, content_field, tuple(names))
+    return Request(content, styles, params, content_field, tuple(names), stream)
