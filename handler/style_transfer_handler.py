@@ -21,7 +21,7 @@ from nst.fetch import fetch
 from nst.memory import is_out_of_memory, release
 from nst.config import CUDNN_AUTOTUNE, WARM_UP_SIZES
 from nst.optimize import BudgetExceeded, Diverged, Progress, warm_up
-from nst.params import parse_json_body
+from nst.request import parse_json_body
 from nst.pipeline import Job, Output, Prepared, prepare, run_batch
 
 log = logging.getLogger(__name__)

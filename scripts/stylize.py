@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handler"))
 from manage import MODEL  # noqa: E402
-from nst.params import PARSERS  # noqa: E402
+from nst.request import PARSERS  # noqa: E402
 from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Gatys neural style transfer: the pure core (no TorchServe imports)."""
 from .config import Limits, Params
 from .errors import RequestError
-from .params import Request, parse_request
+from .request import Request, parse_request
 from .pipeline import Output, run
 from .optimize import BudgetExceeded, Diverged, Progress, Result, stylize
 from .vgg import VGGFeatures

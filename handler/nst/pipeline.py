@@ -11,7 +11,7 @@ from torch import Tensor
 from . import imageio, memory
 from .config import Limits
 from .errors import InvalidParameter, OutOfMemory
-from .params import Request
+from .request import Request
 from .optimize import BudgetExceeded, Callback, Result, Row, batch_key, stylize, stylize_batch
 from .vgg import VGGFeatures
 

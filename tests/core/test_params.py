@@ -8,7 +8,7 @@ import pytest
 
 from nst import Limits, Params, RequestError, parse_request
 from nst.config import FAST_ADAM_LR, RECIPE_STYLE_LAYERS
-from nst.params import build_params, parse_json_body
+from nst.request import build_params, parse_json_body
 
 LIMITS = Limits()
 CONTENT = b"\x89PNG-content-bytes"  # parse_request never decodes images

@@ -8,7 +8,7 @@ import torch
 
 import nst.optimize as optimize_mod
 from nst.config import LBFGS_HISTORY, LBFGS_MEMORY, Limits, Params
-from nst.params import build_params
+from nst.request import build_params
 from nst.optimize import compute_dtype, lbfgs_history, stylize
 
 BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()

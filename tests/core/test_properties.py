@@ -13,7 +13,7 @@ from PIL import Image
 from nst import imageio
 from nst.config import Limits, Params
 from nst.errors import RequestError
-from nst.params import PARSERS, build_params, decode_base64, parse_request
+from nst.request import PARSERS, build_params, decode_base64, parse_request
 
 LIMITS = Limits(max_input_pixels=200_000, max_input_bytes=200_000)
 CODES = {400, 413, 415, 422}

@@ -18,7 +18,7 @@ from torchvision import transforms
 from nst import Limits, parse_request
 from nst.config import RECIPE_STYLE_LAYERS
 from nst.losses import gram, make_objective
-from nst.params import build_params
+from nst.request import build_params
 from nst.pipeline import run
 from nst.optimize import stylize
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nst import BudgetExceeded, Diverged, Limits, parse_request, run
-from nst.params import build_params
+from nst.request import build_params
 from nst.optimize import quantize, stylize, transfer_luminance
 
 

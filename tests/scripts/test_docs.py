@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from nst.config import RESPONSE_MARGIN_S, Limits, Params
-from nst.params import PARSERS
+from nst.request import PARSERS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -26,7 +26,7 @@ def _table_rows(header_start: str) -> dict[str, list[str]]:
 
 
 def test_parameter_table_lists_every_parameter_with_its_default():
-    from nst.params import Request
+    from nst.request import Request
 
     rows = _table_rows("| name | type / range | default | meaning |")
     assert set(PARSERS) <= set(rows)

@@ -1,8 +1,8 @@
-"""Request fields -> validated images and `Params`. Shared by the handler and the CLI.
+"""Request fields -> a `Request`: validated image bytes, the core's `Params` and how the answer travels. Shared by the handler and the CLI.
 
 Values arrive as bytes (multipart text fields), str (JSON strings, CLI
 options) or JSON values; every parser accepts all three. Each error names
-the field and carries the contract's status code.
+the field and is one of the kinds of nst.errors.
 """
 from __future__ import annotations
 
