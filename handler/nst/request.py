@@ -1,4 +1,5 @@
-"""Request fields -> a `Request`: validated image bytes, the core's `Params` and how the answer travels. Shared by the handler and the CLI.
+"""Request fields -> a `Request`: validated image bytes, the core's `Params`
+and how the answer travels. Shared by the handler and the CLI.
 
 Values arrive as bytes (multipart text fields), str (JSON strings, CLI
 options) or JSON values; every parser accepts all three. Each error names
