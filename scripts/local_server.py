@@ -13,16 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "handler"))
-from manage import MODEL, read_key  # noqa: E402  one reader of TorchServe's key file
+from manage import MODEL, read_key, wait_for  # noqa: E402  one key-file reader, one polling loop
 from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,16 +111,6 @@ def _model_config(workdir: Path, overrides: dict) -> Path:
     path = workdir / "model-config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> None:

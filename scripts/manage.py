@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -52,19 +53,33 @@ def scale(args) -> int:
     return 0 if r.ok else 1
 
 
-def wait(args) -> int:
-    deadline = time.monotonic() + args.timeout
-    last = "no answer"
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False):
+    the scripts' and tests' one polling loop."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def wait(args) -> int:
+    last = ["no answer"]
+
+    def healthy() -> bool:
         try:
             r = requests.get(f"{args.inference}/ping", headers=auth(args.key_file, "inference"), timeout=5)
             if r.ok and r.json().get("status") == "Healthy":
-                return 0
-            last = r.text.strip()
+                return True
+            last[0] = r.text.strip()
         except (OSError, ValueError, KeyError, requests.RequestException) as e:
-            last = str(e)  # not started yet, or key file not written yet
-        time.sleep(1)
-    print(f"server not healthy after {args.timeout} s: {last}", file=sys.stderr)
+            last[0] = str(e)  # not started yet, or key file not written yet
+        return False
+
+    if wait_for(healthy, args.timeout, interval=1):
+        return 0
+    print(f"server not healthy after {args.timeout} s: {last[0]}", file=sys.stderr)
     return 1
 
 

@@ -23,7 +23,7 @@ import requests
 import torch
 
 from example_images import thumbnail
-from local_server import wait_for
+from manage import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
