@@ -264,3 +264,17 @@ def test_scale_workers_with_manage_script(server):
     finally:
         _script(server, "manage.py", *common, "scale", "1")
     assert len(server.describe()["workers"]) == 1
+
+
+def test_manage_wait_returns_once_healthy_and_fails_naming_why(server):
+    """`manage.py wait` (scripts/serve.sh, the Docker HEALTHCHECK): 0 at once
+    on a healthy server; 1 after its timeout where nothing answers."""
+    from local_server import free_port
+
+    p = _script(server, "manage.py", "--inference", server.inference, "--key-file", str(server.key_file),
+                "--timeout", "30", "wait")
+    assert p.returncode == 0, p.stderr
+    nobody = f"http://127.0.0.1:{free_port()}"
+    p = _script(server, "manage.py", "--inference", nobody, "--key-file", str(server.key_file), "--timeout", "2", "wait")
+    assert p.returncode == 1
+    assert "not healthy after 2.0 s" in p.stderr
