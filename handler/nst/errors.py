@@ -59,49 +59,24 @@ class RequestError(Exception):
         return {"code": self.status, "type": self.type, "message": self.message}
 
 
-class BadRequest(RequestError):
-    """The body or a field cannot be read as a request at all."""
-
-
-class Forbidden(RequestError):
-    """A URL input this server may not fetch (a private address, URLs off)."""
-
+# The one table of refusals, written as one: each kind and its answer (HTTP
+# status, the JSON body's `type`, the status line's reason), which the edge
+# reads off the class; TorchServe maps the status to gRPC's.
+class BadRequest(RequestError):  # the body or a field cannot be read as a request at all
+    status, type, reason = 400, "BadRequest", "Bad Request"
+class Forbidden(RequestError):  # a URL input this server may not fetch (private address, URLs off)  # noqa: E302
     status, type, reason = 403, "Forbidden", "Forbidden"
-
-
-class TooLarge(RequestError):
-    """An input or the answer is over a size limit."""
-
+class TooLarge(RequestError):  # an input or the answer is over a size limit  # noqa: E302
     status, type, reason = 413, "PayloadTooLarge", "Payload Too Large"
-
-
-class UnsupportedMedia(RequestError):
-    """An input is no image of an accepted format."""
-
+class UnsupportedMedia(RequestError):  # an input is no image of an accepted format  # noqa: E302
     status, type, reason = 415, "UnsupportedMediaType", "Unsupported Media Type"
-
-
-class InvalidParameter(RequestError):
-    """A field was read but its value is out of range or inconsistent."""
-
+class InvalidParameter(RequestError):  # a field's value is out of range or inconsistent  # noqa: E302
     status, type, reason = 422, "InvalidParameter", "Unprocessable Entity"
-
-
-class InternalError(RequestError):
-    """A fault of this service, not of the request."""
-
+class InternalError(RequestError):  # a fault of this service, not of the request  # noqa: E302
     status, type, reason = 500, "InternalServerError", "Internal Server Error"
-
-
-class TimedOut(RequestError):
-    """The time budget or the client's deadline ran out."""
-
+class TimedOut(RequestError):  # the time budget or the client's deadline ran out  # noqa: E302
     status, type, reason = 504, "GatewayTimeout", "Gateway Timeout"
-
-
-class OutOfMemory(RequestError):
-    """The device cannot hold this request now."""
-
+class OutOfMemory(RequestError):  # the device cannot hold this request now  # noqa: E302
     status, type, reason = 507, "InsufficientStorage", "Insufficient Storage"
 
 
