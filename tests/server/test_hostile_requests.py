@@ -123,27 +123,28 @@ def _scan_bomb(side: int, scans: int) -> bytes:
     return data[:-2] + scan * scans + b"\xff\xd9"
 
 
+def _bomb_refused_by_the_same_worker(srv, bomb: bytes, code: int, text: str) -> dict:
+    """`bomb` as the style gets `code` (its message containing `text`), from
+    the worker that was there before, which then serves normally."""
+    pids = srv.worker_pids()
+    r = srv.predict(files={"content": GOOD, "style": bomb}, data={"steps": "1"}, timeout=120)
+    err = _assert_refused(r, code, text)
+    assert srv.worker_pids() == pids
+    _served_normally(srv)
+    return err
+
+
 @pytest.mark.parametrize("side, scans", [(7000, 42000), (2000, 3000)], ids=["3.3MB-7000px", "small-2000px"])
 def test_progressive_jpeg_scan_bombs_are_refused_before_decoding(server, side, scans):
-    bomb = _scan_bomb(side, scans)
-    pids = server.worker_pids()
-    r = server.predict(files={"content": GOOD, "style": bomb}, data={"steps": "1"}, timeout=120)
-    err = _assert_refused(r, 413, "style")
+    err = _bomb_refused_by_the_same_worker(server, _scan_bomb(side, scans), 413, "style")
     assert "scans" in err["message"]
-    assert server.worker_pids() == pids
-    _served_normally(server)
 
 
 def test_decoding_counts_against_the_time_budget(strict_server):
     """strict_server allows 2000 scans (test-only) and has a 3 s budget: a bomb
     under its scan limit decodes for longer than that, then gets a 504."""
-    bomb = _scan_bomb(3000, 1500)
-    pids = strict_server.worker_pids()
-    r = strict_server.predict(files={"content": GOOD, "style": bomb}, data={"steps": "1"}, timeout=120)
-    err = _assert_refused(r, 504, "time budget exceeded")
+    err = _bomb_refused_by_the_same_worker(strict_server, _scan_bomb(3000, 1500), 504, "time budget exceeded")
     assert "before the first step (decoding took" in err["message"]
-    assert strict_server.worker_pids() == pids
-    _served_normally(strict_server)
 
 
 def test_decode_time_is_reported_in_the_facts(server):
