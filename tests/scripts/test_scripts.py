@@ -101,11 +101,42 @@ def test_dockerfile_passes_hadolint():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_dockerfile_bakes_imagenet_and_runs_unprivileged():
-    text = (ROOT / "Dockerfile").read_text()
-    assert "--require-imagenet" in text
-    assert "\nUSER 10001" in text and "HEALTHCHECK" in text
-    assert "EXPOSE 8080 8081 8082" in text
+def test_dockerfile_agrees_with_the_scripts_and_config_it_uses():
+    """What the image runs must exist in this repo as the Dockerfile calls it:
+    the weights script's flag, the healthcheck's command, the ports of
+    config.properties, the user the Kubernetes manifests run as."""
+    import re
+    import shlex
+
+    import yaml
+
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith("#")]
+    by_name: dict[str, list[str]] = {}
+    for name, *rest in instructions:
+        by_name.setdefault(name, []).append(rest[0] if rest else "")
+    # The weights are fetched with the flag that refuses random weights
+    # (test_require_imagenet_fails_instead_of_random shows it does).
+    fetch = next(r for r in by_name["RUN"] if "fetch_weights.py" in r)
+    assert "--require-imagenet" in fetch
+    # The healthcheck runs manage.py with arguments its parser accepts.
+    health = json.loads(by_name["HEALTHCHECK"][0].split("CMD", 1)[1])
+    assert health[:2] == ["python", "scripts/manage.py"]
+    assert health[-1] == "wait"  # tests/server/test_server.py runs that verb for real
+    args = health[2:-1]
+    docker_timeout = int(re.search(r"--timeout=(\d+)s", by_name["HEALTHCHECK"][0]).group(1))
+    assert args[0] == "--timeout" and float(args[1]) < docker_timeout  # answers before Docker gives up
+    # EXPOSE lists the ports config.properties serves on.
+    props = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines()
+                 if line and not line.startswith("#") and "=" in line)
+    ports = {int(props[k].rsplit(":", 1)[1]) for k in ("inference_address", "management_address", "metrics_address")}
+    assert {int(p) for p in shlex.split(by_name["EXPOSE"][0])} == ports
+    # Unprivileged, and the same user deploy/ runs the image as.
+    user = int(by_name["USER"][-1])
+    assert user != 0
+    pod = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == user
+    assert re.search(rf"useradd .*--uid {user}\b", text)
 
 
 def test_model_name_and_weights_file_are_spelt_alike_everywhere():
