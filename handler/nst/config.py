@@ -118,7 +118,7 @@ class Params:
     steps: int = 100  # L-BFGS iterations; each is one forward+backward
     max_size: int = 512  # longest output side, px (never upscales)
     optimizer: str = "lbfgs"  # lbfgs | adam
-    lr: float = 1.0  # L-BFGS step scale; Adam uses 0.02 in [0,1] pixel space
+    lr: float = 1.0  # L-BFGS step scale; Adam's default is FAST_ADAM_LR (below)
     content_weight: float = 1.0  # alpha
     style_weight: float = 1e6  # beta
     style_layer_weights: Mapping[str, float] = field(

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .config import RECIPE_CONTENT_LAYER
 from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
 
 
@@ -109,7 +110,7 @@ def make_objective(
     tv_weight: float = 0.0,
     style_blend: Sequence[float] | None = None,
     pooling: str = "max",
-    content_layer: str = "conv4_2",
+    content_layer: str = RECIPE_CONTENT_LAYER,
 ) -> Objective:
     """Targets are computed once here; the returned objective maps a
     normalized image (1,3,H,W) to its loss terms.
