@@ -167,3 +167,48 @@ def test_inference_service_is_the_deployments_pod_under_kserves_fields():
     expected["containers"] = [gateway, container(expected, "torchserve")]
     assert pod == expected
     assert predictor["timeout"] >= load(ROOT / "handler" / "model-config.yaml")["responseTimeout"]
+
+
+def _gateway_tree(tmp_path: Path, key: str = "k3y_-Test") -> list[dict]:
+    """The gateway's config as nginx would read it (envsubst done), parsed."""
+    import crossplane
+
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("events {}\nhttp {\n" + configmap()["gateway.conf.template"].replace("${INFERENCE_KEY}", key)
+                    + "\n}\n")
+    parsed = crossplane.parse(str(conf), check_ctx=True, check_args=True, comments=False)
+    assert parsed["status"] == "ok", parsed["errors"]
+    [http] = [d for d in parsed["config"][0]["parsed"] if d["directive"] == "http"]
+    return http["block"]
+
+
+def _walk(block: list[dict]):
+    for d in block:
+        yield d
+        if d["directive"] != "map":  # a map's block holds value pairs, not directives
+            yield from _walk(d.get("block", []))
+
+
+def test_gateway_config_is_valid_nginx_that_lets_nothing_but_health_through_without_the_key(tmp_path):
+    import crossplane.analyzer
+
+    http = _gateway_tree(tmp_path, key="k3y_-Test")
+    # Every directive is one nginx has (crossplane knows nginx's table up to
+    # 1.23; http2 is 1.25.1's, and the pinned image is 1.27).
+    unknown = {d["directive"] for d in _walk(http)} - set(crossplane.analyzer.DIRECTIVES) - {"http2"}
+    assert not unknown, unknown
+    [key_map] = [d for d in http if d["directive"] == "map"]
+    assert key_map["args"] == ["$http_authorization", "$style_transfer_key_ok"]
+    assert {(e["directive"], *e["args"]) for e in key_map["block"]} == {("default", "0"), ("~^Bearer k3y_-Test$", "1")}
+    servers = [d for d in http if d["directive"] == "server"]
+    assert len(servers) == 2  # HTTP and gRPC
+    open_paths = set()
+    for server in servers:
+        for loc in (d for d in server["block"] if d["directive"] == "location"):
+            first = loc["block"][0]
+            guarded = first["directive"] == "if" and first["args"] == ["$style_transfer_key_ok", "=", "0"] \
+                and first["block"][0]["directive"] == "return" and first["block"][0]["args"][0] == "401"
+            if not guarded:
+                assert loc["args"][0] == "=", loc["args"]  # only exact paths go unguarded
+                open_paths.add(loc["args"][1])
+    assert open_paths == {"/ping", "/gateway-health"}
