@@ -30,11 +30,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import LBFGS_HISTORY, LBFGS_MEMORY
+
 # A pair (s, y) enters the history only if s.y > CURVATURE_EPS * y.y: the
 # inverse-Hessian update needs s.y > 0, and a relative test is independent of
 # the loss's scale (torch.optim.LBFGS's absolute 1e-10 dropped the first pair
 # whenever the first step was short).
 CURVATURE_EPS = 1e-10
+
+
+def pair_bytes(pixels: int) -> int:
+    """One history pair of an RGB image of `pixels` pixels: two float32 vectors of 3 x pixels."""
+    return 2 * 3 * pixels * 4
+
+
+def history_pairs(pixels: int) -> int:
+    """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes (at least 5)."""
+    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // pair_bytes(pixels)))
 
 
 @dataclass

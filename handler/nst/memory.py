@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from .config import Params
-from .optimize import lbfgs_history, lbfgs_pair_bytes
+from .lbfgs import history_pairs, pair_bytes
 from .vgg import CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
@@ -60,7 +60,7 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     step = (saved_elements_per_pixel() + transient_elements_per_pixel(device_type)) * pixels * FLOAT
     history = 0
     if params.optimizer == "lbfgs":
-        history = lbfgs_history(pixels) * lbfgs_pair_bytes(pixels)
+        history = history_pairs(pixels) * pair_bytes(pixels)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
     return int(SAFETY * max(step + history, styles) + (GPU_BASE if device_type == "cuda" else BASE))
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import lbfgs
 from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
-                     LBFGS_HISTORY, LBFGS_MAX_MOVE, LBFGS_MEMORY, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
+                     LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import stack as stack_objectives
 from .vgg import VGGFeatures, canonical_layer
@@ -99,16 +99,6 @@ def compute_dtype(device: torch.device, params: Params) -> torch.dtype:
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def lbfgs_pair_bytes(pixels: int) -> int:
-    """One L-BFGS history pair: two float32 image-sized (3 x pixels) vectors."""
-    return 2 * 3 * pixels * 4
-
-
-def lbfgs_history(pixels: int) -> int:
-    """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes."""
-    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // lbfgs_pair_bytes(pixels)))
 
 
 def _finite_or_raise(loss: float, step: int) -> None:
@@ -389,7 +379,7 @@ def stylize_batch(
     # additions differently from a one-row one, and the optimization amplified
     # those last bits to several levels of 255 over a few dozen steps.
     one_state = device.type in LBFGS_ONE_STATE_DEVICES
-    history_pairs = lbfgs_history(shape_pixels(x))
+    history_pairs = lbfgs.history_pairs(shape_pixels(x))
     states = [lbfgs.init_state(B, n, history_pairs, device)] if one_state else [
         lbfgs.init_state(1, n, history_pairs, device) for _ in range(B)]
     rows_of = [slice(0, B)] if one_state else [slice(b, b + 1) for b in range(B)]  # each state's rows

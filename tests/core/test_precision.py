@@ -9,7 +9,8 @@ import torch
 import nst.optimize as optimize_mod
 from nst.config import LBFGS_HISTORY, LBFGS_MEMORY, Limits, Params
 from nst.request import build_params
-from nst.optimize import compute_dtype, lbfgs_history, stylize
+from nst.lbfgs import history_pairs
+from nst.optimize import compute_dtype, stylize
 
 BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -36,10 +37,10 @@ def test_bf16_features_approximate_float32(vgg):
 
 
 def test_lbfgs_history_is_capped_by_memory():
-    assert lbfgs_history(64 * 64) == LBFGS_HISTORY
+    assert history_pairs(64 * 64) == LBFGS_HISTORY
     big = 4096 * 4096
-    assert lbfgs_history(big) == max(5, LBFGS_MEMORY // (2 * 3 * big * 4))
-    assert lbfgs_history(big) < LBFGS_HISTORY
+    assert history_pairs(big) == max(5, LBFGS_MEMORY // (2 * 3 * big * 4))
+    assert history_pairs(big) < LBFGS_HISTORY
 
 
 def test_switch_to_float32_after_lowp_steps(vgg, monkeypatch):
