@@ -44,7 +44,7 @@ TARGET_WORST = 20.0  # every pair: the default reaches the recipe's loss in <= 1
 TARGET_MEDIAN = 150.0
 # The recipe's delivered loss after 2000 steps is a fact of the recipe, the
 # pair, the weights, torch and the device: recomputing it costs 12 pairs x
-# 2000 steps (about 30 min at 64x48 on the 2-core CPU). It is kept in
+# 2000 steps (about 30 min at 64x48 on the 2-core CPU, 2.25x that at 96x72). It is kept in
 # RECIPE_TARGETS once measured; a later run measures the recipe's time per
 # step over its first CHECK_STEPS steps, side by side with the product as
 # always, and uses the stored loss only if those steps' losses match the

@@ -35,7 +35,7 @@ import corpus  # noqa: E402
 import reference_recipe as ref  # noqa: E402
 
 RECIPE_STEPS = 700  # 35% of the recipe's 2000
-SCALE = 2 / 3  # the regular pairs are 64x48: 43x32
+SCALE = 4 / 9  # the regular pairs are 96x72: 43x32
 HARDEST = ["dark_style", "noise_style", "primaries_content"]
 
 

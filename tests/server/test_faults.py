@@ -194,6 +194,7 @@ def test_host_out_of_memory_is_507_and_the_same_worker_recovers(server):
     assert r.json()["message"].startswith("out of memory")
     assert server.worker_pids() == [pid]
     assert server.predict(files=FILES, data=QUICK).status_code == 200
+    print(f"rss after the OOM: {(worker.memory_info().rss - baseline) / 2**20:+.1f} MiB")
     assert worker.memory_info().rss < baseline + 64 * 2**20  # the failed request's memory is back
 
 
