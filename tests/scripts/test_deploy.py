@@ -113,6 +113,11 @@ def test_pods_run_non_root_with_a_gpu_and_probes_on_declared_ports():
                 assert c[probe]["httpGet"]["port"] in named, (c["name"], probe)
     torchserve = container(spec, "torchserve")
     assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # With a read-only root, every cache torch, inductor and triton write must be on a writable mount.
+    writable = [m["mountPath"] for m in torchserve["volumeMounts"] if not m.get("readOnly")]
+    env = {e["name"]: e["value"] for e in torchserve["env"]}
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME"):
+        assert any(env[name].startswith(path + "/") for path in writable), name
     assert "livenessProbe" in torchserve and "readinessProbe" in container(spec, "gateway")
     # The model's readiness is TorchServe's /ping, which the gateway lets through without a key.
     assert container(spec, "gateway")["readinessProbe"]["httpGet"]["path"] == "/ping"
