@@ -185,7 +185,8 @@ class StyleTransferHandler:
             body = output.data
         if len(body) > self.limits.max_response_bytes:
             err = TooLarge("max_size", f"max_size: the result is {len(body)} bytes, over this server's response "
-                                       f"limit of {self.limits.max_response_bytes}; ask for a smaller max_size or format=jpeg")
+                                       f"limit of {self.limits.max_response_bytes}; ask for a smaller max_size "
+                                       "or format=jpeg")
             return self._fail(row, err, context)
         _record_served(context, result.steps, result.elapsed_ms, output, self.device)
         if not row.streaming:

@@ -79,6 +79,12 @@ class Server:
         return bool(workers) and all(w["status"] == "READY" and w["pid"] > 0 for w in workers)
 
 
+def properties(text: str) -> dict[str, str]:
+    """A config.properties text's key=value lines (blank and # lines skipped)."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def _config(store: Path, ports: dict[str, int], overrides: dict[str, str]) -> str:
     """The repo's config.properties with this server's ports, model store and overrides."""
     text = (ROOT / "config.properties").read_text()

@@ -172,7 +172,7 @@ LBFGS_MEMORY = 512 * 1024 * 1024
 # Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
 # weights the gradients are in the hundreds: an unbounded first step threw every
 # pixel out of range and the optimizer stalled there (issue #11). Chosen on the
-# quality corpus (bench/corpus, stored recipe targets, all 12 pairs): 0.25 gives
+# quality corpus at 64x48 (bench/corpus, stored recipe targets, all 12 pairs): 0.25 gives
 # median 222x, worst 79x to the recipe's loss, and every default (100-step)
 # image at most 0.22x the recipe's loss; 0.1 crawled on painting_painting (116
 # steps, its 100-step image 19.6x the recipe's loss: worst 22x); 0.5 slowed the
@@ -209,13 +209,14 @@ COARSE_FRACTION = 0.5
 # False: one compiled program per image shape (each warmed up at worker start).
 COMPILE_DYNAMIC = False
 # A batched optimization (TorchServe batching) steps each row's L-BFGS state
-# on its own (False) or all rows as one batched state (True: a few batched
-# kernels per step instead of a few per row). Per row is bit for bit the row
-# alone on the CPU, where a batched reduction rounded differently and the
-# optimization amplified that to 2.7/255; on a GPU the batched convolutions
-# already round differently from a lone one. False until a GPU run measures
-# both (`bench/gpu.py`: throughput, and the 2/255 test of tests/core/test_batch.py).
-LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types; ("cuda",) for GPUs
+# on its own, or, on the device types listed here, all rows as one batched
+# state (a few batched kernels per step instead of a few per row). Per row is
+# bit for bit the row alone on the CPU, where a batched reduction rounded
+# differently and the optimization amplified that to 2.7/255. On an H100
+# (bench/gpu_results_h100.json, 8 rows against 1) one state served 1.45x at
+# 256 px against 1.75x per row and 0.90x against 1.22x at 512 px, 3.48x
+# against 2.24x only at 128 px: none listed.
+LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types, e.g. ("cuda",)
 # Smallest output (pixels) that shares a batched optimization, per device
 # type; None = rows never share one there (each runs alone, in the same call).
 # Issue #12 allows a batched row 2/255 (mean) from the same request alone. On

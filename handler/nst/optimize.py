@@ -173,10 +173,10 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
         return seconds
     loss_of = loss_function(False, device, compile_new=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
+    shared = max_batch > 1 and BATCH_MIN_PIXELS.get(device.type, 0) is not None  # rows may share here
     for w, h in sizes:
         t0 = time.monotonic()
-        batches = max_batch > 1 and BATCH_MIN_PIXELS.get(device.type, 0) is not None  # rows may share here
-        for batch in (1, max_batch) if batches else (1,):
+        for batch in (1, max_batch) if shared else (1,):
             content, style = (torch.rand((batch, 3, h, w), generator=gen).to(device) for _ in range(2))
             # built as a request's are: one objective per row, stacked
             objective = stack_objectives([request_objective(vgg, content[b:b + 1], [style[b:b + 1]], params)
@@ -478,8 +478,9 @@ def stylize(
 
     `space=normalized` (the seed preset's) optimizes ImageNet-normalized
     values with no constraint, step for step as the tutorial does.
-    `space=pixels` (the fast preset's) optimizes pixels in [0,1] with the device-resident L-BFGS of `nst.lbfgs` (bounded
-    steps, pixels held at the bounds), or Adam; the objective sees the pixels
+    `space=pixels` (the fast preset's) optimizes pixels in [0,1] with the
+    device-resident L-BFGS of `nst.lbfgs` (bounded steps, pixels held at the
+    bounds), or Adam; the objective sees the pixels
     clamped, so the image it scores is the image it delivers.
 
     The host reads the device only every `progress_every` steps (the loss for

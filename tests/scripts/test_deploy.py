@@ -14,6 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from local_server import properties
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.37.0"  # kubernetes-validate==1.37.0's newest schemas (requirements-dev.txt)
@@ -23,11 +25,6 @@ POD_KEYS = {"inference_address", "metrics_address", "grpc_inference_port", "disa
 
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
-
-
-def properties(text: str) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def configmap() -> dict:

@@ -127,8 +127,9 @@ def test_dockerfile_agrees_with_the_scripts_and_config_it_uses():
     docker_timeout = int(re.search(r"--timeout=(\d+)s", by_name["HEALTHCHECK"][0]).group(1))
     assert args[0] == "--timeout" and float(args[1]) < docker_timeout  # answers before Docker gives up
     # EXPOSE lists the ports config.properties serves on.
-    props = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines()
-                 if line and not line.startswith("#") and "=" in line)
+    from local_server import properties
+
+    props = properties((ROOT / "config.properties").read_text())
     ports = {int(props[k].rsplit(":", 1)[1]) for k in ("inference_address", "management_address", "metrics_address")}
     assert {int(p) for p in shlex.split(by_name["EXPOSE"][0])} == ports
     # Unprivileged, and the same user deploy/ runs the image as.

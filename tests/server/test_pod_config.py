@@ -11,12 +11,12 @@ import yaml
 from PIL import Image
 
 from example_images import thumbnail
-from local_server import ROOT, running_server
+from local_server import ROOT, properties, running_server
 
 
 def test_torchserve_with_the_pods_config_serves_probes_and_predictions_without_keys(tmp_path):
     text = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text())["data"]["config.properties"]
-    pod = dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    pod = properties(text)
     # The pod's token setting; the addresses stay this test's free localhost ports.
     with running_server(tmp_path, config={"disable_token_authorization": pod["disable_token_authorization"]}) as srv:
         assert not srv.key_file.exists()
