@@ -18,7 +18,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the tests that skip without a GPU, and the compile policy's
   $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs \
       -k "gpu or cuda or sync or graph or estimate_bounds or warmed or compile" \
-      tests/core/test_lbfgs.py tests/core/test_memory.py tests/core/test_compile.py tests/core/test_batch.py 2>&1 \
+      tests/core/test_lbfgs.py tests/core/test_memory.py tests/core/test_compile.py tests/core/test_batch.py tests/core/test_kept_programs.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|FAILED|Error" | tail -40
 fi
 left=$(( SESSION_S - ($(date +%s) - began) ))

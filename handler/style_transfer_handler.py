@@ -18,11 +18,11 @@ from nst import Limits, RequestError, VGGFeatures, parse_request
 from nst.errors import InternalError, InvalidParameter, OutOfMemory, TimedOut, TooLarge
 from nst import weights as nst_weights
 from nst.fetch import fetch
-from nst.memory import is_out_of_memory, release
+from nst.memory import is_out_of_memory
 from nst.config import CUDNN_AUTOTUNE, WARM_UP_SIZES
 from nst.optimize import BudgetExceeded, Diverged, Progress, warm_up
 from nst.request import parse_json_body
-from nst.pipeline import Job, Output, Prepared, prepare, run_batch
+from nst.pipeline import Job, Output, Prepared, free_memory, prepare, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,13 @@ class StyleTransferHandler:
         self.vgg = VGGFeatures(state).to(self.device)
         # Compile the common shapes now, inside startupTimeout: requests never
         # compile (a shape not warmed runs uncompiled), so none waits for it.
-        # With TorchServe batching on, batches of those shapes too.
+        # With TorchServe batching on, batches of those shapes too. On a GPU
+        # their steps are captured and kept for the first request (KEEP_PROGRAMS).
         warmed = warm_up(self.vgg, parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES)),
                          max_batch=int(props.get("batch_size") or 1))
         self.initialized = True
         log.info(
-            "style_transfer ready: device=%s weights=%s limits=%s compiled=%s",
+            "style_transfer ready: device=%s weights=%s limits=%s warmed up=%s",
             self.device, self.weights_kind, self.limits,
             ", ".join(f"{k} in {v:.1f} s" for k, v in warmed.items()) or "nothing",
         )
@@ -213,7 +214,7 @@ class StyleTransferHandler:
             err = InvalidParameter("lr", f"lr: the optimization diverged ({exc}); use a smaller lr")
         elif is_out_of_memory(exc):
             log.warning("request %d ran out of memory: %s", row.idx, exc)
-            release(self.device)
+            free_memory(self.device)
             err = OutOfMemory(None, "out of memory: try a smaller max_size")
         else:  # a bug, not the client's fault: log it, never leak it
             log.error("request %d failed", row.idx, exc_info=(type(exc), exc, exc.__traceback__))

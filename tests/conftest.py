@@ -77,6 +77,18 @@ def images() -> type[Images]:
     return Images
 
 
+@pytest.fixture(autouse=True)
+def _nothing_kept():
+    """Each test starts and ends with no kept optimization (KEEP_PROGRAMS, on
+    a GPU): one kept by an earlier test would carry that test's monkeypatches
+    (a patched loss, a step bound) into this one, and its memory into a peak."""
+    from nst.optimize import drop_programs
+
+    drop_programs()
+    yield
+    drop_programs()
+
+
 @pytest.fixture(scope="session")
 def vgg_state() -> dict[str, torch.Tensor]:
     """torchvision's VGG19 init under seed 0, features up to conv5_1 (`N.weight` keys)."""

@@ -67,18 +67,32 @@ class State:
 
 def init_state(batch: int, n: int, history: int, device: torch.device) -> State:
     f32 = dict(device=device, dtype=torch.float32)
-    return State(
-        S=torch.zeros(batch, history, n, **f32),
-        Y=torch.zeros(batch, history, n, **f32),
-        SY=torch.zeros(batch, history, history, **f32),
-        YY=torch.zeros(batch, history, history, **f32),
-        valid=torch.zeros(batch, history, **f32),
-        gamma=torch.ones(batch, **f32),
-        slot=torch.zeros((), device=device, dtype=torch.long),
-        x_prev=torch.zeros(batch, n, **f32),
-        g_prev=torch.zeros(batch, n, **f32),
-        started=torch.zeros((), device=device, dtype=torch.bool),
+    state = State(
+        S=torch.empty(batch, history, n, **f32),
+        Y=torch.empty(batch, history, n, **f32),
+        SY=torch.empty(batch, history, history, **f32),
+        YY=torch.empty(batch, history, history, **f32),
+        valid=torch.empty(batch, history, **f32),
+        gamma=torch.empty(batch, **f32),
+        slot=torch.empty((), device=device, dtype=torch.long),
+        x_prev=torch.empty(batch, n, **f32),
+        g_prev=torch.empty(batch, n, **f32),
+        started=torch.empty((), device=device, dtype=torch.bool),
     )
+    reset(state)
+    return state
+
+
+def reset(state: State) -> None:
+    """Back to an empty history, in place, so that a kept optimization (whose
+    CUDA graph holds these very tensors) starts a new image as a fresh state
+    would. S and Y are zeroed too, not only masked: a masked pair still
+    enters the direction multiplied by 0, and 0 * inf from a diverged image
+    would be NaN."""
+    for t in (state.S, state.Y, state.SY, state.YY, state.valid, state.slot, state.x_prev, state.g_prev):
+        t.zero_()
+    state.gamma.fill_(1.0)
+    state.started.fill_(False)
 
 
 def _bdot(a: Tensor, b: Tensor) -> Tensor:

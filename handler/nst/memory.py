@@ -114,6 +114,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OOM_TEXT)
 
 
+def total_bytes(device: torch.device) -> int:
+    """The device's whole memory: the GPU's, or the host's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total
+
+
 def available_bytes(device: torch.device) -> int:
     """What the device can still give: free GPU memory plus PyTorch's cached
     blocks, or the host's available memory."""

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -12,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import lbfgs
+from . import lbfgs, memory
 from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
-                     LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
+                     KEEP_PROGRAMS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS,
+                     Params)
 from .losses import Objective, make_objective
 from .losses import stack as stack_objectives
 from .vgg import VGGFeatures, canonical_layer
@@ -164,19 +166,24 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     With `max_batch` > 1 (the worker's TorchServe batchSize) each size also
     gets one program for batches of rows, compiled at max_batch rows with the
     batch dimension dynamic: it serves every batch of 2 or more.
+    Where optimizations are kept (KEEP_PROGRAMS), each size's one-image
+    optimization is then run once through both dtypes' steps, so its CUDA
+    graphs are captured and kept for the first request.
     For a worker's start, inside TorchServe's startupTimeout. Returns seconds
-    per size; nothing is compiled where `use_compile` is off."""
+    per size; nothing is done where neither compiling nor keeping is on."""
     params = params or Params()
     device = vgg.mean.device
     seconds: dict = {}
-    if not use_compile(device):
+    compiling = use_compile(device)
+    capturing = use_cuda_graphs(device) and keep_count(device) > 0
+    if not (compiling or capturing):
         return seconds
     loss_of = loss_function(False, device, compile_new=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     shared = max_batch > 1 and BATCH_MIN_PIXELS.get(device.type, 0) is not None  # rows may share here
     for w, h in sizes:
         t0 = time.monotonic()
-        for batch in (1, max_batch) if shared else (1,):
+        for batch in (1, max_batch) if shared and compiling else (1,) if compiling else ():
             content, style = (torch.rand((batch, 3, h, w), generator=gen).to(device) for _ in range(2))
             # built as a request's are: one objective per row, stacked
             objective = stack_objectives([request_objective(vgg, content[b:b + 1], [style[b:b + 1]], params)
@@ -187,6 +194,11 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
                     _mark_batch_dynamic(objective, x)
                 with torch.enable_grad():
                     torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
+        if capturing:
+            content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
+            # through the eager and captured step of each dtype: LOWP_STEPS of the first
+            steps = LOWP_STEPS + _GraphRunner.WARMUP_STEPS + 1
+            stylize(vgg, content, [style], dataclasses.replace(params, steps=steps), progress_every=steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds[f"{w}x{h}"] = time.monotonic() - t0
@@ -207,13 +219,20 @@ class _GraphRunner:
     optimization steps: cuDNN picks its kernels there), then captures it in a
     CUDA graph and replays that: one launch per step instead of hundreds.
     Every tensor the step touches lives in place (the image, the L-BFGS
-    state, the loss), so the replays continue the same optimization."""
+    state, the loss), so the replays continue the same optimization.
+
+    `keep`: the graphs of every dtype are kept (for the next request of a
+    kept optimization), in one memory pool: a step leaves nothing alive in
+    the pool (it writes only into tensors allocated outside), and the graphs
+    never run at the same time, so they can share it."""
 
     WARMUP_STEPS = 1  # cuDNN autotunes in the first; later ones only delay the graph
 
-    def __init__(self, step_fn: Callable[[torch.dtype], None], enabled: bool):
+    def __init__(self, step_fn: Callable[[torch.dtype], None], enabled: bool, keep: bool = False):
         self.step_fn = step_fn
         self.enabled = enabled
+        self.keep = keep
+        self.pool = torch.cuda.graph_pool_handle() if enabled and keep else None
         self.graphs: dict[torch.dtype, "torch.cuda.CUDAGraph"] = {}
         self.calls: dict[torch.dtype, int] = {}
 
@@ -225,9 +244,10 @@ class _GraphRunner:
         if graph is not None:
             graph.replay()
             return
-        # Steps never go back to an earlier dtype: free that graph's memory pool
-        # before this dtype's steps allocate their own.
-        self.graphs.clear()
+        if not self.keep:
+            # Steps never go back to an earlier dtype: free that graph's memory
+            # pool before this dtype's steps allocate their own.
+            self.graphs.clear()
         done = self.calls.get(dtype, 0)
         self.calls[dtype] = done + 1
         if done < self.WARMUP_STEPS:
@@ -239,10 +259,14 @@ class _GraphRunner:
             torch.cuda.current_stream().wait_stream(side)
             return
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             self.step_fn(dtype)  # recorded, not run
         self.graphs[dtype] = graph
         graph.replay()
+
+    @property
+    def captured(self) -> tuple[torch.dtype, ...]:
+        return tuple(self.graphs)
 
 
 def use_coarse_to_fine(content: Tensor, params: Params) -> bool:
@@ -321,11 +345,135 @@ def batch_key(content: Tensor, params: Params) -> tuple | None:
 
 
 def _structure(content: Tensor, params: Params) -> tuple:
+    return _structure_of(tuple(content.shape[-2:]), content.device, params)
+
+
+def _structure_of(hw: tuple, device: torch.device, params: Params) -> tuple:
     """What one L-BFGS batch must share: the shape, the optimization space and
     the objective's structure (the step scale is one number for all)."""
     layers = tuple(sorted({canonical_layer(k) for k, v in params.style_layer_weights.items() if v}))
-    return (tuple(content.shape[-2:]), str(content.device), params.normalized_space, params.pooling, layers,
-            bool(params.tv_weight), params.lr)
+    return (hw, str(device), params.normalized_space, params.pooling, layers, bool(params.tv_weight), params.lr)
+
+
+@dataclass
+class _Program:
+    """One L-BFGS optimization's device tensors and its CUDA graphs: every
+    tensor a captured step reads or writes, so that a later request of the
+    same key can load its own values into them and replay the graphs."""
+
+    key: tuple
+    x: Tensor  # (B, 3, H, W) the optimization variable
+    objective: Objective  # its targets and weights, loaded per request
+    states: list  # lbfgs.State: one for all rows, or one per row
+    counter: Tensor  # () int64: steps done, on the device
+    last: Tensor  # (B,) int64: each row's last step
+    loss_buf: Tensor  # (B,) each row's loss at the latest step
+    runner: _GraphRunner
+    held_bytes: int  # what keeping it is charged (its admission estimate)
+
+
+# Kept programs, least recently used first (KEEP_PROGRAMS). A program is taken
+# out while a request runs it and put back only when that request ends
+# normally, so an exception anywhere leaves nothing half-loaded behind.
+_KEPT: "OrderedDict[tuple, _Program]" = OrderedDict()
+
+
+def keep_count(device: torch.device) -> int:
+    return KEEP_PROGRAMS.get(device.type, 0)
+
+
+def program_key(vgg: VGGFeatures, shape: Sequence[int], params: Params, compile_new: bool = False) -> tuple:
+    """What a kept program must match: the extractor (a kept program holds
+    it, so its id stays its own), the batch's shape (B, 3, H, W) and
+    structure, and every setting that a captured step bakes in."""
+    device = vgg.mean.device
+    one_state = device.type in LBFGS_ONE_STATE_DEVICES
+    return (id(vgg), tuple(shape), _structure_of(tuple(shape[-2:]), device, params), one_state, LBFGS_MAX_MOVE,
+            lbfgs.history_pairs(shape[-2] * shape[-1]), use_cuda_graphs(device), use_compile(device), compile_new)
+
+
+def held_bytes(except_key: tuple | None = None) -> int:
+    """What the kept programs are charged, but the one of `except_key`."""
+    return sum(p.held_bytes for k, p in _KEPT.items() if k != except_key)
+
+
+def drop_programs() -> int:
+    """Forget every kept program (their memory goes back to the allocator's
+    cache). Returns how many there were."""
+    n = len(_KEPT)
+    _KEPT.clear()
+    return n
+
+
+def _keep(program: _Program) -> None:
+    device = program.x.device
+    limit = keep_count(device)
+    if limit <= 0:
+        return
+    _KEPT[program.key] = program
+    _KEPT.move_to_end(program.key)
+    allowed = KEEP_PROGRAMS_MEMORY * memory.total_bytes(device)
+    while _KEPT and (len(_KEPT) > limit or held_bytes() > allowed):
+        _KEPT.popitem(last=False)
+
+
+def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, compile_new: bool) -> _Program:
+    """The kept program of this batch's key with `objective`'s targets and
+    weights and the initial image `x0` (B, 3, H, W) loaded, its L-BFGS
+    history emptied; or a new one around these very tensors."""
+    device = x0.device
+    key = program_key(vgg, x0.shape, p0, compile_new)
+    program = _KEPT.pop(key, None)
+    if program is not None:
+        with torch.no_grad():
+            program.x.copy_(x0)
+            for kept, new in zip(_objective_tensors(program.objective), _objective_tensors(objective)):
+                kept.copy_(new)
+            for state in program.states:
+                lbfgs.reset(state)
+            program.loss_buf.zero_()
+        return program
+    B, n = x0.shape[0], x0[0].numel()
+    x = x0.contiguous()  # updated in place, so a CUDA graph can hold it
+    one_state = device.type in LBFGS_ONE_STATE_DEVICES
+    pairs = lbfgs.history_pairs(shape_pixels(x))
+    # One single-image state per row, each stepped by the very code that steps
+    # a request alone: a batched reduction (a B-row bmm or sum) orders its
+    # additions differently from a one-row one, and the optimization amplified
+    # those last bits to several levels of 255 over a few dozen steps.
+    states = [lbfgs.init_state(B, n, pairs, device)] if one_state else [
+        lbfgs.init_state(1, n, pairs, device) for _ in range(B)]
+    rows_of = [slice(0, B)] if one_state else [slice(b, b + 1) for b in range(B)]  # each state's rows
+    counter = torch.zeros((), device=device, dtype=torch.long)
+    last = torch.zeros(B, device=device, dtype=torch.long)
+    loss_buf = torch.zeros(B, device=device)
+    bounded = not p0.normalized_space
+    loss_of = loss_function(p0.normalized_space, device, compile_new)
+    lr, max_move = p0.lr, LBFGS_MAX_MOVE
+
+    def one_step(dtype: torch.dtype) -> None:
+        xv = x.detach().requires_grad_(True)
+        loss = loss_of(objective, xv, dtype)  # (B,)
+        (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
+        flat, g = x.view(B, n), grad.reshape(B, n)
+        x_next = torch.cat([lbfgs.step(
+            state, flat[rows], g[rows], lr=lr, max_move=max_move,
+            lower=0.0 if bounded else None, upper=1.0 if bounded else None,
+        ) for rows, state in zip(rows_of, states)])
+        active = (counter < last).view(B, 1)
+        x.copy_(torch.where(active, x_next, flat).view_as(x))
+        loss_buf.copy_(loss.detach())
+        counter.add_(1)
+
+    keep = keep_count(device) > 0
+    charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type) if keep else 0
+    return _Program(key, x, objective, states, counter, last, loss_buf,
+                    _GraphRunner(one_step, enabled=use_cuda_graphs(device), keep=keep), charge)
+
+
+def _objective_tensors(objective: Objective) -> tuple[Tensor, ...]:
+    """The objective's per-request values, in a fixed order."""
+    return (objective.content_target, objective.style_layer_weights, objective.weights, *objective.grams)
 
 
 def stylize_batch(
@@ -355,50 +503,25 @@ def stylize_batch(
         raise ValueError("rows of different shapes or structures cannot share an optimization")
     device = rows[0].content.device
     lowp = compute_dtype(device, p0)
-    objective = stack_objectives([request_objective(vgg, r.content, r.styles, r.params) for r in rows])
     content = torch.cat([r.content for r in rows])  # (B, 3, H, W)
     if p0.normalized_space:
-        x = vgg.normalize(torch.cat([_initial_image(r.content, r.params) for r in rows]))
+        x0 = vgg.normalize(torch.cat([_initial_image(r.content, r.params) for r in rows]))
         to_pixels = vgg.denormalize
     else:
-        x = torch.cat(list(init) if init is not None else [_initial_image(r.content, r.params) for r in rows])
+        x0 = torch.cat(list(init) if init is not None else [_initial_image(r.content, r.params) for r in rows])
         to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
-    x = x.contiguous()  # (B, 3, H, W): updated in place, so a CUDA graph can hold it
-    loss_of = loss_function(p0.normalized_space, device, compile_new)
-    n = x[0].numel()
     steps = [r.params.steps for r in rows]
+    program = _program(vgg, stack_objectives([request_objective(vgg, r.content, r.styles, r.params) for r in rows]),
+                       x0, p0, compile_new)
+    x, objective, counter, last, loss_buf, runner = (program.x, program.objective, program.counter, program.last,
+                                                     program.loss_buf, program.runner)
+    # Device-side step counter and per-row last step: a row updates while
+    # counter < its last step, decided on the device, inside the graph.
+    counter.fill_(first_step - 1)
+    last.copy_(torch.tensor(steps, dtype=torch.long))
     outcome: list = [None] * B
     history: list[list[Progress]] = [[] for _ in rows]
     finished_ms = [0.0] * B
-    # Device-side step counter and per-row last step: a row updates while
-    # counter < its last step, decided on the device, inside the graph.
-    counter = torch.full((), first_step - 1, device=device, dtype=torch.long)
-    last = torch.tensor(steps, device=device, dtype=torch.long)
-    # One single-image state per row, each stepped by the very code that steps
-    # a request alone: a batched reduction (a B-row bmm or sum) orders its
-    # additions differently from a one-row one, and the optimization amplified
-    # those last bits to several levels of 255 over a few dozen steps.
-    one_state = device.type in LBFGS_ONE_STATE_DEVICES
-    history_pairs = lbfgs.history_pairs(shape_pixels(x))
-    states = [lbfgs.init_state(B, n, history_pairs, device)] if one_state else [
-        lbfgs.init_state(1, n, history_pairs, device) for _ in range(B)]
-    rows_of = [slice(0, B)] if one_state else [slice(b, b + 1) for b in range(B)]  # each state's rows
-    bounded = not p0.normalized_space
-    loss_buf = torch.zeros(B, device=device)
-
-    def one_step(dtype: torch.dtype) -> None:
-        xv = x.detach().requires_grad_(True)
-        loss = loss_of(objective, xv, dtype)  # (B,)
-        (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
-        flat, g = x.view(B, n), grad.reshape(B, n)
-        x_next = torch.cat([lbfgs.step(
-            state, flat[rows], g[rows], lr=p0.lr, max_move=LBFGS_MAX_MOVE,
-            lower=0.0 if bounded else None, upper=1.0 if bounded else None,
-        ) for rows, state in zip(rows_of, states)])
-        active = (counter < last).view(B, 1)
-        x.copy_(torch.where(active, x_next, flat).view_as(x))
-        loss_buf.copy_(loss.detach())
-        counter.add_(1)
 
     def fail(b: int, exc: BaseException, step: int) -> None:
         outcome[b] = exc
@@ -414,7 +537,6 @@ def stylize_batch(
         if r.deadline is not None and time.monotonic() > r.deadline:
             fail(b, BudgetExceeded(f"time budget ran out after {first_step - 1} of {steps[b]} steps"),
                  first_step - 1)
-    runner = _GraphRunner(one_step, enabled=use_cuda_graphs(device))
     with torch.enable_grad():
         for step in range(first_step, max(steps) + 1):
             if not any(running(b, step) for b in range(B)):
@@ -450,6 +572,7 @@ def stylize_batch(
             if r.params.preserve_color:
                 delivered[b:b + 1] = quantize(transfer_luminance(delivered[b:b + 1], r.content))
         finals = objective(vgg.normalize(delivered), torch.float32).total.tolist()
+    _keep(program)  # only here: a program whose request raised is dropped, whatever state it was left in
     for b in range(B):
         if outcome[b] is not None:
             continue

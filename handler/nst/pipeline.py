@@ -8,7 +8,7 @@ from typing import Sequence
 from PIL import Image
 from torch import Tensor
 
-from . import imageio, memory
+from . import imageio, memory, optimize
 from .config import Limits
 from .errors import InvalidParameter, OutOfMemory
 from .request import Request
@@ -42,16 +42,34 @@ def size_style(style: Image.Image, content: Image.Image, style_scale: float, nor
 
 
 def budget_bytes(limits: Limits, device) -> int:
-    """What one worker may spend now: the configured budget, else the device's free memory."""
-    return limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+    """What one worker may spend now: the configured budget, else the device's
+    free memory; less what its kept optimizations are charged, since the
+    device's count takes their graphs' pool for free (see KEEP_PROGRAMS)."""
+    budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
+    return budget - optimize.held_bytes()
 
 
-def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limits, device) -> int:
+def free_memory(device) -> None:
+    """After running out of memory: drop the kept optimizations, then give
+    the allocator's cache back (memory.release)."""
+    optimize.drop_programs()
+    memory.release(device)
+
+
+def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limits, vgg: VGGFeatures) -> int:
     """Refuse (507) a request whose estimated peak memory is over the budget,
-    before allocating it. Returns the estimate, in bytes."""
+    before allocating it. Kept optimizations never cause a refusal: where the
+    request would not fit beside them, they are dropped and it is checked
+    again. Returns the estimate, in bytes."""
+    device = vgg.mean.device
     w, h = content.size
     need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
-    budget = budget_bytes(limits, device)
+    # Its own kept optimization, if any, is what it will run in: not charged.
+    own = optimize.held_bytes() - optimize.held_bytes(except_key=optimize.program_key(vgg, (1, 3, h, w), params))
+    budget = budget_bytes(limits, device) + own
+    if need > budget and optimize.drop_programs():
+        memory.release(device)
+        budget = budget_bytes(limits, device)
     if need > budget:
         raise OutOfMemory("max_size", f"max_size: this request needs about {need // 2**20} MiB, the worker can "
                                       f"spend {budget // 2**20} MiB now; ask for a smaller max_size or retry later")
@@ -89,7 +107,7 @@ def prepare(request: Request, vgg: VGGFeatures, limits: Limits, *, deadline: flo
     if deadline is not None and time.monotonic() > deadline:
         # A decoder cannot be interrupted; the scan limit bounds it, the budget still counts it.
         raise BudgetExceeded(f"ran out before the first step (decoding took {decode_ms / 1e3:.1f} s)")
-    need = admit(content_img, style_imgs, p, limits, device)
+    need = admit(content_img, style_imgs, p, limits, vgg)
     return Prepared(request, imageio.to_tensor(content_img, device),
                     [imageio.to_tensor(s, device) for s in style_imgs], decode_ms, need)
 
@@ -173,7 +191,7 @@ def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
             except Exception as e:  # noqa: BLE001  the job's own failure, mapped by the caller
                 outcomes[i] = e.with_traceback(None)  # its frames hold tensors: let them go
                 if memory.is_out_of_memory(e):
-                    memory.release(device)
+                    free_memory(device)
     return outcomes
 
 
@@ -182,7 +200,7 @@ def _finish_or_error(prepared: Prepared, result: Result, batch: int, device):
         return finish(prepared, result, batch)
     except Exception as e:  # noqa: BLE001  encoding can run out of memory too
         if memory.is_out_of_memory(e):
-            memory.release(device)
+            free_memory(device)
         return e.with_traceback(None)
 
 
@@ -194,5 +212,5 @@ def _batch_or_none(vgg: VGGFeatures, rows: list[Row], limits: Limits) -> list | 
     except Exception as e:  # noqa: BLE001
         if not memory.is_out_of_memory(e):
             return [e] * len(rows)
-    memory.release(vgg.mean.device)  # outside the except block: its frames held the tensors
+    free_memory(vgg.mean.device)  # outside the except block: its frames held the tensors
     return None

@@ -70,6 +70,16 @@ def test_warm_up_sizes_in_the_readme_are_the_code_default():
     assert [(int(w), int(h)) for w, h in documented] == list(WARM_UP_SIZES)
 
 
+def test_kept_optimizations_in_the_readme_are_the_code_default():
+    from nst.config import KEEP_PROGRAMS, KEEP_PROGRAMS_MEMORY
+
+    said = README.split("`nst.config.KEEP_PROGRAMS`:", 1)[1].split(")", 1)[0]
+    count, fraction = re.fullmatch(r" (\d+), at most (a quarter|a half|all) of the GPU's memory", said.replace("\n", " ")
+                                   ).groups()
+    assert int(count) == KEEP_PROGRAMS["cuda"] and "cpu" not in KEEP_PROGRAMS
+    assert {"a quarter": 0.25, "a half": 0.5, "all": 1.0}[fraction] == KEEP_PROGRAMS_MEMORY
+
+
 def test_response_timeout_above_time_budget():
     cfg = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     limits = Limits.from_mapping(cfg.get("limits"))
