@@ -149,6 +149,20 @@ def make_objective(
     )
 
 
+def row(objective: Objective, b: int) -> Objective:
+    """Image b of a batch's objective, as a batch of one: its targets and
+    weights are views of the batch's."""
+    if objective.content_target.shape[0] == 1:
+        return objective
+    return dataclasses.replace(
+        objective,
+        content_target=objective.content_target[b:b + 1],
+        grams=tuple(g[b:b + 1] for g in objective.grams),
+        style_layer_weights=objective.style_layer_weights[b:b + 1],
+        weights=objective.weights[b:b + 1],
+    )
+
+
 def stack(objectives: Sequence[Objective]) -> Objective:
     """One objective for the batch of the given ones' images, in order. They
     must share the structure (layers, pooling, TV on or off) and image size."""

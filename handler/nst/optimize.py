@@ -18,6 +18,7 @@ from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COM
                      KEEP_PROGRAMS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS,
                      Params)
 from .losses import Objective, make_objective
+from .losses import row as row_objective
 from .losses import stack as stack_objectives
 from .vgg import VGGFeatures, canonical_layer
 
@@ -571,7 +572,10 @@ def stylize_batch(
         for b, r in enumerate(rows):
             if r.params.preserve_color:
                 delivered[b:b + 1] = quantize(transfer_luminance(delivered[b:b + 1], r.content))
-        finals = objective(vgg.normalize(delivered), torch.float32).total.tolist()
+        # Each image scored on its own: a batched pass reduces in another
+        # order, and a row's loss would differ from its loss alone in the last bits.
+        finals = [row_objective(objective, b)(vgg.normalize(delivered[b:b + 1]), torch.float32).total.item()
+                  for b in range(B)]
     _keep(program)  # only here: a program whose request raised is dropped, whatever state it was left in
     for b in range(B):
         if outcome[b] is not None:
