@@ -11,7 +11,7 @@ import torch
 
 from nst import lbfgs
 from nst.config import Params
-from nst.optimize import stylize
+from nst.optimize import pixels_loss, request_objective, stylize
 
 
 def two_loop(pairs: list[tuple[torch.Tensor, torch.Tensor]], g: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -177,12 +177,15 @@ def test_the_default_does_not_stall_on_a_near_black_style(vgg):
     params = dataclasses.replace(Params(), steps=60)
     result = stylize(vgg, content, [style], params, progress_every=10)
     losses = [p.loss for p in result.history]
+    start = pixels_loss(request_objective(vgg, content, [style], params), content, torch.float32).item()
     # torch.optim.LBFGS stayed within 1% of its step-10 loss; the default
-    # falls 9x from there (with LBFGS_MAX_MOVE 0.25 its first 10 steps already
-    # go further than 0.1's did).
-    assert losses[-1] < 0.25 * losses[0]
-    # By step 40 it has settled on its floor (36x below the content's loss,
-    # half of Adam's); the switch from bf16 to float32 may move it by ~1%.
+    # falls at least 3x further from there (how far depends on how far its
+    # first 10 steps went: 9x with LBFGS_MAX_MOVE 0.25, 3.4x with 0.35)...
+    assert losses[-1] < 0.5 * losses[0]
+    # ...to a floor 55x below the content's own loss (with 0.25 and 0.35 alike)
+    assert losses[-1] < start / 40
+    # By step 40 it has settled on that floor; the switch from bf16 to
+    # float32 may move it by ~1%.
     assert losses[-1] <= 1.02 * min(losses)
 
 

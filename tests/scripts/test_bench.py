@@ -188,3 +188,31 @@ def test_stored_gpu_results_render_with_their_figures():
         for name, e in r["settings"].items():
             assert f"| {name} | " in text
             assert f"{max(e['256x192']['batched_vs_alone_255']):.2f}" in text
+
+
+def test_a_tunable_sweep_reproduces_make_bench_at_the_shipped_value(tmp_path):
+    """bench/sweep.py on the tiny pair: at the shipped step bound it finds the
+    steps to the recipe's loss that `make bench` stored in bench/results.json
+    (the default is deterministic), another value is run too, and the recipe
+    is checked against its stored target once for both; two sweeps merge."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sweep
+    from nst.config import LBFGS_MAX_MOVE
+
+    out = tmp_path / "sweep.json"
+    shipped = str(LBFGS_MAX_MOVE)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sweep.py"), "LBFGS_MAX_MOVE", shipped, "0.5", "--pairs", "tiny",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["shipped"] == LBFGS_MAX_MOVE and list(r["values"]) == [shipped, "0.5"]
+    stored = json.loads((ROOT / "bench" / "results.json").read_text())["corpus"]["pairs"]
+    (tiny,) = [q for q in stored if q["name"] == "tiny"]
+    assert r["values"][shipped]["pairs"]["tiny"]["steps"] == tiny["time_to_recipe_loss"]["steps"]
+    assert isinstance(r["values"]["0.5"]["pairs"]["tiny"]["steps"], int)
+    assert r["recipes_timed"] == 1  # the recipe's time is shared by every value
+    assert f"| {shipped} | " in p.stdout and "| tiny | " in p.stdout
+    earlier = {**r, "values": {"0.1": r["values"]["0.5"]}, "run_at": "then"}
+    merged = sweep.merge(earlier, r)
+    assert list(merged["values"]) == ["0.1", shipped, "0.5"] and merged["run_at"] == f"then and {r['run_at']}"
