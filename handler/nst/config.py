@@ -165,8 +165,13 @@ FAST_ADAM_LR = 0.02
 # (AVX512-BF16) or GPU has it: 1.9x per step on this project's CPU. bf16
 # gradients stall near the optimum, so later steps run in float32. 0 = never bf16.
 LOWP_STEPS = 60
-# L-BFGS history pairs: 50 reaches the recipe's quality in fewer steps than 10
-# or 20; capped so the history stays under LBFGS_MEMORY bytes on large images.
+# L-BFGS history pairs, capped so the history stays under LBFGS_MEMORY bytes
+# on large images. On the 96x72 corpus at step bound 0.35
+# (bench/sweep_lbfgs_history.json) 20 pairs reach the recipe's loss in the
+# same steps as 50 (182 against 183 for the 12 pairs), 10 in 198; 50 gives the
+# best 100-step images (worst 0.231x the recipe's loss, 0.255x with 20, 0.305x
+# with 10). A GPU step reads the whole history twice: whether 20 pairs' shorter
+# step is worth it there is measured by bench/gpu.py (not yet on a GPU).
 LBFGS_HISTORY = 50
 LBFGS_MEMORY = 512 * 1024 * 1024
 # Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
@@ -215,6 +220,13 @@ KEEP_PROGRAMS: Mapping[str, int] = {"cuda": 4}
 # refused; PyTorch's caching allocator keeps as much reserved after any
 # request anyway.
 KEEP_PROGRAMS_MEMORY = 0.25
+# Only optimizations of at most this many pixels per image are kept. A kept
+# one's graphs share a pool, so while its first request runs and captures its
+# float32 steps, its bf16 steps' pool stays held beside them (one not kept
+# frees it first): admission adds that pool (nst.memory.shared_pool_bytes) to
+# such a request. The capture is a large part of a short request on a small
+# image, where keeping gains most and that pool is small.
+KEEP_PROGRAMS_MAX_PIXELS = 1024 * 1024
 # Coarse-to-fine for large outputs: at or above this longest side (px) the
 # fast preset first optimizes at half the size for COARSE_FRACTION of its
 # steps (each costs a quarter), then carries the stylization, not the blurred

@@ -65,6 +65,15 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     return int(SAFETY * max(step + history, styles) + (GPU_BASE if device_type == "cuda" else BASE))
 
 
+def shared_pool_bytes(height: int, width: int) -> int:
+    """What a kept optimization's bf16 graph pool holds while its first
+    request runs its float32 steps (see KEEP_PROGRAMS_MAX_PIXELS): modelled,
+    not measured, as the float32 step's activations and transients at half
+    the width."""
+    pixels = height * width
+    return int(SAFETY * (saved_elements_per_pixel() + GPU_TRANSIENT_PER_PIXEL) * pixels * FLOAT / 2)
+
+
 # Allocation failures that torch raises as a plain RuntimeError, not
 # torch.OutOfMemoryError: c10's host allocator (torch 2.14; older releases said
 # "not enough memory"), a raw cudaErrorMemoryAllocation from C10_CUDA_CHECK

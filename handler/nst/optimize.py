@@ -15,8 +15,8 @@ from torch import Tensor
 
 from . import lbfgs, memory
 from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
-                     KEEP_PROGRAMS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_STEPS,
-                     Params)
+                     KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE,
+                     LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -176,7 +176,7 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     device = vgg.mean.device
     seconds: dict = {}
     compiling = use_compile(device)
-    capturing = use_cuda_graphs(device) and keep_count(device) > 0
+    capturing = use_cuda_graphs(device) and keep_count(device) > 0  # for the sizes it keeps
     if not (compiling or capturing):
         return seconds
     loss_of = loss_function(False, device, compile_new=True)
@@ -195,7 +195,7 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
                     _mark_batch_dynamic(objective, x)
                 with torch.enable_grad():
                     torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
-        if capturing:
+        if capturing and keeps(device, (h, w)):
             content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
             # through the eager and captured step of each dtype: LOWP_STEPS of the first
             steps = LOWP_STEPS + _GraphRunner.WARMUP_STEPS + 1
@@ -383,6 +383,23 @@ def keep_count(device: torch.device) -> int:
     return KEEP_PROGRAMS.get(device.type, 0)
 
 
+def keeps(device: torch.device, shape: Sequence[int]) -> bool:
+    """Whether an optimization of images of `shape` (..., H, W) is kept here."""
+    return keep_count(device) > 0 and shape[-2] * shape[-1] <= KEEP_PROGRAMS_MAX_PIXELS
+
+
+def build_bytes(vgg: VGGFeatures, shape: Sequence[int], params: Params) -> int:
+    """Memory a request needs beyond its estimate because it builds a kept
+    optimization: its first dtype's graph pool, held while it captures the
+    float32 steps (nst.memory.shared_pool_bytes). 0 where it reuses one, where
+    nothing is kept or captured, and where its steps have one dtype only."""
+    device = vgg.mean.device
+    if (params.optimizer != "lbfgs" or not keeps(device, shape) or not use_cuda_graphs(device)
+            or compute_dtype(device, params) == torch.float32 or program_key(vgg, shape, params) in _KEPT):
+        return 0
+    return shape[0] * memory.shared_pool_bytes(shape[-2], shape[-1])
+
+
 def program_key(vgg: VGGFeatures, shape: Sequence[int], params: Params, compile_new: bool = False) -> tuple:
     """What a kept program must match: the extractor (a kept program holds
     it, so its id stays its own), the batch's shape (B, 3, H, W) and
@@ -409,7 +426,7 @@ def drop_programs() -> int:
 def _keep(program: _Program) -> None:
     device = program.x.device
     limit = keep_count(device)
-    if limit <= 0:
+    if not keeps(device, program.x.shape):
         return
     _KEPT[program.key] = program
     _KEPT.move_to_end(program.key)
@@ -466,7 +483,7 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
         loss_buf.copy_(loss.detach())
         counter.add_(1)
 
-    keep = keep_count(device) > 0
+    keep = keeps(device, x.shape)
     charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type) if keep else 0
     return _Program(key, x, objective, states, counter, last, loss_buf,
                     _GraphRunner(one_step, enabled=use_cuda_graphs(device), keep=keep), charge)

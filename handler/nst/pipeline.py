@@ -64,6 +64,7 @@ def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limit
     device = vgg.mean.device
     w, h = content.size
     need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
+    need += optimize.build_bytes(vgg, (1, 3, h, w), params)
     # Its own kept optimization, if any, is what it will run in: not charged.
     own = optimize.held_bytes() - optimize.held_bytes(except_key=optimize.program_key(vgg, (1, 3, h, w), params))
     budget = budget_bytes(limits, device) + own

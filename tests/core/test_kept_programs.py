@@ -185,6 +185,42 @@ def test_kept_optimizations_never_make_a_request_refused(vgg, keeping):
         pipeline.admit(pil(64, 64), [pil(64, 64)], params(), squeezed, vgg)
 
 
+def test_only_images_up_to_the_pixel_bound_are_kept(vgg, keeping, monkeypatch):
+    monkeypatch.setattr(optimize_mod, "KEEP_PROGRAMS_MAX_PIXELS", 32 * 40)
+    for h, w in ((32, 40), (40, 48)):
+        content, style = images(0, h=h, w=w)
+        stylize(vgg, content, [style], params(steps=2))
+    assert [key[1][-2:] for key in keeping] == [(32, 40)]
+
+
+def test_a_request_that_builds_a_kept_optimization_is_charged_its_first_pool(vgg, keeping, monkeypatch):
+    """While a new kept optimization captures its float32 steps, its bf16
+    steps' graph pool stays held (nst.memory.shared_pool_bytes): admission
+    adds it for a request that builds one, and only then (as on a GPU here)."""
+    import types
+
+    monkeypatch.setattr(optimize_mod, "use_cuda_graphs", lambda device: True)
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.bfloat16)
+    shape = (1, 3, 64, 64)
+    pool = memory.shared_pool_bytes(64, 64)
+    assert pool > 0
+    assert optimize_mod.build_bytes(vgg, shape, params()) == pool
+    assert optimize_mod.build_bytes(vgg, shape, params(optimizer="adam")) == 0
+    monkeypatch.setattr(optimize_mod, "KEEP_PROGRAMS_MAX_PIXELS", 64 * 64 - 1)
+    assert optimize_mod.build_bytes(vgg, shape, params()) == 0  # above the bound: built the old way, not kept
+    monkeypatch.setattr(optimize_mod, "KEEP_PROGRAMS_MAX_PIXELS", 64 * 64)
+    limits = Limits(memory_budget_mb=4096)
+    image = Image.new("RGB", (64, 64), (120, 80, 40))
+    alone = memory.estimate_bytes(64, 64, 64 * 64, params(), "cpu")
+    assert pipeline.admit(image, [image], params(), limits, vgg) == alone + pool
+    keeping[optimize_mod.program_key(vgg, shape, params())] = types.SimpleNamespace(held_bytes=0)  # now kept
+    assert optimize_mod.build_bytes(vgg, shape, params()) == 0
+    assert pipeline.admit(image, [image], params(), limits, vgg) == alone
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float32)
+    keeping.clear()
+    assert optimize_mod.build_bytes(vgg, shape, params()) == 0  # one dtype: one graph, nothing held beside it
+
+
 def test_running_out_of_memory_drops_what_is_kept(vgg, keeping):
     content, style = images(0)
     stylize(vgg, content, [style], params(steps=2))

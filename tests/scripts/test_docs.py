@@ -71,12 +71,13 @@ def test_warm_up_sizes_in_the_readme_are_the_code_default():
 
 
 def test_kept_optimizations_in_the_readme_are_the_code_default():
-    from nst.config import KEEP_PROGRAMS, KEEP_PROGRAMS_MEMORY
+    from nst.config import KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY
 
     said = README.split("`nst.config.KEEP_PROGRAMS`:", 1)[1].split(")", 1)[0]
     count, fraction = re.fullmatch(r" (\d+), at most (a quarter|a half|all) of the GPU's memory", said.replace("\n", " ")
                                    ).groups()
     assert int(count) == KEEP_PROGRAMS["cuda"] and "cpu" not in KEEP_PROGRAMS
+    assert "for\nimages of up to a megapixel" in README and KEEP_PROGRAMS_MAX_PIXELS == 1024 * 1024
     assert {"a quarter": 0.25, "a half": 0.5, "all": 1.0}[fraction] == KEEP_PROGRAMS_MEMORY
 
 
