@@ -182,9 +182,10 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     loss_of = loss_function(False, device, compile_new=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     shared = max_batch > 1 and BATCH_MIN_PIXELS.get(device.type, 0) is not None  # rows may share here
+    batches = ((1, max_batch) if shared else (1,)) if compiling else ()
     for w, h in sizes:
         t0 = time.monotonic()
-        for batch in (1, max_batch) if shared and compiling else (1,) if compiling else ():
+        for batch in batches:
             content, style = (torch.rand((batch, 3, h, w), generator=gen).to(device) for _ in range(2))
             # built as a request's are: one objective per row, stacked
             objective = stack_objectives([request_objective(vgg, content[b:b + 1], [style[b:b + 1]], params)

@@ -41,12 +41,13 @@ def size_style(style: Image.Image, content: Image.Image, style_scale: float, nor
     return imageio.resize_to(style, size)
 
 
-def budget_bytes(limits: Limits, device) -> int:
+def budget_bytes(limits: Limits, device, own_key: tuple | None = None) -> int:
     """What one worker may spend now: the configured budget, else the device's
     free memory; less what its kept optimizations are charged, since the
-    device's count takes their graphs' pool for free (see KEEP_PROGRAMS)."""
+    device's count takes their graphs' pool for free (see KEEP_PROGRAMS),
+    but for the one of `own_key`, which the request will run in."""
     budget = limits.memory_budget_mb * 2**20 if limits.memory_budget_mb else memory.available_bytes(device)
-    return budget - optimize.held_bytes()
+    return budget - optimize.held_bytes(except_key=own_key)
 
 
 def free_memory(device) -> None:
@@ -65,11 +66,9 @@ def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limit
     w, h = content.size
     need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
     need += optimize.build_bytes(vgg, (1, 3, h, w), params)
-    # Its own kept optimization, if any, is what it will run in: not charged.
-    own = optimize.held_bytes() - optimize.held_bytes(except_key=optimize.program_key(vgg, (1, 3, h, w), params))
-    budget = budget_bytes(limits, device) + own
-    if need > budget and optimize.drop_programs():
-        memory.release(device)
+    budget = budget_bytes(limits, device, own_key=optimize.program_key(vgg, (1, 3, h, w), params))
+    if need > budget and optimize.held_bytes():
+        free_memory(device)
         budget = budget_bytes(limits, device)
     if need > budget:
         raise OutOfMemory("max_size", f"max_size: this request needs about {need // 2**20} MiB, the worker can "
