@@ -161,10 +161,38 @@ SEED_PRESET: Mapping[str, Any] = {
 # move far less per unit of lr than L-BFGS's scaled steps.
 FAST_ADAM_LR = 0.02
 
-# The fast preset's first LOWP_STEPS steps run VGG in bf16 where the CPU
-# (AVX512-BF16) or GPU has it: 1.9x per step on this project's CPU. bf16
-# gradients stall near the optimum, so later steps run in float32. 0 = never bf16.
-LOWP_STEPS = 60
+# The fast preset's VGG passes run in low precision where the hardware has
+# it, per device type ("float16", "bfloat16"; absent: float32 throughout).
+# Grams and losses stay float32 (losses.py). `space=normalized` is float32.
+# - CPU, bf16 (AVX512-BF16): 1.9x per step on this project's CPU. bf16's 8
+#   mantissa bits stall near the optimum, so only the first LOWP_STEPS steps
+#   use it and later ones run in float32. (The CPU has no fast float16.)
+# - GPU, float16 on every step: its 11 mantissa bits do not stall. On an H100
+#   (bench/gpu_results_h100.json) on every corpus pair its loss after 100 and
+#   300 steps was at worst 1.07x and 1.04x that of bf16-then-float32 (lower on
+#   most), where bf16 throughout ended up to 6x higher; at 512x384 a step took
+#   2.11 ms against a float32 step's 2.77, and 100 steps reached loss 7.0
+#   against 10.3. Its gradients are scaled (GRAD_SCALE_*): float16 overflows
+#   past 65504, where bf16 and float32 do not.
+LOWP_DTYPE: Mapping[str, str] = {"cuda": "float16", "cpu": "bfloat16"}
+LOWP_STEPS = 60  # bf16 steps before float32; 0 = no bf16 step
+# float16 gradients are computed from the loss times a per-image scale and
+# divided by it in float32 (loss scaling, as torch.amp.GradScaler does, but
+# on the device with no host sync): a step whose gradient is not finite is
+# skipped (the image and the L-BFGS history stay) and divides the scale by
+# GRAD_SCALE_BACKOFF, and GRAD_SCALE_GROWTH_STEPS finite steps in a row
+# double it, up to GRAD_SCALE_MAX, so small gradients keep float16's
+# precision. The backoff is steep (GradScaler halves): a gradient 2^20 past
+# the range costs 5 skipped steps, not 20, and a scale up to 16x too small
+# only loses the lowest 4 of float16's 40 binary orders of magnitude. At the
+# recipe's weights with the offline random VGG the gradients never overflow
+# at scale 1; at style_weight 1e12 (or with weights whose features run
+# larger) an unscaled float16 step overflows at once and the image is lost.
+GRAD_SCALE_INIT = 1.0
+GRAD_SCALE_BACKOFF = 16.0
+GRAD_SCALE_GROWTH_STEPS = 50
+GRAD_SCALE_MAX = 2.0 ** 24
+GRAD_SCALE_MIN = 2.0 ** -64
 # L-BFGS history pairs, capped so the history stays under LBFGS_MEMORY bytes
 # on large images. On the 96x72 corpus at step bound 0.35
 # (bench/sweep_lbfgs_history.json) 20 pairs reach the recipe's loss in the

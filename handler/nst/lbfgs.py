@@ -62,7 +62,7 @@ class State:
     slot: Tensor  # () int64, the slot the next pair is written to
     x_prev: Tensor  # (B, n)
     g_prev: Tensor  # (B, n)
-    started: Tensor  # () bool: x_prev / g_prev hold a previous iterate
+    started: Tensor  # (B,) bool: x_prev / g_prev hold a previous iterate
 
 
 def init_state(batch: int, n: int, history: int, device: torch.device) -> State:
@@ -77,7 +77,7 @@ def init_state(batch: int, n: int, history: int, device: torch.device) -> State:
         slot=torch.empty((), device=device, dtype=torch.long),
         x_prev=torch.empty(batch, n, **f32),
         g_prev=torch.empty(batch, n, **f32),
-        started=torch.empty((), device=device, dtype=torch.bool),
+        started=torch.empty(batch, device=device, dtype=torch.bool),
     )
     reset(state)
     return state
@@ -100,8 +100,11 @@ def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
-def update_history(state: State, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Record the pair from the previous iterate to (x, g), in place.
+    Where `usable` (B,) is False nothing is recorded: the slot the pair
+    would take keeps its pair, and the slot advances only if some image's
+    pair is new (with one image per state, never).
 
     Returns S^T g and Y^T g, (B, m) each in slot order, for `direction`: they
     come out of the same two batched products as the update's own, so the
@@ -112,6 +115,12 @@ def update_history(state: State, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     ok = (sy > CURVATURE_EPS * yy) & (yy > 0) & state.started  # (B,)
     m = state.S.shape[1]
     idx = state.slot.view(1)
+    if usable is not None:
+        keep = usable.view(-1, 1)
+        s = torch.where(keep, s, state.S.index_select(1, idx).squeeze(1))  # the pair already there
+        y = torch.where(keep, y, state.Y.index_select(1, idx).squeeze(1))
+        kept_ok = state.valid.index_select(1, idx).squeeze(1) > 0
+        ok, new = torch.where(usable, ok, kept_ok), ok & usable
     state.S.index_copy_(1, idx, s.unsqueeze(1))
     state.Y.index_copy_(1, idx, y.unsqueeze(1))
     S_prod = torch.bmm(state.S, torch.stack([y, g], -1))  # (B, m, 2): s_i . y, s_i . g
@@ -121,8 +130,12 @@ def update_history(state: State, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     state.YY.index_copy_(1, idx, Y_prod[:, :, 1].unsqueeze(1))
     state.YY.index_copy_(2, idx, Y_prod[:, :, 1].unsqueeze(2))
     state.valid.index_copy_(1, idx, ok.float().unsqueeze(1))
-    state.gamma.copy_(torch.where(ok, sy / yy.clamp_min(1e-30), state.gamma))
-    state.slot.copy_((state.slot + 1) % m)
+    if usable is None:
+        state.gamma.copy_(torch.where(ok, sy / yy.clamp_min(1e-30), state.gamma))
+        state.slot.copy_((state.slot + 1) % m)
+    else:
+        state.gamma.copy_(torch.where(new, sy / yy.clamp_min(1e-30), state.gamma))
+        state.slot.copy_((state.slot + usable.any().long()) % m)
     return S_prod[:, :, 1], Y_prod[:, :, 2]
 
 
@@ -174,6 +187,7 @@ def step(
     max_move: float,
     lower: float | None = 0.0,
     upper: float | None = 1.0,
+    usable: Tensor | None = None,
 ) -> Tensor:
     """One L-BFGS iteration from x with gradient g, both (B, n): returns the
     next iterate, and updates `state` in place. No host sync.
@@ -181,13 +195,24 @@ def step(
     The step is `lr` times the quasi-Newton step, shortened so that no
     coordinate moves more than `max_move`; with bounds, coordinates at a bound
     whose gradient points out are held (their gradient and step are zeroed),
-    and the result is projected onto the box."""
+    and the result is projected onto the box.
+
+    `usable` (B,) bool: where False, g is not to be used (a float16 gradient
+    that overflowed): that image's step is a no-op. It stays at x, and the
+    state still holds the last usable iterate and gradient, so the next
+    usable step at x records the pair from there."""
     x, g = x.detach(), g.detach()
+    x_in = x
+    if usable is not None:
+        keep = usable.view(-1, 1)
+        # Stand-ins that are finite and leave x_prev / g_prev as they are.
+        x = torch.where(keep, x, state.x_prev)
+        g = torch.where(keep, g, state.g_prev)
     held = None
     if lower is not None and upper is not None:
         held = ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0))
         g = g.masked_fill(held, 0.0)
-    Sg, Yg = update_history(state, x, g)
+    Sg, Yg = update_history(state, x, g, usable)
     d = direction(state, g, Sg, Yg)
     if held is not None:
         # A pixel at a bound also stays when the quasi-Newton direction (not
@@ -202,5 +227,8 @@ def step(
         x_next = x_next.clamp(lower, upper)
     state.x_prev.copy_(x)
     state.g_prev.copy_(g)
-    state.started.fill_(True)
-    return x_next
+    if usable is None:
+        state.started.fill_(True)
+        return x_next
+    state.started.copy_(state.started | usable)
+    return torch.where(keep, x_next, x_in)

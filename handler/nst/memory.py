@@ -16,11 +16,12 @@ import gc
 import psutil
 import torch
 
-from .config import Params
+from .config import LOWP_DTYPE, Params
 from .lbfgs import history_pairs, pair_bytes
 from .vgg import CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
+HALF = 2  # bytes of a saved activation where every step is float16 (LOWP_DTYPE)
 SAFETY = 1.1  # allocator rounding and block splitting; cuDNN's choice of kernels
 BASE = 64 * 1024 * 1024  # per request: targets, Grams, buffers
 # On a GPU, measured with torch.cuda.max_memory_allocated on an H200 (torch
@@ -46,6 +47,17 @@ def saved_elements_per_pixel() -> float:
     return stored
 
 
+def float32_copies_per_pixel() -> float:
+    """Elements per input pixel of the float32 copies that the losses make
+    of low-precision features and autograd saves (losses.gram,
+    losses.content_loss): every style layer's (conv1_1 .. conv5_1) and conv4_2's."""
+    copies = 0.0
+    for block, index, _, cout, _ in CONVS:
+        if index == 1 or (block, index) == (4, 2):
+            copies += cout * 4.0 ** -(block - 1)
+    return copies
+
+
 def transient_elements_per_pixel(device_type: str = "cpu") -> float:
     """What is alive beside the saved tensors at the peak: on a CPU, conv1's
     output before its ReLU, and during backward two conv1-sized gradients; on a
@@ -57,12 +69,25 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     """Peak bytes of one request at height x width with styles of `style_pixels`
     in total, on a `device_type` ("cpu" or "cuda") worker."""
     pixels = height * width
-    step = (saved_elements_per_pixel() + transient_elements_per_pixel(device_type)) * pixels * FLOAT
+    # Where every step is float16 the saved activations are half the size,
+    # but the losses' float32 copies of them are saved beside them. The
+    # transients keep their float32 size: they were measured with float32
+    # steps, and hold cuDNN workspaces that need not shrink with the dtype.
+    if float16_steps(params, device_type):
+        saved = saved_elements_per_pixel() * HALF + float32_copies_per_pixel() * FLOAT
+    else:
+        saved = saved_elements_per_pixel() * FLOAT
+    step = (saved + transient_elements_per_pixel(device_type) * FLOAT) * pixels
     history = 0
     if params.optimizer == "lbfgs":
         history = history_pairs(pixels) * pair_bytes(pixels)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
     return int(SAFETY * max(step + history, styles) + (GPU_BASE if device_type == "cuda" else BASE))
+
+
+def float16_steps(params: Params, device_type: str) -> bool:
+    """Whether every step of this request runs VGG in float16 (nst.optimize.step_dtypes)."""
+    return LOWP_DTYPE.get(device_type) == "float16" and not params.normalized_space
 
 
 def shared_pool_bytes(height: int, width: int) -> int:

@@ -16,7 +16,8 @@ from torch import Tensor
 from . import lbfgs, memory
 from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
                      KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE,
-                     LBFGS_ONE_STATE_DEVICES, LOWP_STEPS, Params)
+                     GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN,
+                     LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -92,16 +93,78 @@ def _initial_image(content: Tensor, params: Params) -> Tensor:
 
 
 def compute_dtype(device: torch.device, params: Params) -> torch.dtype:
-    """bf16 for the first VGG passes in `space=pixels` where the hardware does
-    bf16 (Grams and losses stay float32: see losses.py). `space=normalized`
-    stays float32 so it matches the recipe step for step."""
-    if params.normalized_space or LOWP_STEPS == 0:
+    """The low-precision dtype of the VGG passes in `space=pixels`
+    (LOWP_DTYPE) where the hardware does it (Grams and losses stay float32:
+    see losses.py). `space=normalized` stays float32 so it matches the recipe
+    step for step."""
+    name = LOWP_DTYPE.get(device.type)
+    if params.normalized_space or name is None:
+        return torch.float32
+    if name == "float16":
+        return torch.float16
+    if LOWP_STEPS == 0:
         return torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def step_dtype(lowp: torch.dtype, step: int) -> torch.dtype:
+    """The dtype of step `step` (from 1) of an optimization whose low
+    precision is `lowp`: bf16 gradients are good enough to get near the
+    optimum and stall there, so bf16 steps end after LOWP_STEPS; float16
+    runs throughout."""
+    return lowp if lowp == torch.float16 or step <= LOWP_STEPS else torch.float32
+
+
+def step_dtypes(device: torch.device, params: Params) -> tuple[torch.dtype, ...]:
+    """Every dtype an optimization's steps use, in order."""
+    lowp = compute_dtype(device, params)
+    return (lowp,) if lowp in (torch.float16, torch.float32) else (lowp, torch.float32)
+
+
+def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dtype,
+             scale: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Each image's loss (B,) and gradient (same shape as x) at `x`, and
+    whether that gradient is usable (B,) bool, or None where it always is.
+
+    float16 steps use loss scaling (GRAD_SCALE_* in config.py): the
+    gradient is taken of the loss times `scale` (B,), so the float16
+    gradients inside the backward pass stay in range, and divided by it in
+    float32. `scale` (see `scale_state`) is updated in place, on the
+    device: halved after a non-finite gradient (which is then zeroed: not to
+    be used), doubled after GRAD_SCALE_GROWTH_STEPS usable ones in a row.
+    Other dtypes' gradients are plain."""
+    xv = x.detach().requires_grad_(True)
+    loss = loss_of(objective, xv, dtype)  # (B,)
+    if dtype != torch.float16:
+        (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
+        return loss, grad, None
+    factor, streak = scale[0], scale[1]  # (B,) each
+    (grad,) = torch.autograd.grad((loss * factor).sum(), xv)
+    grad = grad / factor.view(-1, *([1] * (grad.dim() - 1)))
+    usable = torch.isfinite(grad).flatten(1).all(1)  # (B,)
+    grown = streak + 1 >= GRAD_SCALE_GROWTH_STEPS
+    factor.copy_(torch.where(usable, torch.where(grown, factor * 2, factor), factor / GRAD_SCALE_BACKOFF)
+                 .clamp(GRAD_SCALE_MIN, GRAD_SCALE_MAX))
+    streak.copy_(torch.where(usable & ~grown, streak + 1, torch.zeros_like(streak)))
+    grad = torch.where(usable.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+    return loss, grad, usable
+
+
+def scale_state(batch: int, device: torch.device) -> Tensor:
+    """(2, B) float32: each image's gradient scale (row 0) and its count of
+    usable float16 steps since the scale last changed (row 1), for `gradient`."""
+    state = torch.empty(2, batch, device=device)
+    reset_scale(state)
+    return state
+
+
+def reset_scale(state: Tensor) -> None:
+    state[0].fill_(GRAD_SCALE_INIT)
+    state[1].zero_()
 
 
 def _finite_or_raise(loss: float, step: int) -> None:
@@ -190,7 +253,7 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
             # built as a request's are: one objective per row, stacked
             objective = stack_objectives([request_objective(vgg, content[b:b + 1], [style[b:b + 1]], params)
                                           for b in range(batch)])
-            for dtype in {compute_dtype(device, params), torch.float32}:
+            for dtype in step_dtypes(device, params):
                 x = content.clone().requires_grad_(True)
                 if batch > 1:
                     _mark_batch_dynamic(objective, x)
@@ -198,8 +261,8 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
                     torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
         if capturing and keeps(device, (h, w)):
             content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
-            # through the eager and captured step of each dtype: LOWP_STEPS of the first
-            steps = LOWP_STEPS + _GraphRunner.WARMUP_STEPS + 1
+            # through the eager and captured step of each dtype (LOWP_STEPS of bf16 first)
+            steps = (LOWP_STEPS if len(step_dtypes(device, params)) > 1 else 0) + _GraphRunner.WARMUP_STEPS + 1
             stylize(vgg, content, [style], dataclasses.replace(params, steps=steps), progress_every=steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -370,6 +433,7 @@ class _Program:
     counter: Tensor  # () int64: steps done, on the device
     last: Tensor  # (B,) int64: each row's last step
     loss_buf: Tensor  # (B,) each row's loss at the latest step
+    scale: Tensor  # (2, B) float16 steps' gradient scales (scale_state)
     runner: _GraphRunner
     held_bytes: int  # what keeping it is charged (its admission estimate)
 
@@ -396,7 +460,7 @@ def build_bytes(vgg: VGGFeatures, shape: Sequence[int], params: Params) -> int:
     nothing is kept or captured, and where its steps have one dtype only."""
     device = vgg.mean.device
     if (params.optimizer != "lbfgs" or not keeps(device, shape) or not use_cuda_graphs(device)
-            or compute_dtype(device, params) == torch.float32 or program_key(vgg, shape, params) in _KEPT):
+            or len(step_dtypes(device, params)) == 1 or program_key(vgg, shape, params) in _KEPT):
         return 0
     return shape[0] * memory.shared_pool_bytes(shape[-2], shape[-1])
 
@@ -451,6 +515,7 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
             for state in program.states:
                 lbfgs.reset(state)
             program.loss_buf.zero_()
+            reset_scale(program.scale)
         return program
     B, n = x0.shape[0], x0[0].numel()
     x = x0.contiguous()  # updated in place, so a CUDA graph can hold it
@@ -470,14 +535,15 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
     loss_of = loss_function(p0.normalized_space, device, compile_new)
     lr, max_move = p0.lr, LBFGS_MAX_MOVE
 
+    scale = scale_state(B, device)
+
     def one_step(dtype: torch.dtype) -> None:
-        xv = x.detach().requires_grad_(True)
-        loss = loss_of(objective, xv, dtype)  # (B,)
-        (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
+        loss, grad, usable = gradient(loss_of, objective, x, dtype, scale)  # (B,), like x, (B,) or None
         flat, g = x.view(B, n), grad.reshape(B, n)
         x_next = torch.cat([lbfgs.step(
             state, flat[rows], g[rows], lr=lr, max_move=max_move,
             lower=0.0 if bounded else None, upper=1.0 if bounded else None,
+            usable=None if usable is None else usable[rows],
         ) for rows, state in zip(rows_of, states)])
         active = (counter < last).view(B, 1)
         x.copy_(torch.where(active, x_next, flat).view_as(x))
@@ -486,7 +552,7 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
 
     keep = keeps(device, x.shape)
     charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type) if keep else 0
-    return _Program(key, x, objective, states, counter, last, loss_buf,
+    return _Program(key, x, objective, states, counter, last, loss_buf, scale,
                     _GraphRunner(one_step, enabled=use_cuda_graphs(device), keep=keep), charge)
 
 
@@ -560,9 +626,7 @@ def stylize_batch(
         for step in range(first_step, max(steps) + 1):
             if not any(running(b, step) for b in range(B)):
                 break
-            # bf16 gradients are good enough to get near the optimum and
-            # stall there: finish in float32.
-            runner.run(lowp if step <= LOWP_STEPS else torch.float32)
+            runner.run(step_dtype(lowp, step))
             due = [b for b in range(B) if running(b, step) and (step % progress_every == 0 or step == steps[b])]
             if not due:
                 continue
@@ -677,11 +741,11 @@ def stylize(
         return step % progress_every == 0 or step == params.steps
 
     opt = torch.optim.Adam([var], lr=params.lr)
+    scale = scale_state(1, content.device)
     with torch.enable_grad():
         for step in range(first_step, params.steps + 1):
-            dtype = lowp if step <= LOWP_STEPS else torch.float32
-            loss = loss_of(objective, var, dtype)
-            (var.grad,) = torch.autograd.grad(loss.sum(), var)
+            # a float16 gradient that overflowed is zeroed: Adam coasts on its moments for that step
+            loss, var.grad, _ = gradient(loss_of, objective, var, step_dtype(lowp, step), scale)
             opt.step()
             if due(step):
                 report(step, loss)

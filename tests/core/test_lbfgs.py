@@ -150,6 +150,43 @@ def test_batch_images_are_independent():
     assert torch.allclose(both[1], run([1])[0], atol=1e-6)
 
 
+def test_an_unusable_gradient_makes_a_step_that_changes_nothing():
+    """A step told its gradient is unusable (a float16 overflow) leaves that
+    image where it is and records nothing: with a state of its own (as the
+    product steps each image) it then goes on exactly as if that step had
+    never been; an image sharing its state steps on unaffected."""
+    problems = [_smooth_problem(16, seed) for seed in (1, 2)]
+
+    def run(skip_at: int | None, shared: bool):
+        states = [lbfgs.init_state(2, 16, 4, torch.device("cpu"))] if shared else [
+            lbfgs.init_state(1, 16, 4, torch.device("cpu")) for _ in range(2)]
+        rows = [slice(0, 2)] if shared else [slice(0, 1), slice(1, 2)]
+        x = torch.stack([problems[i][1] for i in (0, 1)])
+        path = []
+        for k in range(9):
+            xr = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(sum(problems[i][0](xr[i]) for i in (0, 1)), xr)
+            usable = torch.tensor([True, k != skip_at])
+            if k == skip_at:
+                g[1] = float("nan")  # what the step must not use
+            nxt = torch.cat([lbfgs.step(state, x[r], g[r], lr=1.0, max_move=0.5, lower=None, upper=None,
+                                        usable=usable[r]) for r, state in zip(rows, states)])
+            if k == skip_at:
+                assert torch.equal(nxt[1], x[1]) and not torch.equal(nxt[0], x[0])
+            else:
+                path.append(nxt[1])
+            x = nxt
+        return path, x
+
+    for skip_at in (0, 4):  # before any pair is recorded, and with a history
+        (skipped, x_skipped), (plain, x_plain) = run(skip_at, False), run(None, False)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(skipped, plain))  # one step behind, same path
+        assert torch.allclose(x_skipped[0], x_plain[0])
+        _, x_shared = run(skip_at, True)
+        assert torch.allclose(x_shared[0], x_plain[0])  # its neighbour's skip never reached it
+        assert problems[1][0](x_shared[1]) < problems[1][0](problems[1][1])  # and the skipped image still descends
+
+
 def test_steps_are_bounded_and_stay_in_the_box():
     """Gradients in the hundreds (as at the recipe's weights) move no pixel
     further than max_move, and never out of [0, 1]."""
@@ -238,13 +275,16 @@ def test_cuda_graph_replays_continue_the_same_optimization(vgg_state, monkeypatc
     gen = torch.Generator().manual_seed(3)
     content = torch.rand(1, 3, 48, 64, generator=gen).to(device)
     style = torch.rand(1, 3, 64, 64, generator=gen).to(device)
-    params = dataclasses.replace(Params(), steps=optimize_mod.LOWP_STEPS + 20)  # both dtypes' graphs
+    params = dataclasses.replace(Params(), steps=optimize_mod.LOWP_STEPS + 20)  # every dtype's graph
     results = {}
     for graphs in (False, True):
         monkeypatch.setattr(optimize_mod, "CUDA_GRAPHS", graphs)
         results[graphs] = stylize(vgg, content, [style], params, progress_every=10)
     eager, graphed = results[False], results[True]
-    assert graphed.loss == pytest.approx(eager.loss, rel=0.05)
+    # Rounding that differs between eager and captured kernels grows over 80
+    # steps (on an H100 at step bound 0.35: 3.34 against 3.53); a replay of
+    # stale inputs would stay near the first step's loss, orders above.
+    assert graphed.loss == pytest.approx(eager.loss, rel=0.15)
     assert (graphed.image - eager.image).abs().mean() < 0.02
     assert [p.step for p in graphed.history] == [p.step for p in eager.history]
 

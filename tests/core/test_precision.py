@@ -1,4 +1,5 @@
-"""The fast preset's speed measures: bf16 warm-up steps, L-BFGS history cap, clamped objective."""
+"""The fast preset's speed measures: low-precision steps (bf16 first on a CPU,
+float16 throughout on a GPU, with loss scaling), L-BFGS history cap, clamped objective."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import nst.optimize as optimize_mod
 from nst.config import LBFGS_HISTORY, LBFGS_MEMORY, Limits, Params
 from nst.request import build_params
 from nst.lbfgs import history_pairs
-from nst.optimize import compute_dtype, stylize
+from nst.optimize import compute_dtype, gradient, scale_state, step_dtype, step_dtypes, stylize
 
 BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -72,3 +73,72 @@ def test_gram_of_channels_last_features_equals_the_reference():
     reference = (f.reshape(8, 35) @ f.reshape(8, 35).t()).unsqueeze(0)  # (1, C, C): a batch of one
     assert torch.allclose(gram(f.contiguous(memory_format=torch.channels_last)), reference, atol=1e-5)
     assert torch.allclose(gram(f), reference, atol=1e-5)
+
+
+def test_a_gpu_runs_every_step_in_float16_and_a_cpu_finishes_bf16_in_float32():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert compute_dtype(cuda, Params()) == torch.float16
+    assert step_dtypes(cuda, Params()) == (torch.float16,)
+    assert [step_dtype(torch.float16, n) for n in (1, optimize_mod.LOWP_STEPS + 1, 10**6)] == [torch.float16] * 3
+    assert [step_dtype(torch.bfloat16, n) for n in (optimize_mod.LOWP_STEPS, optimize_mod.LOWP_STEPS + 1)] == [
+        torch.bfloat16, torch.float32]
+    assert step_dtypes(cuda, build_params({"preset": "seed"}, Limits())) == (torch.float32,)
+    if BF16:
+        assert step_dtypes(cpu, Params()) == (torch.bfloat16, torch.float32)
+
+
+def _half_loss(objective, x, dtype):
+    """sum(w * x^2) per image, with x^2 formed in `dtype`: a loss whose
+    float16 backward overflows where w * x is past 65504 / 2."""
+    return (objective * x.to(dtype).pow(2).float()).flatten(1).sum(1)
+
+
+def test_loss_scaling_skips_an_overflowing_float16_step_and_shrinks_the_scale():
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]])  # (B=2, n=2)
+    w = torch.tensor([[1.0], [1e5]])  # row 1's gradient 2 * w * x overflows float16
+    scale = scale_state(2, x.device)
+    loss, grad, usable = gradient(_half_loss, w, x, torch.float16, scale)
+    assert usable.tolist() == [True, False]
+    assert torch.equal(grad[0], 2 * w[0] * x[0])  # the reference formula, exactly (powers of two)
+    assert torch.equal(grad[1], torch.zeros(2))  # not used, and finite
+    assert scale[0].tolist() == [1.0, 1 / optimize_mod.GRAD_SCALE_BACKOFF] and scale[1].tolist() == [1.0, 0.0]
+    for _ in range(20):  # shrunk until the scaled gradient fits
+        loss, grad, usable = gradient(_half_loss, w, x, torch.float16, scale)
+        if usable[1]:
+            break
+    assert usable.all()
+    assert torch.allclose(grad, 2 * w * x, rtol=1e-3)
+    assert scale[0, 1] * 2 * 1e5 * 3.0 < 65504  # the scale that made it fit
+
+
+def test_loss_scaling_grows_the_scale_after_a_run_of_usable_steps(monkeypatch):
+    monkeypatch.setattr(optimize_mod, "GRAD_SCALE_GROWTH_STEPS", 3)
+    x, w = torch.tensor([[0.25, 0.5]]), torch.tensor([[1.0]])
+    scale = scale_state(1, x.device)
+    factors = []
+    for _ in range(7):
+        gradient(_half_loss, w, x, torch.float16, scale)
+        factors.append(scale[0, 0].item())
+    assert factors == [1.0, 1.0, 2.0, 2.0, 2.0, 4.0, 4.0]
+    _, grad, usable = gradient(_half_loss, w, x, torch.float32, scale)  # other dtypes: plain, scale untouched
+    assert usable is None and scale[0, 0].item() == 4.0 and torch.equal(grad, 2 * w * x)
+
+
+def test_float16_steps_survive_gradients_past_float16s_range(vgg, monkeypatch):
+    """At style_weight 1e12 the float16 backward overflows at once: with the
+    scale pinned at 1 every step is skipped and the image never moves (plain
+    float16 steps would turn it to NaN); with loss scaling it ends near
+    float32's loss, a few skipped steps behind."""
+    gen = torch.Generator().manual_seed(5)
+    content, style = torch.rand(1, 3, 32, 32, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    params = dataclasses.replace(Params(), steps=30, style_weight=1e12)
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float32)
+    exact = stylize(vgg, content, [style], params).loss
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float16)
+    scaled = stylize(vgg, content, [style], params).loss
+    assert scaled < 1.5 * exact
+    monkeypatch.setattr(optimize_mod, "GRAD_SCALE_MAX", 1.0)
+    monkeypatch.setattr(optimize_mod, "GRAD_SCALE_MIN", 1.0)  # the scale pinned at 1: no loss scaling
+    pinned = stylize(vgg, content, [style], dataclasses.replace(params, steps=4))
+    assert pinned.loss == pytest.approx(pinned.history[0].loss, rel=1e-3)  # the content's loss, still
+    assert pinned.loss > 10 * scaled
