@@ -558,6 +558,8 @@ def fp16_report(r: dict) -> list[str]:
 
 def report(r: dict) -> str:
     lines = [f"## GPU: {r['card']} (torch {r['torch']}, {r['weights']} weights)", ""]
+    if r.get("provenance"):
+        lines += [r["provenance"], ""]
     if "to_recipe_loss" in r:
         lines += _core_report(r)
     if "bf16_throughout" in r:

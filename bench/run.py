@@ -301,8 +301,6 @@ def gpu_sections() -> list[str]:
     """One section per card, from each bench/gpu_results_*.json that
     `python bench/gpu.py --out ...` wrote on a lent GPU (this CPU has none)."""
     import gpu
-
-    lines = []
     import gpu_batch_equality
 
     lines = []

@@ -198,8 +198,9 @@ GRAD_SCALE_MIN = 2.0 ** -64
 # (bench/sweep_lbfgs_history.json) 20 pairs reach the recipe's loss in the
 # same steps as 50 (182 against 183 for the 12 pairs), 10 in 198; 50 gives the
 # best 100-step images (worst 0.231x the recipe's loss, 0.255x with 20, 0.305x
-# with 10). A GPU step reads the whole history twice: whether 20 pairs' shorter
-# step is worth it there is measured by bench/gpu.py (not yet on a GPU).
+# with 10). A GPU step reads the whole history twice: on an H100 a float32 step
+# at 512x512 took 3.25 ms with 20 pairs against 3.41 with 50, too little to
+# give up the better images.
 LBFGS_HISTORY = 50
 LBFGS_MEMORY = 512 * 1024 * 1024
 # Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
@@ -237,8 +238,8 @@ CUDNN_AUTOTUNE = False
 # and write (the image, the targets, the L-BFGS history). A request of a kept
 # shape loads its own image and targets into them and replays at once, where
 # otherwise every request ran one eager step and one capture per dtype (on an
-# H100 a 20-step request at 512x384 took 68 ms; its 20 steps, at the rate
-# measured at 512x512 scaled by area, about 36 ms).
+# H100, bench/gpu_results_h100.json, a 19-step request at 512x384 took 45 ms
+# kept against 67 ms built).
 # Least recently used first out. Never on the CPU, where there is no graph to
 # keep and a kept L-BFGS history would only stay resident.
 KEEP_PROGRAMS: Mapping[str, int] = {"cuda": 4}

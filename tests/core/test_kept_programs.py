@@ -255,3 +255,19 @@ def test_warm_up_captures_graphs_that_serve_the_first_request(vgg_state, keeping
     again, alone = stylize(vgg, content, [style], p), fresh(vgg, content, style, p)
     assert again.loss == pytest.approx(alone.loss, rel=1e-2)
     assert (again.image - alone.image).abs().mean() < 1 / 255
+
+
+def test_a_kept_float16_optimization_starts_each_request_at_the_initial_gradient_scale(vgg, keeping, monkeypatch):
+    """float16 steps (a GPU's) keep a per-image gradient scale in the kept
+    program: a request whose gradients overflowed (style_weight 1e12) leaves
+    it shrunk, and the next request must start from GRAD_SCALE_INIT as it
+    would alone, bit for bit."""
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float16)
+    (content, style), loud = images(11, h=24, w=24), params(steps=6, style_weight=1e12)
+    stylize(vgg, content, [style], loud)
+    (program,) = keeping.values()
+    assert program.scale[0].item() < optimize_mod.GRAD_SCALE_INIT  # the overflow shrank it
+    (content, style), p = images(12, h=24, w=24), params(steps=6, style_weight=1e12)
+    got = stylize(vgg, content, [style], p)
+    assert next(iter(keeping.values())) is program
+    assert_same(got, fresh(vgg, content, style, p))
