@@ -166,6 +166,7 @@ class StyleTransferHandler:
             "X-Total-Ms": f"{total_ms:.0f}",
             "X-Batch": str(output.batch),
             "X-Weights": self.weights_kind,
+            "X-Skipped-Steps": str(result.skipped_steps),
         }
         if stream:
             record = {
@@ -180,6 +181,7 @@ class StyleTransferHandler:
                 "total_ms": round(total_ms, 1),
                 "batch": output.batch,
                 "weights": self.weights_kind,
+                "skipped_steps": result.skipped_steps,
             }
             body = (json.dumps(record) + "\n").encode()
         else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -22,6 +23,8 @@ from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
 from .vgg import VGGFeatures, canonical_layer
+
+log = logging.getLogger(__name__)
 
 
 class BudgetExceeded(Exception):
@@ -47,6 +50,9 @@ class Result:
     steps: int
     elapsed_ms: float
     history: list[Progress] = field(default_factory=list)
+    # float16 steps skipped because their gradient overflowed (GRAD_SCALE_* in
+    # config.py): counted in `steps`, but they left the image where it was
+    skipped_steps: int = 0
 
 
 Callback = Callable[[Progress], None]
@@ -142,7 +148,7 @@ def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dt
     if dtype != torch.float16:
         (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
         return loss, grad, None
-    factor, streak = scale[0], scale[1]  # (B,) each
+    factor, streak, skipped = scale[0], scale[1], scale[2]  # (B,) each
     (grad,) = torch.autograd.grad((loss * factor).sum(), xv)
     grad = grad / factor.view(-1, *([1] * (grad.dim() - 1)))
     usable = torch.isfinite(grad).flatten(1).all(1)  # (B,)
@@ -150,21 +156,34 @@ def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dt
     factor.copy_(torch.where(usable, torch.where(grown, factor * 2, factor), factor / GRAD_SCALE_BACKOFF)
                  .clamp(GRAD_SCALE_MIN, GRAD_SCALE_MAX))
     streak.copy_(torch.where(usable & ~grown, streak + 1, torch.zeros_like(streak)))
+    skipped.add_((~usable).float())
     grad = torch.where(usable.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
     return loss, grad, usable
 
 
 def scale_state(batch: int, device: torch.device) -> Tensor:
-    """(2, B) float32: each image's gradient scale (row 0) and its count of
-    usable float16 steps since the scale last changed (row 1), for `gradient`."""
-    state = torch.empty(2, batch, device=device)
+    """(3, B) float32 for `gradient`: each image's gradient scale (row 0),
+    its count of usable float16 steps since the scale last changed (row 1)
+    and of steps skipped (row 2)."""
+    state = torch.empty(3, batch, device=device)
     reset_scale(state)
     return state
 
 
 def reset_scale(state: Tensor) -> None:
     state[0].fill_(GRAD_SCALE_INIT)
-    state[1].zero_()
+    state[1:].zero_()
+
+
+def _skipped(scale: Tensor, steps: int) -> list[int]:
+    """Each image's skipped float16 steps, read once the steps are done (and
+    logged: they are steps the client asked for that left its image as it was)."""
+    counts = [int(c) for c in scale[2].tolist()]
+    for b, c in enumerate(counts):
+        if c:
+            log.warning("image %d: %d of %d float16 steps skipped (gradient overflow; loss scaling shrank the "
+                        "scale to %.3g)", b, c, steps, scale[0, b].item())
+    return counts
 
 
 def _finite_or_raise(loss: float, step: int) -> None:
@@ -368,7 +387,8 @@ def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progres
                    compile_new=compile_new, init=init, first_step=coarse_steps + 1)
     history = [dataclasses.replace(p, steps=params.steps) for p in coarse.history] + [
         dataclasses.replace(p, elapsed_ms=p.elapsed_ms + offset) for p in fine.history]
-    return dataclasses.replace(fine, elapsed_ms=offset + fine.elapsed_ms, history=history)
+    return dataclasses.replace(fine, elapsed_ms=offset + fine.elapsed_ms, history=history,
+                               skipped_steps=coarse.skipped_steps + fine.skipped_steps)
 
 
 def request_objective(vgg: VGGFeatures, content: Tensor, styles: Sequence[Tensor], params: Params) -> Objective:
@@ -658,6 +678,7 @@ def stylize_batch(
         # order, and a row's loss would differ from its loss alone in the last bits.
         finals = [row_objective(objective, b)(vgg.normalize(delivered[b:b + 1]), torch.float32).total.item()
                   for b in range(B)]
+    skipped = _skipped(program.scale, max(steps))
     _keep(program)  # only here: a program whose request raised is dropped, whatever state it was left in
     for b in range(B):
         if outcome[b] is not None:
@@ -665,7 +686,7 @@ def stylize_batch(
         if not math.isfinite(finals[b]):
             outcome[b] = Diverged(f"loss of the delivered image is {finals[b]}")
             continue
-        outcome[b] = Result(delivered[b:b + 1].clone(), finals[b], steps[b], finished_ms[b], history[b])
+        outcome[b] = Result(delivered[b:b + 1].clone(), finals[b], steps[b], finished_ms[b], history[b], skipped[b])
     return outcome
 
 
@@ -757,4 +778,5 @@ def stylize(
         final = objective(vgg.normalize(delivered), torch.float32).total.item()  # (1,): one image
     if not math.isfinite(final):
         raise Diverged(f"loss of the delivered image is {final}")
-    return Result(delivered, final, params.steps, (time.monotonic() - start) * 1e3, history)
+    (skipped,) = _skipped(scale, params.steps)
+    return Result(delivered, final, params.steps, (time.monotonic() - start) * 1e3, history, skipped)

@@ -135,10 +135,21 @@ def test_float16_steps_survive_gradients_past_float16s_range(vgg, monkeypatch):
     monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float32)
     exact = stylize(vgg, content, [style], params).loss
     monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float16)
-    scaled = stylize(vgg, content, [style], params).loss
+    result = stylize(vgg, content, [style], params)
+    scaled = result.loss
     assert scaled < 1.5 * exact
+    assert 1 <= result.skipped_steps <= 10  # the scale found its range within a few steps
     monkeypatch.setattr(optimize_mod, "GRAD_SCALE_MAX", 1.0)
     monkeypatch.setattr(optimize_mod, "GRAD_SCALE_MIN", 1.0)  # the scale pinned at 1: no loss scaling
     pinned = stylize(vgg, content, [style], dataclasses.replace(params, steps=4))
     assert pinned.loss == pytest.approx(pinned.history[0].loss, rel=1e-3)  # the content's loss, still
     assert pinned.loss > 10 * scaled
+    assert pinned.skipped_steps == 4  # every one, and each reported
+
+
+def test_steps_that_never_overflow_report_none_skipped(vgg):
+    gen = torch.Generator().manual_seed(6)
+    content, style = torch.rand(1, 3, 32, 32, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    for optimizer in ("lbfgs", "adam"):
+        result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=3, optimizer=optimizer))
+        assert result.skipped_steps == 0

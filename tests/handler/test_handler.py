@@ -175,6 +175,7 @@ def test_multipart_row_returns_png_with_facts(handler, make_context, inputs):
     assert math.isfinite(loss) and loss > 0
     assert int(headers["X-Elapsed-Ms"]) >= 0
     assert headers["X-Weights"] == "random"
+    assert headers["X-Skipped-Steps"] == "0"
 
 
 def test_json_row_returns_png(handler, make_context, inputs):
