@@ -18,11 +18,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the tests that skip without a GPU, and the compile policy's
   $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs \
       -k "gpu or cuda or sync or graph or estimate_bounds or warmed or compile" \
-      tests/core/test_lbfgs.py tests/core/test_memory.py tests/core/test_compile.py tests/core/test_batch.py tests/core/test_kept_programs.py 2>&1 \
-      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|FAILED|Error" | tail -40
+      tests/core/test_lbfgs.py tests/core/test_memory.py tests/core/test_compile.py tests/core/test_batch.py \
+      tests/core/test_kept_programs.py tests/core/test_precision.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|float16 at|FAILED|Error" | tail -40
 fi
 left=$(( SESSION_S - ($(date +%s) - began) ))
 # stop starting sections with ~100 s to spare: the longest one takes about that
-$PY bench/gpu.py --out "$OUT/gpu_results.json" --budget-s $(( left > 100 ? left - 100 : 0 )) "$@" 2>&1 \
+# SECTIONS: a comma-separated subset of the bench's sections (bench/gpu.py --only), e.g. core
+$PY bench/gpu.py --out "$OUT/gpu_results.json" --budget-s $(( left > 100 ? left - 100 : 0 )) \
+    ${SECTIONS:+--only "$SECTIONS"} "$@" 2>&1 \
     | tee "$OUT/gpu_bench.md" | tail -80
 echo "session: $(( $(date +%s) - began )) s"

@@ -153,3 +153,24 @@ def test_steps_that_never_overflow_report_none_skipped(vgg):
     for optimizer in ("lbfgs", "adam"):
         result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=3, optimizer=optimizer))
         assert result.skipped_steps == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: float16 steps in CUDA graphs")
+def test_loss_scaling_inside_cuda_graphs_survives_an_overflow(vgg_state, monkeypatch):
+    """A GPU's default steps (float16, captured and replayed) at style_weight
+    1e12: the overflowing steps are skipped and reported, the scale settles
+    on the device, and the image ends near float32's."""
+    from nst.vgg import VGGFeatures
+
+    vgg = VGGFeatures(vgg_state).to("cuda")
+    gen = torch.Generator().manual_seed(5)
+    content, style = (torch.rand(1, 3, 48, 64, generator=gen).cuda() for _ in range(2))
+    params = dataclasses.replace(Params(), steps=40, style_weight=1e12)
+    assert compute_dtype(vgg.mean.device, params) == torch.float16
+    result = stylize(vgg, content, [style], params, progress_every=10)
+    monkeypatch.setattr(optimize_mod, "LOWP_DTYPE", {})
+    exact = stylize(vgg, content, [style], params, progress_every=10)
+    print(f"float16 at style_weight 1e12: loss {result.loss:.4g} (float32 {exact.loss:.4g}), "
+          f"{result.skipped_steps} steps skipped")
+    assert 1 <= result.skipped_steps <= 10 and exact.skipped_steps == 0
+    assert result.loss < 1.5 * exact.loss
