@@ -650,6 +650,8 @@ def report(r: dict) -> str:
                   "| size | measured peak | estimate | estimate / peak |", "|---|---|---|---|",
                   *[f"| {m['size']} | {m['peak_gib']:.3f} GiB | {m['estimate_gib']:.3f} GiB | {m['ratio']:.3f} |"
                     for m in r["memory_fresh"]]]
+        if r.get("memory_fresh_source"):
+            lines += ["", f"(Source: {r['memory_fresh_source']}.)"]
     return "\n".join(lines)
 
 

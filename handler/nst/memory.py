@@ -34,17 +34,24 @@ GPU_TRANSIENT_PER_PIXEL = 210.0
 GPU_BASE = 256 * 1024 * 1024
 
 
-def saved_elements_per_pixel() -> float:
-    """Elements autograd saves per input pixel for one step through VGG19 to conv5_1."""
-    stored = 2 * 3.0  # the image and its clamped, normalized copy
+def saved_bytes_per_pixel(feature_bytes: int = FLOAT) -> float:
+    """Bytes autograd saves per input pixel for one step through VGG19 to
+    conv5_1, with features of `feature_bytes` each (pool indices are int64
+    whatever the features' dtype)."""
+    stored = 2 * 3.0 * FLOAT  # the image and its clamped, normalized copy, float32 both
     for block, index, cin, cout, _ in CONVS:
         scale = 4.0 ** -(block - 1)  # 2x2 pooling between blocks
         if block > 1 and index == 1:  # the pool that ended the previous block, of cin channels
-            stored += cin * scale  # its output, this conv's saved input
-            stored += 2 * cin * scale  # its int64 indices
-        stored += cout * scale  # the ReLU output (saved by the ReLU and the next layer alike)
-    stored += 512 / 64  # the content loss's difference at conv4_2
+            stored += cin * scale * feature_bytes  # its output, this conv's saved input
+            stored += cin * scale * 8  # its int64 indices
+        stored += cout * scale * feature_bytes  # the ReLU output (saved by the ReLU and the next layer alike)
+    stored += 512 / 64 * FLOAT  # the content loss's float32 difference at conv4_2
     return stored
+
+
+def saved_elements_per_pixel() -> float:
+    """saved_bytes_per_pixel of float32 steps, in float32 elements."""
+    return saved_bytes_per_pixel(FLOAT) / FLOAT
 
 
 def float32_copies_per_pixel() -> float:
@@ -69,15 +76,19 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     """Peak bytes of one request at height x width with styles of `style_pixels`
     in total, on a `device_type` ("cpu" or "cuda") worker."""
     pixels = height * width
-    # Where every step is float16 the saved activations are half the size,
-    # but the losses' float32 copies of them are saved beside them. The
-    # transients keep their float32 size: they were measured with float32
-    # steps, and hold cuDNN workspaces that need not shrink with the dtype.
+    # Where every step is float16 the saved activations and the transients
+    # are half the size, but the losses' float32 copies of the features are
+    # saved beside them. On an H100 (bench/gpu_results_h100.json) float16
+    # steps' peaks grew by about 1880 bytes per pixel from 1024x768 to
+    # 2048x1536 beyond the L-BFGS history: 1456 of them saved (this count),
+    # about 420 (210 half-size values) transient.
     if float16_steps(params, device_type):
-        saved = saved_elements_per_pixel() * HALF + float32_copies_per_pixel() * FLOAT
+        element = HALF
+        saved = saved_bytes_per_pixel(HALF) + float32_copies_per_pixel() * FLOAT
     else:
-        saved = saved_elements_per_pixel() * FLOAT
-    step = (saved + transient_elements_per_pixel(device_type) * FLOAT) * pixels
+        element = FLOAT
+        saved = saved_bytes_per_pixel(FLOAT)
+    step = (saved + transient_elements_per_pixel(device_type) * element) * pixels
     history = 0
     if params.optimizer == "lbfgs":
         history = history_pairs(pixels) * pair_bytes(pixels)

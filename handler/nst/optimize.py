@@ -140,9 +140,10 @@ def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dt
     gradient is taken of the loss times `scale` (B,), so the float16
     gradients inside the backward pass stay in range, and divided by it in
     float32. `scale` (see `scale_state`) is updated in place, on the
-    device: halved after a non-finite gradient (which is then zeroed: not to
-    be used), doubled after GRAD_SCALE_GROWTH_STEPS usable ones in a row.
-    Other dtypes' gradients are plain."""
+    device: divided by GRAD_SCALE_BACKOFF after a non-finite gradient (which
+    is then zeroed: not to be used, and counted as skipped), doubled after
+    GRAD_SCALE_GROWTH_STEPS usable ones in a row. Other dtypes' gradients
+    are plain."""
     xv = x.detach().requires_grad_(True)
     loss = loss_of(objective, xv, dtype)  # (B,)
     if dtype != torch.float16:
@@ -150,14 +151,15 @@ def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dt
         return loss, grad, None
     factor, streak, skipped = scale[0], scale[1], scale[2]  # (B,) each
     (grad,) = torch.autograd.grad((loss * factor).sum(), xv)
-    grad = grad / factor.view(-1, *([1] * (grad.dim() - 1)))
+    per_image = (-1,) + (1,) * (grad.dim() - 1)  # (B,) -> (B, 1, ...): broadcast over each image
+    grad = grad / factor.view(per_image)
     usable = torch.isfinite(grad).flatten(1).all(1)  # (B,)
     grown = streak + 1 >= GRAD_SCALE_GROWTH_STEPS
     factor.copy_(torch.where(usable, torch.where(grown, factor * 2, factor), factor / GRAD_SCALE_BACKOFF)
                  .clamp(GRAD_SCALE_MIN, GRAD_SCALE_MAX))
     streak.copy_(torch.where(usable & ~grown, streak + 1, torch.zeros_like(streak)))
     skipped.add_((~usable).float())
-    grad = torch.where(usable.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+    grad = torch.where(usable.view(per_image), grad, torch.zeros_like(grad))
     return loss, grad, usable
 
 
@@ -453,7 +455,7 @@ class _Program:
     counter: Tensor  # () int64: steps done, on the device
     last: Tensor  # (B,) int64: each row's last step
     loss_buf: Tensor  # (B,) each row's loss at the latest step
-    scale: Tensor  # (2, B) float16 steps' gradient scales (scale_state)
+    scale: Tensor  # (3, B) float16 steps' loss scaling (scale_state)
     runner: _GraphRunner
     held_bytes: int  # what keeping it is charged (its admission estimate)
 

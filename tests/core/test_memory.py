@@ -9,13 +9,15 @@ import torch
 import nst.pipeline as pipeline_mod
 from nst import Limits, RequestError, parse_request, run
 from nst.config import Params
-from nst.memory import estimate_bytes, is_out_of_memory, saved_elements_per_pixel
+from nst.memory import estimate_bytes, float32_copies_per_pixel, is_out_of_memory, saved_bytes_per_pixel, saved_elements_per_pixel
 from nst.optimize import stylize
 
 
-def test_saved_tensor_count_matches_what_autograd_saves(vgg):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_saved_tensor_count_matches_what_autograd_saves(vgg, dtype):
     """Count, with autograd's own saved-tensor hooks, the distinct storage one
-    float32 step of the real objective keeps for backward."""
+    step of the real objective keeps for backward: float32, and float16 (a
+    GPU's steps: half-size activations, plus the losses' float32 copies)."""
     from nst.losses import make_objective
 
     h, w = 128, 128
@@ -32,10 +34,16 @@ def test_saved_tensor_count_matches_what_autograd_saves(vgg):
 
     x = content.clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        objective(vgg.normalize(x.clamp(0, 1)))
+        objective(vgg.normalize(x.clamp(0, 1)), dtype)
     weights = {p.untyped_storage().data_ptr() for p in vgg.parameters()}
+    weights |= {t.untyped_storage().data_ptr() for pair in vgg.__dict__.get("_cast_cache", {}).values()
+                for wb in pair for t in wb}  # the float16 copies of the weights, cast once and kept
     saved = sum(n for ptr, n in storages.items() if ptr not in weights)
-    assert saved_elements_per_pixel() * h * w * 4 == pytest.approx(saved, rel=0.05)
+    if dtype == torch.float32:
+        expected = saved_elements_per_pixel() * 4
+    else:
+        expected = saved_bytes_per_pixel(2) + float32_copies_per_pixel() * 4
+    assert expected * h * w == pytest.approx(saved, rel=0.05)
 
 
 def test_estimate_grows_with_pixels_and_history():
