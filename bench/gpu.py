@@ -325,6 +325,8 @@ def main(argv=None) -> int:
         r["keeping"] = {"steps": steps, "kept_s": kept, "built_s": built}
 
     def bf16_experiment() -> None:
+        if "recipe" not in r:
+            raise RuntimeError("needs the core section's recipe run (its loss is the yardstick)")
         # Experiment, not the default: bf16 VGG passes for every step (the default
         # switches to float32 after LOWP_STEPS, since bf16 gradients stall near the optimum).
         lowp, nst_optimize.LOWP_STEPS = nst_optimize.LOWP_STEPS, 10**9
@@ -562,7 +564,7 @@ def report(r: dict) -> str:
         lines += [r["provenance"], ""]
     if "to_recipe_loss" in r:
         lines += _core_report(r)
-    if "bf16_throughout" in r:
+    if "bf16_throughout" in r and "default_300" in r:
         bf16 = {int(k): v for k, v in r["bf16_throughout"].items()}  # JSON made the keys strings
         lines += [
             "",
