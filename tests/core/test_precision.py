@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nst.optimize as optimize_mod
-from nst.config import LBFGS_HISTORY, LBFGS_MEMORY, Limits, Params
+from nst.config import FAST_ADAM_LR, LBFGS_HISTORY, LBFGS_MEMORY, Limits, Params
 from nst.request import build_params
 from nst.lbfgs import history_pairs
 from nst.optimize import compute_dtype, gradient, scale_state, step_dtype, step_dtypes, stylize
@@ -174,3 +174,17 @@ def test_loss_scaling_inside_cuda_graphs_survives_an_overflow(vgg_state, monkeyp
           f"{result.skipped_steps} steps skipped")
     assert 1 <= result.skipped_steps <= 10 and exact.skipped_steps == 0
     assert result.loss < 1.5 * exact.loss
+
+
+def test_adam_with_float16_steps_coasts_over_an_overflow(vgg, monkeypatch):
+    """optimizer=adam gets the same loss scaling: the overflowing steps are
+    skipped (zero gradient: Adam moves on its moments) and reported, and the
+    image still improves instead of turning to NaN."""
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float16)
+    gen = torch.Generator().manual_seed(7)
+    content, style = torch.rand(1, 3, 32, 32, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=12, optimizer="adam",
+                                                                lr=FAST_ADAM_LR, style_weight=1e12))
+    assert 1 <= result.skipped_steps <= 10
+    assert torch.isfinite(result.image).all()
+    assert result.loss < 0.9 * result.history[0].loss
