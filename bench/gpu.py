@@ -312,6 +312,20 @@ def main(argv=None) -> int:
             r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
         finally:
             nst_lbfgs.LBFGS_HISTORY = history
+        # preset=seed with its Adam steps in a CUDA graph (nst.config.ADAM_CUDA_GRAPHS,
+        # off): per step, and its 300-step image against the eager one's
+        seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}
+        seed_a, seed_b = (20, 60) if args.quick else (100, 300)
+        nst_optimize.ADAM_CUDA_GRAPHS = True
+        try:
+            r["seed_graphs_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
+            r["seed_steps"] = seed_b
+            r["seed_graphs_loss"] = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
+        finally:
+            nst_optimize.ADAM_CUDA_GRAPHS = False
+        r["seed_eager_loss"] = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
+        if "recipe" in r:
+            r["seed_graphs_vs_recipe"] = r["seed_graphs_ms_per_step"] / r["recipe"]["ms_per_step"]
         # A short request (as many steps as reaching the recipe's loss took)
         # in a kept optimization against one that builds and captures its own.
         steps = r.get("to_recipe_loss", {}).get("steps") or 20
@@ -484,6 +498,11 @@ def _core_report(r: dict) -> list[str]:
         (f"first request of a warmed shape (100 steps{'' if r.get('keep_programs') else ': graph capture'})",
          f"{r['first_request_s']:.2f} s", "-"),
     ]
+    if "seed_graphs_vs_recipe" in r:
+        rows.append((f"preset=seed with its Adam steps in a CUDA graph (experiment, off), against the recipe; "
+                     f"loss after {r.get('seed_steps', 300)} steps against eager",
+                     f"{r['seed_graphs_vs_recipe']:.2f}x ({r['seed_graphs_ms_per_step']:.2f} ms); "
+                     f"{r['seed_graphs_loss']:.4g} against {r['seed_eager_loss']:.4g}", "<= 1.0x"))
     if "keeping" in r:
         k = r["keeping"]
         rows.append((f"a {k['steps']}-step request at {r['size']}: in a kept optimization, against one built "

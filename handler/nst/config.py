@@ -220,6 +220,11 @@ LBFGS_MAX_MOVE = 0.35
 # per image shape and dtype, after a few eager steps, and replayed: a step is
 # hundreds of small kernels, which otherwise leave the GPU waiting on launches.
 CUDA_GRAPHS = True
+# Experiment, off until measured on a GPU: Adam's steps (preset=seed, and
+# optimizer=adam) captured in a CUDA graph as L-BFGS's are, with Adam's
+# capturable state. Eager, preset=seed took 0.85x and 1.01x the recipe's time
+# per step on two H100 machines (target 1.0x); bench/gpu.py measures both ways.
+ADAM_CUDA_GRAPHS = False
 # On a GPU, the fast preset's loss (VGG pass, Grams, losses) and its backward
 # go through torch.compile: fused kernels instead of one per elementwise op.
 # Compiling takes seconds per image shape and dtype, so requests never compile

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import lbfgs, memory
-from .config import (BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
+from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
                      KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE,
                      GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN,
                      LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
@@ -763,15 +763,23 @@ def stylize(
     def due(step: int) -> bool:
         return step % progress_every == 0 or step == params.steps
 
-    opt = torch.optim.Adam([var], lr=params.lr)
+    graphs = ADAM_CUDA_GRAPHS and use_cuda_graphs(content.device)
+    opt = torch.optim.Adam([var], lr=params.lr, capturable=graphs)  # capturable: its step count on the device
     scale = scale_state(1, content.device)
+    loss_buf = torch.zeros(1, device=content.device)
+
+    def one_step(dtype: torch.dtype) -> None:
+        # a float16 gradient that overflowed is zeroed: Adam coasts on its moments for that step
+        loss, var.grad, _ = gradient(loss_of, objective, var, dtype, scale)
+        opt.step()
+        loss_buf.copy_(loss.detach())
+
+    runner = _GraphRunner(one_step, enabled=graphs)
     with torch.enable_grad():
         for step in range(first_step, params.steps + 1):
-            # a float16 gradient that overflowed is zeroed: Adam coasts on its moments for that step
-            loss, var.grad, _ = gradient(loss_of, objective, var, step_dtype(lowp, step), scale)
-            opt.step()
+            runner.run(step_dtype(lowp, step))
             if due(step):
-                report(step, loss)
+                report(step, loss_buf)
 
     with torch.no_grad():
         delivered = quantize(to_pixels(var.detach()))

@@ -289,6 +289,29 @@ def test_cuda_graph_replays_continue_the_same_optimization(vgg_state, monkeypatc
     assert [p.step for p in graphed.history] == [p.step for p in eager.history]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs")
+def test_seed_preset_adam_in_a_cuda_graph_takes_the_eager_steps(vgg_state, monkeypatch):
+    """nst.config.ADAM_CUDA_GRAPHS (an experiment): the seed preset's Adam
+    steps captured and replayed give the eager steps' losses, step by step,
+    to rounding (capturable Adam keeps its step count on the device)."""
+    import nst.optimize as optimize_mod
+    from nst.request import build_params
+    from nst.config import Limits
+    from nst.vgg import VGGFeatures
+
+    vgg = VGGFeatures(vgg_state).to("cuda")
+    gen = torch.Generator().manual_seed(4)
+    content, style = (torch.rand(1, 3, 48, 64, generator=gen).cuda() for _ in range(2))
+    params = build_params({"preset": "seed", "steps": 30}, Limits())
+    runs = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(optimize_mod, "ADAM_CUDA_GRAPHS", graphs)
+        runs[graphs] = stylize(vgg, content, [style], params, progress_every=1)
+    eager, graphed = ([p.loss for p in runs[g].history] for g in (False, True))
+    assert len(graphed) == 30 and graphed[-1] < graphed[0]
+    assert torch.allclose(torch.tensor(graphed), torch.tensor(eager), rtol=1e-3)
+
+
 def test_pixels_exactly_at_a_bound_keep_their_gradient():
     """torch.clamp passes no gradient at its bounds, so saturated pixels (pure
     primaries in a content, or a pixel the bounded steps put at 0 or 1) froze
