@@ -39,17 +39,20 @@ from nst.vgg import random_features_state  # noqa: E402
 
 
 @contextlib.contextmanager
-def lowp_dtype(name: str | None):
+def lowp_dtype(name: str | None, steps: int | None = None):
     """Run with another low-precision dtype on this device type (None:
-    float32 throughout); kept optimizations are dropped on the way in and
-    out, so each dtype captures its own."""
-    saved = nst_optimize.LOWP_DTYPE
+    float32 throughout) and, if given, another count of bf16 steps
+    (LOWP_STEPS); kept optimizations are dropped on the way in and out, so
+    each setting captures its own."""
+    saved = nst_optimize.LOWP_DTYPE, nst_optimize.LOWP_STEPS
     nst_optimize.LOWP_DTYPE = {} if name is None else {"cuda": name, "cpu": name}
+    if steps is not None:
+        nst_optimize.LOWP_STEPS = steps
     nst_optimize.drop_programs()
     try:
         yield
     finally:
-        nst_optimize.LOWP_DTYPE = saved
+        nst_optimize.LOWP_DTYPE, nst_optimize.LOWP_STEPS = saved
         nst_optimize.drop_programs()
 
 
@@ -343,12 +346,8 @@ def main(argv=None) -> int:
             raise RuntimeError("needs the core section's recipe run (its loss is the yardstick)")
         # Experiment, not the default: bf16 VGG passes for every step (the default
         # switches to float32 after LOWP_STEPS, since bf16 gradients stall near the optimum).
-        lowp, nst_optimize.LOWP_STEPS = nst_optimize.LOWP_STEPS, 10**9
-        try:
-            with lowp_dtype("bfloat16"):
-                r["bf16_throughout"] = {n: bench.product(main_size, steps=n) for n in (100, 300)}
-        finally:
-            nst_optimize.LOWP_STEPS = lowp
+        with lowp_dtype("bfloat16", steps=10**9):
+            r["bf16_throughout"] = {n: bench.product(main_size, steps=n) for n in (100, 300)}
         for v in r["bf16_throughout"].values():
             v["loss_ratio"] = v["loss"] / r["recipe"]["loss"]
         r["default_300"] = bench.product(main_size, steps=300)
@@ -364,21 +363,10 @@ def main(argv=None) -> int:
         # uncompiled, as a request of a shape not warmed does), then speed at
         # the main size, compiled for float16 by its own warm-up.
         targets = json.loads((ROOT / "bench" / "corpus" / "recipe_targets.json").read_text())["targets"]
-        # "default": the default before float16 (bf16 for LOWP_STEPS, then float32)
-        variants = {"default": (nst_optimize.LOWP_STEPS, torch.bfloat16), "bf16": (10**9, torch.bfloat16),
-                    "fp16": (10**9, torch.float16)}
+        # lowp_dtype's arguments; "default": the default before float16 (bf16
+        # for LOWP_STEPS, then float32)
+        variants = {"default": ("bfloat16", None), "bf16": ("bfloat16", 10**9), "fp16": ("float16", None)}
         counts = (20, 40) if args.quick else (100, 300)
-        chosen = nst_optimize.compute_dtype
-
-        def with_variant(name: str, fn):
-            lowp, dtype = variants[name]
-            saved = nst_optimize.LOWP_STEPS
-            nst_optimize.LOWP_STEPS = lowp
-            nst_optimize.compute_dtype = lambda device, params: dtype
-            try:
-                return fn()
-            finally:
-                nst_optimize.LOWP_STEPS, nst_optimize.compute_dtype = saved, chosen
 
         rows = r["fp16_corpus"] = []
         for pair in corpus.load_pairs(["photo_painting", "dark_style"] if args.quick else None):
@@ -386,26 +374,24 @@ def main(argv=None) -> int:
                               for b in (pair.content_png, pair.style_png))
             row = {"name": pair.name, "size": f"{pair.size[0]}x{pair.size[1]}",
                    "recipe_loss_cpu": targets.get(f"{pair.name}@{pair.size[0]}x{pair.size[1]}", {}).get("loss_png")}
-            for name in variants:
-                for n in counts:
-                    out = with_variant(name, lambda: stylize(bench.vgg, content, [style],
-                                                             dataclasses.replace(Params(), steps=n), progress_every=n))
-                    row[f"{name}_{n}"] = bench.score(out.image, content, style)
+            for name, variant in variants.items():
+                with lowp_dtype(*variant):
+                    for n in counts:
+                        out = stylize(bench.vgg, content, [style], dataclasses.replace(Params(), steps=n),
+                                      progress_every=n)
+                        row[f"{name}_{n}"] = bench.score(out.image, content, style)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        nst_optimize.drop_programs()
         speed = r["fp16_speed"] = {"size": r["size"]}
-        # compiles float16 at the main size; LOWP_STEPS as shipped, since the
-        # warm-up of a kept optimization runs through its float16 steps
-        variants["fp16_then_fp32"] = (nst_optimize.LOWP_STEPS, torch.float16)
-        speed["warm_up_s"] = with_variant("fp16_then_fp32", lambda: nst_optimize.warm_up(bench.vgg, [main_size]))
+        with lowp_dtype(*variants["fp16"]):  # compiles float16 at the main size
+            speed["warm_up_s"] = nst_optimize.warm_up(bench.vgg, [main_size])
         for name in ("fp16", "bf16", "default"):
-            runs = {n: with_variant(name, lambda: min((bench.product(main_size, steps=n) for _ in range(2)),
-                                                      key=lambda x: x["seconds"])) for n in counts}
+            with lowp_dtype(*variants[name]):
+                runs = {n: min((bench.product(main_size, steps=n) for _ in range(2)), key=lambda x: x["seconds"])
+                        for n in counts}
             speed[name] = {str(n): v for n, v in runs.items()}
             speed[name]["ms_per_step"] = ((runs[counts[1]]["seconds"] - runs[counts[0]]["seconds"])
                                           / (counts[1] - counts[0]) * 1e3)
-        nst_optimize.drop_programs()
 
     def coarse() -> None:
         r["coarse_to_fine"] = [bench.coarse_to_fine(s, steps=20 if args.quick else 100, threshold=max(s)) for s in

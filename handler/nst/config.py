@@ -185,9 +185,10 @@ LOWP_STEPS = 60  # bf16 steps before float32; 0 = no bf16 step
 # precision. The backoff is steep (GradScaler halves): a gradient 2^20 past
 # the range costs 5 skipped steps, not 20, and a scale up to 16x too small
 # only loses the lowest 4 of float16's 40 binary orders of magnitude. At the
-# recipe's weights with the offline random VGG the gradients never overflow
-# at scale 1; at style_weight 1e12 (or with weights whose features run
-# larger) an unscaled float16 step overflows at once and the image is lost.
+# recipe's weights with the offline random VGG no step overflowed at scale 1
+# (four corpus pairs, float16 forced on the CPU, 60 steps); at style_weight
+# 1e12 (or with weights whose features run larger) an unscaled float16 step
+# overflows at once and the image is lost.
 GRAD_SCALE_INIT = 1.0
 GRAD_SCALE_BACKOFF = 16.0
 GRAD_SCALE_GROWTH_STEPS = 50
@@ -254,12 +255,13 @@ KEEP_PROGRAMS: Mapping[str, int] = {"cuda": 4}
 # refused; PyTorch's caching allocator keeps as much reserved after any
 # request anyway.
 KEEP_PROGRAMS_MEMORY = 0.25
-# Only optimizations of at most this many pixels per image are kept. A kept
-# one's graphs share a pool, so while its first request runs and captures its
-# float32 steps, its bf16 steps' pool stays held beside them (one not kept
-# frees it first): admission adds that pool (nst.memory.shared_pool_bytes) to
-# such a request. The capture is a large part of a short request on a small
-# image, where keeping gains most and that pool is small.
+# Only optimizations of at most this many pixels per image are kept. Where
+# its steps use two dtypes (LOWP_DTYPE bfloat16 on a GPU; the shipped float16
+# uses one), a kept one's graphs share a pool, so while its first request
+# runs and captures its float32 steps, its bf16 steps' pool stays held beside
+# them (one not kept frees it first): admission adds that pool
+# (nst.memory.shared_pool_bytes) to such a request. The capture is a large
+# part of a short request on a small image, where keeping gains most.
 KEEP_PROGRAMS_MAX_PIXELS = 1024 * 1024
 # Coarse-to-fine for large outputs: at or above this longest side (px) the
 # fast preset first optimizes at half the size for COARSE_FRACTION of its

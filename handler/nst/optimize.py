@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import lbfgs, memory
-from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE, COMPILE_DYNAMIC, CUDA_GRAPHS,
-                     KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LBFGS_MAX_MOVE,
-                     GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN,
-                     LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
+from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE,
+                     COMPILE_DYNAMIC, CUDA_GRAPHS, GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT,
+                     GRAD_SCALE_MAX, GRAD_SCALE_MIN, KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY,
+                     LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -180,11 +180,12 @@ def reset_scale(state: Tensor) -> None:
 def _skipped(scale: Tensor, steps: int) -> list[int]:
     """Each image's skipped float16 steps, read once the steps are done (and
     logged: they are steps the client asked for that left its image as it was)."""
-    counts = [int(c) for c in scale[2].tolist()]
+    factors, _, skipped = scale.tolist()  # the one read of the scales
+    counts = [int(c) for c in skipped]
     for b, c in enumerate(counts):
         if c:
             log.warning("image %d: %d of %d float16 steps skipped (gradient overflow; loss scaling shrank the "
-                        "scale to %.3g)", b, c, steps, scale[0, b].item())
+                        "scale to %.3g)", b, c, steps, factors[b])
     return counts
 
 
