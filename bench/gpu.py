@@ -204,7 +204,7 @@ class Bench:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         w, h = size
-        est = estimate_bytes(h, w, w * h, params, self.device.type)
+        est = estimate_bytes(h, w, w * h, params, self.device.type, nst_optimize.step_dtypes(self.device, params))
         return {"size": f"{w}x{h}", "peak_bytes": peak, "estimate_bytes": est, "ratio": est / peak}
 
 

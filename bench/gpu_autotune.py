@@ -32,7 +32,7 @@ def peak(vgg, size, steps=70) -> dict:
     run(vgg, size, steps)
     p = torch.cuda.max_memory_allocated() - base
     w, h = size
-    est = estimate_bytes(h, w, w * h, Params(), "cuda")
+    est = estimate_bytes(h, w, w * h, Params(), "cuda", o.step_dtypes(torch.device("cuda"), Params()))
     return {"size": f"{w}x{h}", "peak_gib": p / 2**30, "estimate_gib": est / 2**30, "ratio": est / p}
 
 

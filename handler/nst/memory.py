@@ -12,16 +12,17 @@ above the measured peak, never below it).
 from __future__ import annotations
 
 import gc
+from typing import Sequence
 
 import psutil
 import torch
 
-from .config import LOWP_DTYPE, Params
+from .config import Params
 from .lbfgs import history_pairs, pair_bytes
 from .vgg import CONVS
 
 FLOAT = 4  # bytes; the float32 steps are the largest
-HALF = 2  # bytes of a saved activation where every step is float16 (LOWP_DTYPE)
+HALF = 2  # bytes of a saved activation where every step runs VGG in a 2-byte dtype (float16 on a GPU)
 SAFETY = 1.1  # allocator rounding and block splitting; cuDNN's choice of kernels
 BASE = 64 * 1024 * 1024  # per request: targets, Grams, buffers
 # On a GPU, measured with torch.cuda.max_memory_allocated on an H200 (torch
@@ -72,9 +73,12 @@ def transient_elements_per_pixel(device_type: str = "cpu") -> float:
     return GPU_TRANSIENT_PER_PIXEL if device_type == "cuda" else 2 * 64.0
 
 
-def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, device_type: str = "cpu") -> int:
+def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, device_type: str = "cpu",
+                   step_dtypes: Sequence[torch.dtype] = (torch.float32,)) -> int:
     """Peak bytes of one request at height x width with styles of `style_pixels`
-    in total, on a `device_type` ("cpu" or "cuda") worker."""
+    in total, on a `device_type` ("cpu" or "cuda") worker whose steps run VGG
+    in `step_dtypes` (nst.optimize.step_dtypes decides; the float32 default
+    is the largest)."""
     pixels = height * width
     # Where every step is float16 the saved activations and the transients
     # are half the size, but the losses' float32 copies of the features are
@@ -82,7 +86,7 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     # steps' peaks grew by about 1880 bytes per pixel from 1024x768 to
     # 2048x1536 beyond the L-BFGS history: 1456 of them saved (this count),
     # about 420 (210 half-size values) transient.
-    if float16_steps(params, device_type):
+    if all(dtype.itemsize == 2 for dtype in step_dtypes):
         element = HALF
         saved = saved_bytes_per_pixel(HALF) + float32_copies_per_pixel() * FLOAT
     else:
@@ -94,11 +98,6 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
         history = history_pairs(pixels) * pair_bytes(pixels)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
     return int(SAFETY * max(step + history, styles) + (GPU_BASE if device_type == "cuda" else BASE))
-
-
-def float16_steps(params: Params, device_type: str) -> bool:
-    """Whether every step of this request runs VGG in float16 (nst.optimize.step_dtypes)."""
-    return LOWP_DTYPE.get(device_type) == "float16" and not params.normalized_space
 
 
 def shared_pool_bytes(height: int, width: int) -> int:

@@ -574,7 +574,8 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
         counter.add_(1)
 
     keep = keeps(device, x.shape)
-    charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type) if keep else 0
+    charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type,
+                                       step_dtypes(device, p0)) if keep else 0
     return _Program(key, x, objective, states, counter, last, loss_buf, scale,
                     _GraphRunner(one_step, enabled=use_cuda_graphs(device), keep=keep), charge)
 

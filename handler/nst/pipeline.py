@@ -64,7 +64,8 @@ def admit(content: Image.Image, styles: list[Image.Image], params, limits: Limit
     again. Returns the estimate, in bytes."""
     device = vgg.mean.device
     w, h = content.size
-    need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type)
+    need = memory.estimate_bytes(h, w, sum(s.size[0] * s.size[1] for s in styles), params, device.type,
+                                 optimize.step_dtypes(device, params))
     need += optimize.build_bytes(vgg, (1, 3, h, w), params)
     budget = budget_bytes(limits, device, own_key=optimize.program_key(vgg, (1, 3, h, w), params))
     if need > budget and optimize.held_bytes():

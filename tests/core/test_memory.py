@@ -9,6 +9,7 @@ import torch
 import nst.pipeline as pipeline_mod
 from nst import Limits, RequestError, parse_request, run
 from nst.config import Params
+from nst.lbfgs import history_pairs, pair_bytes
 from nst.memory import estimate_bytes, float32_copies_per_pixel, is_out_of_memory, saved_bytes_per_pixel, saved_elements_per_pixel
 from nst.optimize import stylize
 
@@ -54,6 +55,32 @@ def test_estimate_grows_with_pixels_and_history():
     assert adam < big  # no L-BFGS history
 
 
+def test_estimate_counts_half_size_activations_only_where_every_step_is_half():
+    """A bf16-then-float32 request peaks in its float32 steps; one whose every
+    step is float16 saves half-size activations plus the losses' float32 copies."""
+    p = Params()
+    fp32 = estimate_bytes(512, 512, 512 * 512, p, "cuda")
+    assert estimate_bytes(512, 512, 512 * 512, p, "cuda", (torch.bfloat16, torch.float32)) == fp32
+    fp16 = estimate_bytes(512, 512, 512 * 512, p, "cuda", (torch.float16,))
+    history = history_pairs(512 * 512) * pair_bytes(512 * 512)
+    saved = (saved_bytes_per_pixel(2) + float32_copies_per_pixel() * 4) * 512 * 512
+    assert history + saved < fp16 < fp32
+
+
+@pytest.mark.parametrize("lowp", ["bfloat16", "float16"])
+def test_admission_estimates_with_the_steps_dtypes(vgg, images, monkeypatch, lowp):
+    """Admission asks the optimizer which dtypes the request's steps run in:
+    float16 on every step (a GPU's default, forced here on the CPU) is
+    admitted at the half-size estimate, bf16 then float32 at the float32 one."""
+    import nst.optimize as optimize_mod
+
+    monkeypatch.setattr(optimize_mod, "LOWP_DTYPE", {"cpu": lowp})
+    content, style = images.content(64, 48), images.style(32, 32)
+    need = pipeline_mod.admit(content, [style], Params(), Limits(memory_budget_mb=4096), vgg)
+    dtypes = (torch.float16,) if lowp == "float16" else (torch.float32,)
+    assert need == estimate_bytes(48, 64, 32 * 32, Params(), "cpu", dtypes)
+
+
 def test_over_budget_is_refused_before_optimizing(vgg, images, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline_mod, "stylize", lambda *a, **k: calls.append(1))
@@ -76,7 +103,7 @@ def test_within_budget_runs(vgg, images):
 def test_estimate_bounds_the_measured_gpu_peak(vgg_state, size):
     """Never below the measured peak (admission control would let an OOM in),
     at most 1.3x above it (it would refuse requests that fit)."""
-    from nst.optimize import LOWP_STEPS
+    from nst.optimize import LOWP_STEPS, step_dtypes
 
     from nst.vgg import VGGFeatures
 
@@ -91,7 +118,7 @@ def test_estimate_bounds_the_measured_gpu_peak(vgg_state, size):
     before = torch.cuda.memory_allocated()
     stylize(model, content, [style], dataclasses.replace(Params(), steps=LOWP_STEPS + 5))
     peak = torch.cuda.max_memory_allocated() - before
-    estimate = estimate_bytes(h, w, w * h, Params(), "cuda")
+    estimate = estimate_bytes(h, w, w * h, Params(), "cuda", step_dtypes(device, Params()))
     print(f"{w}x{h}: peak {peak / 2**30:.3f} GiB, estimate {estimate / 2**30:.3f} GiB, ratio {estimate / peak:.3f}")
     assert peak <= estimate <= 1.3 * peak
 
