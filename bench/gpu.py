@@ -74,6 +74,40 @@ def load_pair(size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
     return content, style
 
 
+# Where a step's GPU time goes, by kernel name as the profiler reports it
+# (cuDNN's implicit-GEMM convolutions name their direction: fprop, dgrad,
+# wgrad; cuBLAS/CUTLASS name GEMMs and GEMVs; torch.compile's fused kernels
+# are Triton's). The first group whose any word is in the name wins.
+KERNEL_GROUPS = (
+    ("conv backward (dgrad)", ("dgrad", "convolution_backward", "conv2d_grad")),
+    ("conv backward (wgrad)", ("wgrad",)),
+    ("conv forward", ("fprop", "conv", "winograd", "implicit_gemm", "cudnn", "nchwtonhwc", "nhwctonchw")),
+    ("matmul (Grams, L-BFGS history)", ("gemm", "gemv", "cublas", "cutlass", "bmm", "mm", "dot")),
+    ("pooling", ("pool",)),
+    ("fused (torch.compile)", ("triton",)),
+    ("reductions", ("reduce", "sum", "amax")),
+    ("elementwise", ("elementwise", "vectorized", "copy", "fill", "where", "clamp")),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, words in KERNEL_GROUPS if any(w in low for w in words)), "other")
+
+
+def group_kernels(rows: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
+    """(kernel name, total ms, calls) over `steps` steps -> ms per step in
+    all, per group (largest first) and for the `top` kernels."""
+    groups: dict[str, float] = {}
+    for name, ms, _ in rows:
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms / steps
+    ranked = sorted(rows, key=lambda r: -r[1])[:top]
+    return {"ms_per_step": sum(r[1] for r in rows) / steps,
+            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:120], "ms_per_step": ms / steps, "calls_per_step": c / steps}
+                    for n, ms, c in ranked]}
+
+
 class Bench:
     def __init__(self, state: dict, device: torch.device):
         self.device = device
@@ -341,6 +375,49 @@ def main(argv=None) -> int:
             nst_optimize.KEEP_PROGRAMS = keep
         r["keeping"] = {"steps": steps, "kept_s": kept, "built_s": built}
 
+    def profile() -> None:
+        """Where the default step's time goes at 512x512 (the 2.0 ms target):
+        device time per kernel over 10 steps run without the CUDA graph (a
+        replay runs the same kernels, which the profiler cannot tell apart
+        inside a graph), for the whole step and for the objective's forward
+        and backward alone; the difference is the optimizer's own work."""
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+        steps = 10
+
+        def kernels(fn) -> list[tuple[str, float, float]]:
+            fn()  # outside the profile: the first call's set-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with torch_profile(activities=[activity]) as prof:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            return [(e.key, getattr(e, attr) / 1e3, e.count) for e in prof.key_averages() if getattr(e, attr) > 0]
+
+        nst_optimize.warm_up(bench.vgg, [square])  # compiled as a worker compiles it (cached after core)
+        content, style = bench.tensors(square)
+        params = dataclasses.replace(Params(), steps=steps)
+        graphs, nst_optimize.CUDA_GRAPHS = nst_optimize.CUDA_GRAPHS, False
+        try:
+            step = kernels(lambda: stylize(bench.vgg, content, [style], params, progress_every=steps))
+        finally:
+            nst_optimize.CUDA_GRAPHS = graphs
+        dtype = nst_optimize.step_dtypes(device, params)[0]  # the first steps' (every step's on a GPU)
+        objective = nst_optimize.request_objective(bench.vgg, content, [style], params)
+        loss_of = nst_optimize.loss_function(False, device)
+
+        def objective_steps() -> None:
+            for _ in range(steps):
+                x = content.clone().requires_grad_(True)
+                torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
+
+        alone = kernels(objective_steps)
+        r["profile"] = {"size": f"{square[0]}x{square[1]}", "dtype": str(dtype).removeprefix("torch."),
+                        "timer": "device" if device.type == "cuda" else "cpu (smoke run)",
+                        "step": group_kernels(step, steps), "objective": group_kernels(alone, steps)}
+
     def bf16_experiment() -> None:
         if "recipe" not in r:
             raise RuntimeError("needs the core section's recipe run (its loss is the yardstick)")
@@ -432,13 +509,13 @@ def main(argv=None) -> int:
 
     if args.quick:
         plan = [("core", core), ("batching_64", batched(64)), ("coarse_to_fine", coarse), ("memory", memory),
-                ("engine_ablation", engine_ablation), ("bf16_experiment", bf16_experiment),
+                ("engine_ablation", engine_ablation), ("profile", profile), ("bf16_experiment", bf16_experiment),
                 ("fp16_experiment", fp16_experiment)]
     else:
         # Most wanted first: a short lent session may not reach the end. Coarse-to-fine
         # and batching at 128/512 px were measured on an H100 and decided (off):
         # --all runs them again.
-        plan = [("core", core), ("memory", memory), ("engine_ablation", engine_ablation),
+        plan = [("core", core), ("profile", profile), ("memory", memory), ("engine_ablation", engine_ablation),
                 ("bf16_experiment", bf16_experiment), ("batching_256", batched(256))]
         if args.all:  # float16 was measured on an H100 and decided (the GPU's default)
             plan += [("coarse_to_fine", coarse), ("batching_512", batched(512)), ("batching_128", batched(128)),
@@ -563,6 +640,19 @@ def fp16_report(r: dict) -> list[str]:
     return lines
 
 
+def profile_report(p: dict) -> list[str]:
+    step, alone = p["step"], p["objective"]
+    groups = list(dict.fromkeys([*step["groups"], *alone["groups"]]))
+    lines = [f"Where the default step's time goes at {p['size']} ({p['dtype']} VGG passes), {p['timer']} time per "
+             "step by kernel group, 10 steps without the CUDA graph (bench/gpu.py profile):", "",
+             "| kernels | whole step, ms | the objective's forward + backward alone, ms |", "|---|---|---|"]
+    lines += [f"| {g} | {step['groups'].get(g, 0.0):.3f} | {alone['groups'].get(g, 0.0):.3f} |" for g in groups]
+    lines += [f"| all | {step['ms_per_step']:.3f} | {alone['ms_per_step']:.3f} |", "",
+              "| the step's largest kernels | ms per step | calls per step |", "|---|---|---|"]
+    lines += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.3f} | {k['calls_per_step']:.1f} |" for k in step["top"]]
+    return lines
+
+
 def report(r: dict) -> str:
     lines = [f"## GPU: {r['card']} (torch {r['torch']}, {r['weights']} weights)", ""]
     if r.get("provenance"):
@@ -585,6 +675,8 @@ def report(r: dict) -> str:
         ]
     if r.get("fp16_corpus"):
         lines += [""] + fp16_report(r)
+    if r.get("profile"):
+        lines += [""] + profile_report(r["profile"])
     if r.get("memory"):
         lines += [
             "",
