@@ -349,6 +349,21 @@ def main(argv=None) -> int:
             r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
         finally:
             nst_lbfgs.LBFGS_HISTORY = history
+        # The L-BFGS update compiled as well (nst.config.LBFGS_COMPILE, off): the
+        # step per step, and the 100-step image at main_size against the default's.
+        nst_optimize.LBFGS_COMPILE = True
+        nst_optimize.drop_programs()
+        try:
+            t0 = time.monotonic()
+            nst_optimize.warm_up(bench.vgg, [main_size, square])
+            r["compiled_update_warm_up_s"] = time.monotonic() - t0
+            r["square_ms_per_step_default_compiled_update"] = bench.per_step(square, 40, 40 + span)
+            r["compiled_update_100"] = bench.product(main_size, steps=100)
+        finally:
+            nst_optimize.LBFGS_COMPILE = False
+            nst_optimize.drop_programs()
+        if "default" in r:
+            r["compiled_update_100"]["loss_vs_default"] = r["compiled_update_100"]["loss"] / r["default"]["loss"]
         # preset=seed with its Adam steps in a CUDA graph (nst.config.ADAM_CUDA_GRAPHS,
         # off): per step, and its 300-step image against the eager one's
         seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}
@@ -561,6 +576,12 @@ def _core_report(r: dict) -> list[str]:
         (f"first request of a warmed shape (100 steps{'' if r.get('keep_programs') else ': graph capture'})",
          f"{r['first_request_s']:.2f} s", "-"),
     ]
+    if f"square_ms_per_step_{kind}_compiled_update" in r:
+        c = r["compiled_update_100"]
+        rows.append(("the same default step with the L-BFGS update compiled too (experiment, off); 100 steps at "
+                     f"{r['size']}: s, loss" + (" against the default's" if "loss_vs_default" in c else ""),
+                     f"{r[f'square_ms_per_step_{kind}_compiled_update']:.2f} ms; {c['seconds']:.3f} s, "
+                     f"{c['loss']:.4g}" + (f" ({c['loss_vs_default']:.3f}x)" if "loss_vs_default" in c else ""), "-"))
     if "seed_graphs_vs_recipe" in r:
         rows.append((f"preset=seed with its Adam steps in a CUDA graph (experiment, off), against the recipe; "
                      f"loss after {r.get('seed_steps', 300)} steps against eager",

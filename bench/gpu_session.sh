@@ -20,7 +20,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       -k "gpu or cuda or sync or graph or estimate_bounds or warmed or compile" \
       tests/core/test_lbfgs.py tests/core/test_memory.py tests/core/test_compile.py tests/core/test_batch.py \
       tests/core/test_kept_programs.py tests/core/test_precision.py 2>&1 \
-      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|float16 at|FAILED|Error" | tail -40
+      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|update vs|float16 at|FAILED|Error" | tail -40
 fi
 left=$(( SESSION_S - ($(date +%s) - began) ))
 # stop starting sections with ~100 s to spare: the longest one takes about that

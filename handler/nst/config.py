@@ -232,6 +232,15 @@ ADAM_CUDA_GRAPHS = False
 # (a shape not compiled yet runs uncompiled, still in a CUDA graph): shapes are
 # compiled by `nst.optimize.warm_up`, which the handler runs at worker start.
 COMPILE = True
+# Experiment, off until measured on a GPU: the L-BFGS update that follows
+# each backward pass (unscaling a float16 gradient, the history update, the
+# direction, the bounded step; about a hundred elementwise and small kernels
+# on the image-sized vectors) compiled by torch.compile as the loss is, under
+# the same policy: only `warm_up` compiles, a request runs compiled code where
+# its guards match and eager code otherwise. bench/gpu.py's profile section
+# measures the optimizer's share of a step; its engine_ablation the step with
+# this on.
+LBFGS_COMPILE = False
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
 # Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
 # faster, but the first request of every new shape waits about 8 s while it

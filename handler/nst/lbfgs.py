@@ -25,7 +25,7 @@ in a CUDA graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -63,6 +63,12 @@ class State:
     x_prev: Tensor  # (B, n)
     g_prev: Tensor  # (B, n)
     started: Tensor  # (B,) bool: x_prev / g_prev hold a previous iterate
+
+
+def tensors(state: State) -> tuple[Tensor, ...]:
+    """The state's tensors in field order: `State(*tensors(state))` is the same
+    state (the same tensors, not copies)."""
+    return tuple(getattr(state, f.name) for f in fields(State))
 
 
 def init_state(batch: int, n: int, history: int, device: torch.device) -> State:

@@ -18,7 +18,8 @@ from . import lbfgs, memory
 from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE,
                      COMPILE_DYNAMIC, CUDA_GRAPHS, GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT,
                      GRAD_SCALE_MAX, GRAD_SCALE_MIN, KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY,
-                     LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
+                     LBFGS_COMPILE, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS,
+                     Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -144,13 +145,31 @@ def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dt
     is then zeroed: not to be used, and counted as skipped), doubled after
     GRAD_SCALE_GROWTH_STEPS usable ones in a row. Other dtypes' gradients
     are plain."""
+    loss, grad = scaled_gradient(loss_of, objective, x, dtype, scale)
+    if dtype != torch.float16:
+        return loss, grad, None
+    grad, usable = unscale(grad, scale)
+    return loss, grad, usable
+
+
+def scaled_gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dtype,
+                    scale: Tensor) -> tuple[Tensor, Tensor]:
+    """`gradient`'s loss (B,) and backward pass: for float16 steps the
+    gradient of the loss times the scale, still to go through `unscale`."""
     xv = x.detach().requires_grad_(True)
     loss = loss_of(objective, xv, dtype)  # (B,)
     if dtype != torch.float16:
         (grad,) = torch.autograd.grad(loss.sum(), xv)  # each image's own gradient: they do not interact
-        return loss, grad, None
+        return loss, grad
+    (grad,) = torch.autograd.grad((loss * scale[0]).sum(), xv)
+    return loss, grad
+
+
+def unscale(grad: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """`gradient`'s second half for float16 steps: the scaled gradient divided
+    by the scale, zeroed where it is not finite, and whether it is usable
+    (B,) bool; the scale state is updated in place."""
     factor, streak, skipped = scale[0], scale[1], scale[2]  # (B,) each
-    (grad,) = torch.autograd.grad((loss * factor).sum(), xv)
     per_image = (-1,) + (1,) * (grad.dim() - 1)  # (B,) -> (B, 1, ...): broadcast over each image
     grad = grad / factor.view(per_image)
     usable = torch.isfinite(grad).flatten(1).all(1)  # (B,)
@@ -160,7 +179,7 @@ def gradient(loss_of: Callable, objective: Objective, x: Tensor, dtype: torch.dt
     streak.copy_(torch.where(usable & ~grown, streak + 1, torch.zeros_like(streak)))
     skipped.add_((~usable).float())
     grad = torch.where(usable.view(per_image), grad, torch.zeros_like(grad))
-    return loss, grad, usable
+    return grad, usable
 
 
 def scale_state(batch: int, device: torch.device) -> Tensor:
@@ -227,6 +246,12 @@ def loss_function(normalized_space: bool, device: torch.device, compile_new: boo
     fn = input_loss if normalized_space else pixels_loss
     if not use_compile(device):
         return fn
+    return _compiled(fn, compile_new)
+
+
+def _compiled(fn: Callable, compile_new: bool) -> Callable:
+    """`fn` through torch.compile, one compiled function per process; see
+    `loss_function` for `compile_new`."""
     compiled = _COMPILED.get(fn)
     if compiled is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -234,12 +259,12 @@ def loss_function(normalized_space: bool, device: torch.device, compile_new: boo
     if compile_new:
         return compiled
 
-    def run_only(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def run_only(*args, **kwargs):
         # "eager_on_recompile" only runs compiled code whose guards match
         # (same shape, dtype and structure) and never compiles: anything else
         # runs uncompiled.
         with torch.compiler.set_stance("eager_on_recompile"):
-            return compiled(objective, x, dtype)
+            return compiled(*args, **kwargs)
 
     return run_only
 
@@ -255,6 +280,7 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     Where optimizations are kept (KEEP_PROGRAMS), each size's one-image
     optimization is then run once through both dtypes' steps, so its CUDA
     graphs are captured and kept for the first request.
+    With LBFGS_COMPILE, each size's L-BFGS update is compiled too.
     For a worker's start, inside TorchServe's startupTimeout. Returns seconds
     per size; nothing is done where neither compiling nor keeping is on."""
     params = params or Params()
@@ -281,6 +307,15 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
                     _mark_batch_dynamic(objective, x)
                 with torch.enable_grad():
                     torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
+        if compiling and LBFGS_COMPILE and params.optimizer == "lbfgs":
+            # The L-BFGS update, compiled through one eager step per dtype of
+            # a program built for it and then dropped (its key says compile_new).
+            content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
+            program = _program(vgg, request_objective(vgg, content, [style], params), content, params, True)
+            with torch.enable_grad():
+                for dtype in step_dtypes(device, params):
+                    program.runner.step_fn(dtype)
+            del program
         if capturing and keeps(device, (h, w)):
             content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
             # through the eager and captured step of each dtype (LOWP_STEPS of bf16 first)
@@ -495,7 +530,8 @@ def program_key(vgg: VGGFeatures, shape: Sequence[int], params: Params, compile_
     device = vgg.mean.device
     one_state = device.type in LBFGS_ONE_STATE_DEVICES
     return (id(vgg), tuple(shape), _structure_of(tuple(shape[-2:]), device, params), one_state, LBFGS_MAX_MOVE,
-            lbfgs.history_pairs(shape[-2] * shape[-1]), use_cuda_graphs(device), use_compile(device), compile_new)
+            lbfgs.history_pairs(shape[-2] * shape[-1]), use_cuda_graphs(device), use_compile(device), compile_new,
+            LBFGS_COMPILE)
 
 
 def held_bytes(except_key: tuple | None = None) -> int:
@@ -559,25 +595,44 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
     lr, max_move = p0.lr, LBFGS_MAX_MOVE
 
     scale = scale_state(B, device)
+    update = _compiled(lbfgs_update, compile_new) if use_compile(device) and LBFGS_COMPILE else lbfgs_update
+    state_tensors = tuple(lbfgs.tensors(state) for state in states)
 
     def one_step(dtype: torch.dtype) -> None:
-        loss, grad, usable = gradient(loss_of, objective, x, dtype, scale)  # (B,), like x, (B,) or None
-        flat, g = x.view(B, n), grad.reshape(B, n)
-        x_next = torch.cat([lbfgs.step(
-            state, flat[rows], g[rows], lr=lr, max_move=max_move,
-            lower=0.0 if bounded else None, upper=1.0 if bounded else None,
-            usable=None if usable is None else usable[rows],
-        ) for rows, state in zip(rows_of, states)])
-        active = (counter < last).view(B, 1)
-        x.copy_(torch.where(active, x_next, flat).view_as(x))
-        loss_buf.copy_(loss.detach())
-        counter.add_(1)
+        loss, grad = scaled_gradient(loss_of, objective, x, dtype, scale)  # (B,), like x
+        update(x, grad, loss.detach(), scale, counter, last, loss_buf, state_tensors, rows_of,
+               half=dtype == torch.float16, lr=lr, max_move=max_move, bounded=bounded)
 
     keep = keeps(device, x.shape)
     charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type,
                                        step_dtypes(device, p0)) if keep else 0
     return _Program(key, x, objective, states, counter, last, loss_buf, scale,
                     _GraphRunner(one_step, enabled=use_cuda_graphs(device), keep=keep), charge)
+
+
+def lbfgs_update(x: Tensor, grad: Tensor, loss: Tensor, scale: Tensor, counter: Tensor, last: Tensor,
+                 loss_buf: Tensor, state_tensors: tuple, rows_of: Sequence[slice], *, half: bool, lr: float,
+                 max_move: float, bounded: bool) -> None:
+    """Everything an L-BFGS step does after its backward pass, in place: the
+    float16 gradient unscaled (`half`), each state's step (`lbfgs.step`) on
+    its rows, the image moved where its row is still running (counter <
+    last), the loss and the step counter recorded. Tensors in, nothing out
+    (the states as `lbfgs.tensors`), so that torch.compile (LBFGS_COMPILE)
+    guards on shapes alone and serves every program of the same shape."""
+    B = x.shape[0]
+    usable = None
+    if half:
+        grad, usable = unscale(grad, scale)
+    flat, g = x.view(B, -1), grad.reshape(B, -1)  # (B, n)
+    x_next = torch.cat([lbfgs.step(
+        lbfgs.State(*tensors), flat[rows], g[rows], lr=lr, max_move=max_move,
+        lower=0.0 if bounded else None, upper=1.0 if bounded else None,
+        usable=None if usable is None else usable[rows],
+    ) for rows, tensors in zip(rows_of, state_tensors)])
+    active = (counter < last).view(B, 1)
+    x.copy_(torch.where(active, x_next, flat).view_as(x))
+    loss_buf.copy_(loss)
+    counter.add_(1)
 
 
 def _objective_tensors(objective: Objective) -> tuple[Tensor, ...]:

@@ -96,6 +96,74 @@ def test_warmed_code_serves_other_images_and_weights_of_the_same_shape(vgg, eage
         call(40, 48, 3)
 
 
+@pytest.mark.parametrize("lowp", ["bfloat16", "float16"])
+def test_compiled_lbfgs_update_is_the_eager_one_and_serves_every_program_of_its_shape(vgg, monkeypatch, lowp,
+                                                                                       fresh_compile):
+    """LBFGS_COMPILE, traced here with AOTAutograd's functionalization (the
+    "aot_eager" backend: the in-place state updates go through the same
+    rewriting as under inductor): the warm-up compiles the update; a request
+    then takes the very same steps as with the eager update and compiles
+    nothing; a new program (new states, new image) of the warmed shape passes
+    the compiled update's guards, another shape does not. float16 steps (the
+    GPU's, forced on the CPU) compile the unscaling with it."""
+    real = torch.compile
+    monkeypatch.setattr(optimize_mod, "use_compile", lambda device: True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(optimize_mod, "LOWP_DTYPE", {"cpu": lowp})
+    monkeypatch.setattr(optimize_mod, "LOWP_STEPS", 3)  # bf16 steps, then float32 ones
+    params = dataclasses.replace(Params(), steps=6)
+    content, style = images(32, 48, 6)
+    eager = stylize(vgg, content, [style], params)
+    monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", True)
+    warm_up(vgg, [(48, 32)])
+    warmed = graphs_compiled()
+    compiled = stylize(vgg, content, [style], params)
+    assert graphs_compiled() == warmed
+    torch.testing.assert_close(compiled.image, eager.image, rtol=0, atol=0)
+    assert compiled.loss == eager.loss
+
+    update = optimize_mod._COMPILED[optimize_mod.lbfgs_update]
+
+    def call(h, w):
+        from nst import lbfgs
+
+        n = 3 * h * w
+        x, grad = torch.rand(1, 3, h, w), torch.randn(1, 3, h, w)
+        state = lbfgs.init_state(1, n, lbfgs.history_pairs(h * w), x.device)
+        scale = optimize_mod.scale_state(1, x.device)
+        counter, last, loss_buf = torch.zeros((), dtype=torch.long), torch.full((1,), 5), torch.zeros(1)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            update(x, grad, torch.ones(1), scale, counter, last, loss_buf, (lbfgs.tensors(state),), [slice(0, 1)],
+                   half=lowp == "float16", lr=params.lr, max_move=optimize_mod.LBFGS_MAX_MOVE, bounded=True)
+        return counter.item()
+
+    assert call(32, 48) == 1
+    with pytest.raises(RuntimeError, match="recompile"):
+        call(40, 48)
+
+
+@GPU
+def test_compiled_lbfgs_update_on_the_gpu_takes_the_eager_steps(vgg_state, fresh_compile, monkeypatch):
+    """Real inductor, inside the CUDA graphs: a request after the warm-up
+    compiles nothing and reaches the eager update's loss (fused kernels
+    round otherwise, which the steps amplify: the losses compare)."""
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    content, style = (t.to(device) for t in images(48, 64, 7))
+    params = dataclasses.replace(Params(), steps=60)
+    warm_up(vgg, [(64, 48)])
+    eager = stylize(vgg, content, [style], params)
+    optimize_mod.drop_programs()
+    monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", True)
+    warm_up(vgg, [(64, 48)])
+    warmed = graphs_compiled()
+    compiled = stylize(vgg, content, [style], params)
+    assert graphs_compiled() == warmed
+    assert optimize_mod.lbfgs_update in optimize_mod._COMPILED
+    print(f"compiled L-BFGS update vs eager at 64x48, 60 steps: loss {compiled.loss:.4g} vs {eager.loss:.4g}")
+    assert compiled.loss == pytest.approx(eager.loss, rel=0.2)
+
+
 @GPU
 def test_compiled_loss_and_gradient_match_the_uncompiled_ones(vgg_state, fresh_compile):
     device = torch.device("cuda")

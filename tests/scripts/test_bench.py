@@ -264,3 +264,18 @@ def test_gpu_bench_profile_section_runs_as_a_cpu_smoke_run(tmp_path):
     assert prof["objective"]["groups"]["conv forward"] > 0
     text = "\n".join(gpu.profile_report(prof))
     assert f"| all | {prof['step']['ms_per_step']:.3f} | {prof['objective']['ms_per_step']:.3f} |" in text
+
+
+def test_gpu_report_shows_the_compiled_update_experiment_beside_the_default_step():
+    """The row a lent GPU's engine_ablation adds for nst.config.LBFGS_COMPILE
+    renders with its figures (here the stored H100 run plus made-up ones)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    r = json.loads((ROOT / "bench" / "gpu_results_h100.json").read_text())
+    r["square_ms_per_step_default_compiled_update"] = 2.345
+    r["compiled_update_100"] = {"steps": 100, "seconds": 0.2123, "loss": 7.25,
+                                "loss_vs_default": 7.25 / r["default"]["loss"]}
+    text = gpu.report(r)
+    assert "L-BFGS update compiled too (experiment, off)" in text
+    assert f"2.35 ms; 0.212 s, 7.25 ({7.25 / r['default']['loss']:.3f}x)" in text
