@@ -600,8 +600,8 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
 
     def one_step(dtype: torch.dtype) -> None:
         loss, grad = scaled_gradient(loss_of, objective, x, dtype, scale)  # (B,), like x
-        update(x, grad, loss.detach(), scale, counter, last, loss_buf, state_tensors, rows_of,
-               half=dtype == torch.float16, lr=lr, max_move=max_move, bounded=bounded)
+        x.copy_(update(x, grad, loss.detach(), scale, counter, last, loss_buf, state_tensors, rows_of,
+                       half=dtype == torch.float16, lr=lr, max_move=max_move, bounded=bounded))
 
     keep = keeps(device, x.shape)
     charge = B * memory.estimate_bytes(x.shape[-2], x.shape[-1], 0, p0, device.type,
@@ -612,13 +612,18 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
 
 def lbfgs_update(x: Tensor, grad: Tensor, loss: Tensor, scale: Tensor, counter: Tensor, last: Tensor,
                  loss_buf: Tensor, state_tensors: tuple, rows_of: Sequence[slice], *, half: bool, lr: float,
-                 max_move: float, bounded: bool) -> None:
-    """Everything an L-BFGS step does after its backward pass, in place: the
-    float16 gradient unscaled (`half`), each state's step (`lbfgs.step`) on
-    its rows, the image moved where its row is still running (counter <
-    last), the loss and the step counter recorded. Tensors in, nothing out
-    (the states as `lbfgs.tensors`), so that torch.compile (LBFGS_COMPILE)
-    guards on shapes alone and serves every program of the same shape."""
+                 max_move: float, bounded: bool) -> Tensor:
+    """Everything an L-BFGS step does after its backward pass but moving the
+    image: the float16 gradient unscaled (`half`), each state's step
+    (`lbfgs.step`) on its rows, the loss and the step counter recorded, in
+    place. Returns the image's next value (like x), x itself where its row
+    has run its steps (counter >= last). Tensors in (the states as
+    `lbfgs.tensors`), so that torch.compile (LBFGS_COMPILE) guards on shapes
+    alone and serves every program of the same shape.
+
+    x is not written here: compiled by inductor (torch 2.14.1), a function
+    that copied x into another input (x_prev) and then overwrote x left x's
+    new value in both (tests/core/test_compile.py)."""
     B = x.shape[0]
     usable = None
     if half:
@@ -630,9 +635,9 @@ def lbfgs_update(x: Tensor, grad: Tensor, loss: Tensor, scale: Tensor, counter: 
         usable=None if usable is None else usable[rows],
     ) for rows, tensors in zip(rows_of, state_tensors)])
     active = (counter < last).view(B, 1)
-    x.copy_(torch.where(active, x_next, flat).view_as(x))
     loss_buf.copy_(loss)
     counter.add_(1)
+    return torch.where(active, x_next, flat).view_as(x)
 
 
 def _objective_tensors(objective: Objective) -> tuple[Tensor, ...]:

@@ -7,6 +7,7 @@ the real compiler."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -140,6 +141,44 @@ def test_compiled_lbfgs_update_is_the_eager_one_and_serves_every_program_of_its_
     assert call(32, 48) == 1
     with pytest.raises(RuntimeError, match="recompile"):
         call(40, 48)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code generation needs a C++ compiler")
+@pytest.mark.parametrize("half", [False, True], ids=["plain", "float16_unscaling"])
+def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, fresh_compile):
+    """The real compiler (inductor, here its CPU code generation): eight
+    updates of a small state, compiled and eager, agree to float32 rounding
+    in the image and in every state tensor. (A first version that wrote the
+    image inside the compiled function left the new image in x_prev too.)"""
+    from nst import lbfgs
+
+    h, w, n = 8, 8, 3 * 8 * 8
+    compiled = torch.compile(optimize_mod.lbfgs_update)
+
+    def run(update):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.rand(1, 3, h, w, generator=gen)
+        state = lbfgs.init_state(1, n, 5, x.device)
+        scale = optimize_mod.scale_state(1, x.device)
+        counter, last, loss_buf = torch.zeros((), dtype=torch.long), torch.full((1,), 100), torch.zeros(1)
+        for k in range(8):
+            grad = torch.randn(1, 3, h, w, generator=gen) + 3 * (x - 0.5)  # a bowl, with noise
+            if half and k == 3:
+                grad[0, 0, 0, 0] = float("inf")  # an overflowed float16 step: skipped
+            x.copy_(update(x, grad, torch.full((1,), float(k)), scale, counter, last, loss_buf,
+                           (lbfgs.tensors(state),), [slice(0, 1)], half=half, lr=1.0,
+                           max_move=optimize_mod.LBFGS_MAX_MOVE, bounded=True))
+        return x, lbfgs.tensors(state), scale, counter
+
+    eager, fused = run(optimize_mod.lbfgs_update), run(compiled)
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused[1], eager[1]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused[2], eager[2])
+    assert fused[3].item() == eager[3].item() == 8
+    if half:
+        assert eager[2][2].item() == 1  # the overflowed step was counted as skipped
 
 
 @GPU
