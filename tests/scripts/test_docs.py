@@ -94,3 +94,14 @@ def test_every_test_named_in_the_fault_matrix_exists():
     assert len(named) >= 25
     for path, name in named:
         assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name}"
+
+
+def test_every_setting_the_docs_name_exists_in_the_config():
+    """`nst.config.NAME` in the README and docs/PERFORMANCE.md names a real
+    setting: a renamed or removed one would leave the docs pointing at nothing."""
+    import nst.config
+
+    text = README + (ROOT / "docs" / "PERFORMANCE.md").read_text()
+    named = set(re.findall(r"nst\.config\.([A-Z][A-Z0-9_]*)\b", text))  # settings, not classes (Limits)
+    assert {"ADAM_CUDA_GRAPHS", "LBFGS_COMPILE", "KEEP_PROGRAMS"} <= named
+    assert sorted(n for n in named if not hasattr(nst.config, n)) == []
