@@ -280,7 +280,8 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     Where optimizations are kept (KEEP_PROGRAMS), each size's one-image
     optimization is then run once through both dtypes' steps, so its CUDA
     graphs are captured and kept for the first request.
-    With LBFGS_COMPILE, each size's L-BFGS update is compiled too.
+    With LBFGS_COMPILE, each size's L-BFGS update is compiled too. With
+    `params` of space=normalized (preset=seed's) the recipe's loss is compiled.
     For a worker's start, inside TorchServe's startupTimeout. Returns seconds
     per size; nothing is done where neither compiling nor keeping is on."""
     params = params or Params()
@@ -290,7 +291,7 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
     capturing = use_cuda_graphs(device) and keep_count(device) > 0  # for the sizes it keeps
     if not (compiling or capturing):
         return seconds
-    loss_of = loss_function(False, device, compile_new=True)
+    loss_of = loss_function(params.normalized_space, device, compile_new=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     shared = max_batch > 1 and BATCH_MIN_PIXELS.get(device.type, 0) is not None  # rows may share here
     batches = ((1, max_batch) if shared else (1,)) if compiling else ()

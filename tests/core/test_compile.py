@@ -74,6 +74,35 @@ def test_requests_never_compile_only_the_warm_up_does(vgg, eager_backend_on_cpu)
     assert result.image.shape == (1, 3, 40, 56)
 
 
+def test_a_warm_up_with_the_seed_presets_params_compiles_the_recipes_loss(vgg, eager_backend_on_cpu,
+                                                                          monkeypatch):
+    """preset=seed optimizes normalized values (the recipe's loss, another
+    function than the fast preset's): warmed with its params, every step of
+    a seed request of that shape runs the compiled code (its guards pass:
+    "fail_on_recompile" would raise), compiles nothing more and takes the
+    uncompiled steps."""
+    from nst.config import SEED_PRESET
+    from nst.optimize import input_loss
+
+    seed = dataclasses.replace(Params(), preset="seed", **{**SEED_PRESET, "steps": 4})
+    content, style = images(32, 48, 8)
+    plain = stylize(vgg, content, [style], seed)  # nothing compiled yet: runs uncompiled
+    warm_up(vgg, [(48, 32)], params=seed)
+    compiled, calls = optimize_mod._COMPILED[input_loss], []
+
+    def strict(*args, **kwargs):
+        calls.append(1)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled(*args, **kwargs)
+
+    monkeypatch.setitem(optimize_mod._COMPILED, input_loss, strict)
+    warmed = graphs_compiled()
+    again = stylize(vgg, content, [style], seed)
+    assert len(calls) == seed.steps
+    assert graphs_compiled() == warmed
+    torch.testing.assert_close(again.image, plain.image, rtol=0, atol=0)
+
+
 def test_warmed_code_serves_other_images_and_weights_of_the_same_shape(vgg, eager_backend_on_cpu):
     """With "fail_on_recompile", calling the compiled function raises unless a
     warmed program's guards accept the call: other images and weights of the

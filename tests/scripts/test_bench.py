@@ -266,9 +266,10 @@ def test_gpu_bench_profile_section_runs_as_a_cpu_smoke_run(tmp_path):
     assert f"| all | {prof['step']['ms_per_step']:.3f} | {prof['objective']['ms_per_step']:.3f} |" in text
 
 
-def test_gpu_report_shows_the_compiled_update_experiment_beside_the_default_step():
-    """The row a lent GPU's engine_ablation adds for nst.config.LBFGS_COMPILE
-    renders with its figures (here the stored H100 run plus made-up ones)."""
+def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
+    """The rows a lent GPU's engine_ablation adds for nst.config.LBFGS_COMPILE
+    and a compiled preset=seed render with their figures (here the stored H100
+    run plus made-up ones)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
 
@@ -276,6 +277,10 @@ def test_gpu_report_shows_the_compiled_update_experiment_beside_the_default_step
     r["square_ms_per_step_default_compiled_update"] = 2.345
     r["compiled_update_100"] = {"steps": 100, "seconds": 0.2123, "loss": 7.25,
                                 "loss_vs_default": 7.25 / r["default"]["loss"]}
+    r["seed_compiled_graphs"] = {"ms_per_step": 4.567, "loss": 812.5, "steps": 300,
+                                 "vs_recipe": 4.567 / r["recipe"]["ms_per_step"]}
     text = gpu.report(r)
+    assert f"its Adam steps in a CUDA graph (experiment), against the recipe; loss after 300 steps | " \
+           f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
     assert "L-BFGS update compiled too (experiment, off)" in text
     assert f"2.35 ms; 0.212 s, 7.25 ({7.25 / r['default']['loss']:.3f}x)" in text
