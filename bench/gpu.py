@@ -108,6 +108,15 @@ def group_kernels(rows: list[tuple[str, float, float]], steps: int, top: int = 1
                     for n, ms, c in ranked]}
 
 
+def subtract_kernels(more: list[tuple[str, float, float]],
+                     fewer: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """Per kernel name, the time and calls of a longer run less a shorter
+    one's: what the extra steps cost, without the set-up both runs share."""
+    base = {name: (ms, calls) for name, ms, calls in fewer}
+    return [(name, ms - base.get(name, (0.0, 0.0))[0], calls - base.get(name, (0.0, 0.0))[1])
+            for name, ms, calls in more]
+
+
 class Bench:
     def __init__(self, state: dict, device: torch.device):
         self.device = device
@@ -409,10 +418,12 @@ def main(argv=None) -> int:
 
     def profile() -> None:
         """Where the default step's time goes at 512x512 (the 2.0 ms target):
-        device time per kernel over 10 steps run without the CUDA graph (a
+        device time per kernel of 10 steps run without the CUDA graph (a
         replay runs the same kernels, which the profiler cannot tell apart
-        inside a graph), for the whole step and for the objective's forward
-        and backward alone; the difference is the optimizer's own work."""
+        inside a graph), as the difference of a 20-step and a 10-step request
+        (their set-up and final scoring cancel out), for the whole step and
+        for the objective's forward and backward alone; the difference
+        between those is the optimizer's own work."""
         from torch.profiler import ProfilerActivity, profile as torch_profile
         activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
         steps = 10
@@ -433,9 +444,11 @@ def main(argv=None) -> int:
         params = dataclasses.replace(Params(), steps=steps)
         graphs, nst_optimize.CUDA_GRAPHS = nst_optimize.CUDA_GRAPHS, False
         try:
-            step = kernels(lambda: stylize(bench.vgg, content, [style], params, progress_every=steps))
+            short, long = (kernels(lambda n=n: stylize(bench.vgg, content, [style], dataclasses.replace(
+                params, steps=n), progress_every=n)) for n in (steps, 2 * steps))
         finally:
             nst_optimize.CUDA_GRAPHS = graphs
+        step = subtract_kernels(long, short)
         dtype = nst_optimize.step_dtypes(device, params)[0]  # the first steps' (every step's on a GPU)
         objective = nst_optimize.request_objective(bench.vgg, content, [style], params)
         loss_of = nst_optimize.loss_function(False, device)

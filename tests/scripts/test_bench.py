@@ -242,6 +242,10 @@ def test_gpu_bench_kernel_groups_name_cudnn_cublas_and_compiled_kernels():
     assert abs(sum(g["groups"].values()) - g["ms_per_step"]) < 1e-12
     assert list(g["groups"].values()) == sorted(g["groups"].values(), reverse=True)
     assert [t["kernel"] for t in g["top"]] == [n[:120] for n in list(names)[::-1][:3]]
+    # two runs' difference: the set-up kernels both ran cancel out, new ones stay whole
+    more = [("setup", 5.0, 1.0), ("conv", 30.0, 20.0), ("late", 1.5, 2.0)]
+    fewer = [("setup", 5.0, 1.0), ("conv", 16.0, 10.0)]
+    assert gpu.subtract_kernels(more, fewer) == [("setup", 0.0, 0.0), ("conv", 14.0, 10.0), ("late", 1.5, 2.0)]
 
 
 def test_gpu_bench_profile_section_runs_as_a_cpu_smoke_run(tmp_path):
@@ -261,6 +265,7 @@ def test_gpu_bench_profile_section_runs_as_a_cpu_smoke_run(tmp_path):
     for part in ("step", "objective"):
         assert prof[part]["ms_per_step"] > 0
         assert abs(sum(prof[part]["groups"].values()) - prof[part]["ms_per_step"]) < 1e-6
+    assert prof["step"]["groups"]["conv forward"] > 0  # steps' convolutions survive the subtraction
     assert prof["objective"]["groups"]["conv forward"] > 0
     text = "\n".join(gpu.profile_report(prof))
     assert f"| all | {prof['step']['ms_per_step']:.3f} | {prof['objective']['ms_per_step']:.3f} |" in text
