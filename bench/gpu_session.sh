@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the tests that skip without a GPU, and the compile policy's
-  $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs \
+  $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs --durations=15 \
       -k "gpu or cuda or sync or graph or estimate_bounds or warmed or compile" \
       tests/core/test_lbfgs.py tests/core/test_memory.py tests/core/test_compile.py tests/core/test_batch.py \
       tests/core/test_kept_programs.py tests/core/test_precision.py 2>&1 \

@@ -284,7 +284,12 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
                                 "loss_vs_default": 7.25 / r["default"]["loss"]}
     r["seed_compiled_graphs"] = {"ms_per_step": 4.567, "loss": 812.5, "steps": 300,
                                  "vs_recipe": 4.567 / r["recipe"]["ms_per_step"]}
+    rows = [("sm90_xmma_dgrad_implicit_gemm_f16", 9.0, 130.0), ("triton_poi_fused_relu_0", 4.0, 170.0)]
+    r["profile"] = {"size": "512x512", "dtype": "float16", "timer": "device", "graph_ms_per_step": 2.53,
+                    "step": gpu.group_kernels(rows, 10), "objective": gpu.group_kernels(rows[:1], 10)}
     text = gpu.report(r)
+    assert "Kernels kept the GPU busy 1.300 ms of the 2.530 ms" in text
+    assert "| conv backward (dgrad) | 0.900 | 0.900 |" in text and "| fused (torch.compile) | 0.400 | 0.000 |" in text
     assert f"its Adam steps in a CUDA graph (experiment), against the recipe; loss after 300 steps | " \
            f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
     assert "L-BFGS update compiled too (experiment, off)" in text
