@@ -131,10 +131,10 @@ def test_compiled_lbfgs_update_is_the_eager_one_and_serves_every_program_of_its_
                                                                                        fresh_compile):
     """LBFGS_COMPILE, traced here with AOTAutograd's functionalization (the
     "aot_eager" backend: the in-place state updates go through the same
-    rewriting as under inductor): the warm-up compiles the update; a request
-    then takes the very same steps as with the eager update and compiles
-    nothing; a new program (new states, new image) of the warmed shape passes
-    the compiled update's guards, another shape does not. float16 steps (the
+    rewriting as under inductor): the warm-up compiles the update; every step
+    of a request (a new program: new states, new image) then runs the
+    compiled code, compiles nothing and takes the very same steps as the
+    eager update; another shape does not pass its guards. float16 steps (the
     GPU's, forced on the CPU) compile the unscaling with it."""
     real = torch.compile
     monkeypatch.setattr(optimize_mod, "use_compile", lambda device: True)
@@ -147,12 +147,19 @@ def test_compiled_lbfgs_update_is_the_eager_one_and_serves_every_program_of_its_
     monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", True)
     warm_up(vgg, [(48, 32)])
     warmed = graphs_compiled()
+    update, calls = optimize_mod._COMPILED[optimize_mod.lbfgs_update], []
+
+    def strict(*args, **kwargs):  # raises where the request's call would not run the warmed code
+        calls.append(1)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return update(*args, **kwargs)
+
+    monkeypatch.setitem(optimize_mod._COMPILED, optimize_mod.lbfgs_update, strict)
     compiled = stylize(vgg, content, [style], params)
+    assert len(calls) == params.steps
     assert graphs_compiled() == warmed
     torch.testing.assert_close(compiled.image, eager.image, rtol=0, atol=0)
     assert compiled.loss == eager.loss
-
-    update = optimize_mod._COMPILED[optimize_mod.lbfgs_update]
 
     def call(h, w):
         from nst import lbfgs
