@@ -3,6 +3,7 @@ its corpus mode on a subset of the pairs, with the recipe and the search cut sho
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,44 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
            f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
     assert "L-BFGS update compiled too (experiment, off)" in text
     assert f"2.35 ms; 0.212 s, 7.25 ({7.25 / r['default']['loss']:.3f}x)" in text
+
+
+def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_path):
+    """bench/gpu_merge.py: the new run's figures replace the stored ones, the
+    figures it did not measure stay, section times are kept per run, the
+    provenance grows, and another card's results are refused."""
+    stored = {"card": "H100", "square_ms_per_step_default": 2.53, "memory": [{"size": "512x512"}],
+              "section_s": {"core": 100.0}, "skipped": [], "errors": {"old": "x"}, "provenance": "Run 1: all."}
+    new = {"card": "H100", "square_ms_per_step_default": 2.31, "profile": {"size": "512x512"},
+           "section_s": {"core": 120.0, "profile": 20.0}, "skipped": ["batching_256"], "errors": {"memory": "tb"}}
+    into, fresh = tmp_path / "gpu_results_h100.json", tmp_path / "new.json"
+    into.write_text(json.dumps(stored))
+    fresh.write_text(json.dumps(new))
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
+                        "--label", "run 2", "--provenance", "Run 2: the core and the profile."],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    merged = json.loads(into.read_text())
+    assert merged["square_ms_per_step_default"] == 2.31 and merged["profile"] == {"size": "512x512"}
+    assert merged["memory"] == [{"size": "512x512"}]  # not measured by run 2: run 1's stays
+    assert merged["section_s"] == {"core": 100.0, "core (run 2)": 120.0, "profile (run 2)": 20.0}
+    assert merged["errors"] == {"memory (run 2)": "tb"} and merged["skipped"] == []
+    assert merged["provenance"] == "Run 1: all. Run 2: the core and the profile."
+    fresh.write_text(json.dumps({**new, "card": "H200"}))
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
+                        "--label", "run 3", "--provenance", "Run 3."], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "each card has a file of its own" in p.stderr
+    assert json.loads(into.read_text()) == merged
+
+
+def test_report_only_rewrites_docs_performance_from_the_stored_results(tmp_path):
+    """`bench/run.py --report-only` measures nothing and renders the stored
+    CPU and GPU results: docs/PERFORMANCE.md is exactly that rendering (but
+    the plot's link, which is relative to where the report is written)."""
+    out = tmp_path / "PERFORMANCE.md"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--report-only", "--report", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    link = os.path.relpath(ROOT / "bench" / "loss_vs_time.png", tmp_path)
+    rendered = out.read_text().replace(f"]({link})", "](../bench/loss_vs_time.png)")
+    assert rendered == (ROOT / "docs" / "PERFORMANCE.md").read_text()
