@@ -294,6 +294,11 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
     assert f"its Adam steps in a CUDA graph (experiment), against the recipe; loss after 300 steps | " \
            f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
     assert "L-BFGS update compiled too (experiment, off)" in text
+    # a run whose precisions section was skipped (float32 and bf16 steps) still renders its core
+    for key in ("square_ms_per_step_fp32", "square_ms_per_step_bf16"):
+        del r[key]
+    text = gpu.report(r)
+    assert f"| {r['square_ms_per_step_default']:.2f} ms | <= 2.0 ms |" in text and "bf16 step at 512x512" not in text
     assert f"2.35 ms; 0.212 s, 7.25 ({7.25 / r['default']['loss']:.3f}x)" in text
 
 
