@@ -1,5 +1,5 @@
 """Sweep one engine tunable over the quality corpus: how a value of
-`LBFGS_MAX_MOVE`, `LOWP_STEPS` or `LBFGS_HISTORY` moves every pair's steps
+`LBFGS_MAX_MOVE`, `LOWP_STEPS`, `LBFGS_HISTORY` or `LBFGS_HISTORY_DTYPE` moves every pair's steps
 and time to the recipe's loss and its default (100-step) quality.
 
     python bench/sweep.py LBFGS_MAX_MOVE 0.15 0.25 0.35 0.5 --out bench/sweep_lbfgs_max_move.json
@@ -39,6 +39,7 @@ TUNABLES = {
     "LBFGS_MAX_MOVE": (float, (nst_config, nst_optimize)),
     "LOWP_STEPS": (int, (nst_config, nst_optimize)),
     "LBFGS_HISTORY": (int, (nst_config, nst_lbfgs)),
+    "LBFGS_HISTORY_DTYPE": (str, (nst_config, nst_lbfgs)),
 }
 
 

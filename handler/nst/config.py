@@ -204,6 +204,18 @@ GRAD_SCALE_MIN = 2.0 ** -64
 # give up the better images.
 LBFGS_HISTORY = 50
 LBFGS_MEMORY = 512 * 1024 * 1024
+# Experiment, off until measured on a GPU: the dtype the L-BFGS history (S and
+# Y, 2 x LBFGS_HISTORY image-sized vectors) is stored in, "float32" or
+# "bfloat16". A step reads the history twice (about 0.16 ms of an H100's
+# float32 step went with 30 of the 50 pairs, above); bf16 halves those bytes.
+# Its products are still accumulated in float32, and on a GPU float32 ones
+# already round their inputs to TF32's 10-bit mantissa; bf16 keeps 7 bits.
+# On the CPU corpus (bench/sweep_lbfgs_history_dtype.json; its times are not
+# comparable, other jobs ran beside it) bf16 reached the recipe's loss in the
+# same steps (183 for the 12 pairs, each pair within one step) and its
+# 100-step images were 0.83x-1.38x float32's loss (worst pair 0.227x the
+# recipe's against 0.231x). bench/gpu.py's engine_ablation measures its step.
+LBFGS_HISTORY_DTYPE = "float32"
 # Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
 # weights the gradients are in the hundreds: an unbounded first step threw every
 # pixel out of range and the optimizer stalled there (issue #11). Chosen on the

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .config import LBFGS_HISTORY, LBFGS_MEMORY
+from .config import LBFGS_HISTORY, LBFGS_HISTORY_DTYPE, LBFGS_MEMORY
 
 # A pair (s, y) enters the history only if s.y > CURVATURE_EPS * y.y: the
 # inverse-Hessian update needs s.y > 0, and a relative test is independent of
@@ -39,9 +39,14 @@ from .config import LBFGS_HISTORY, LBFGS_MEMORY
 CURVATURE_EPS = 1e-10
 
 
+def history_dtype() -> torch.dtype:
+    """What S and Y are stored in (LBFGS_HISTORY_DTYPE)."""
+    return getattr(torch, LBFGS_HISTORY_DTYPE)
+
+
 def pair_bytes(pixels: int) -> int:
-    """One history pair of an RGB image of `pixels` pixels: two float32 vectors of 3 x pixels."""
-    return 2 * 3 * pixels * 4
+    """One history pair of an RGB image of `pixels` pixels: two vectors of 3 x pixels."""
+    return 2 * 3 * pixels * history_dtype().itemsize
 
 
 def history_pairs(pixels: int) -> int:
@@ -53,7 +58,7 @@ def history_pairs(pixels: int) -> int:
 class State:
     """One batch's optimizer state; all tensors on the device."""
 
-    S: Tensor  # (B, m, n) steps x_{k+1} - x_k, ring buffer
+    S: Tensor  # (B, m, n) steps x_{k+1} - x_k, ring buffer (history_dtype(); the rest float32)
     Y: Tensor  # (B, m, n) gradient changes
     SY: Tensor  # (B, m, m) SY[i, j] = s_i . y_j, in slot order
     YY: Tensor  # (B, m, m) y_i . y_j
@@ -73,9 +78,10 @@ def tensors(state: State) -> tuple[Tensor, ...]:
 
 def init_state(batch: int, n: int, history: int, device: torch.device) -> State:
     f32 = dict(device=device, dtype=torch.float32)
+    stored = dict(device=device, dtype=history_dtype())
     state = State(
-        S=torch.empty(batch, history, n, **f32),
-        Y=torch.empty(batch, history, n, **f32),
+        S=torch.empty(batch, history, n, **stored),
+        Y=torch.empty(batch, history, n, **stored),
         SY=torch.empty(batch, history, history, **f32),
         YY=torch.empty(batch, history, history, **f32),
         valid=torch.empty(batch, history, **f32),
@@ -106,6 +112,21 @@ def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
+def _products(M: Tensor, V: Tensor) -> Tensor:
+    """M @ V in float32: (B, a, b) @ (B, b, k) -> (B, a, k), for M the
+    history (or its transpose) and V float32 vectors. With a 16-bit history
+    V is rounded to its dtype as well, and the products are accumulated and
+    returned in float32: on a GPU by one matmul that reads the history at
+    half the bytes (out_dtype, CUDA only), elsewhere by the same sums of the
+    same rounded numbers in float32."""
+    if M.dtype == torch.float32:
+        return torch.bmm(M, V)
+    V = V.to(M.dtype)
+    if M.is_cuda:
+        return torch.bmm(M, V, out_dtype=torch.float32)
+    return torch.bmm(M.float(), V.float())
+
+
 def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Record the pair from the previous iterate to (x, g), in place.
     Where `usable` (B,) is False nothing is recorded: the slot the pair
@@ -127,10 +148,10 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
         y = torch.where(keep, y, state.Y.index_select(1, idx).squeeze(1))
         kept_ok = state.valid.index_select(1, idx).squeeze(1) > 0
         ok, new = torch.where(usable, ok, kept_ok), ok & usable
-    state.S.index_copy_(1, idx, s.unsqueeze(1))
-    state.Y.index_copy_(1, idx, y.unsqueeze(1))
-    S_prod = torch.bmm(state.S, torch.stack([y, g], -1))  # (B, m, 2): s_i . y, s_i . g
-    Y_prod = torch.bmm(state.Y, torch.stack([s, y, g], -1))  # (B, m, 3): y_i . s, y_i . y, y_i . g
+    state.S.index_copy_(1, idx, s.unsqueeze(1).to(state.S.dtype))
+    state.Y.index_copy_(1, idx, y.unsqueeze(1).to(state.Y.dtype))
+    S_prod = _products(state.S, torch.stack([y, g], -1))  # (B, m, 2): s_i . y, s_i . g
+    Y_prod = _products(state.Y, torch.stack([s, y, g], -1))  # (B, m, 3): y_i . s, y_i . y, y_i . g
     state.SY.index_copy_(1, idx, Y_prod[:, :, 0].unsqueeze(1))  # row: s . y_j
     state.SY.index_copy_(2, idx, S_prod[:, :, 0].unsqueeze(2))  # column: s_i . y
     state.YY.index_copy_(1, idx, Y_prod[:, :, 1].unsqueeze(1))
@@ -155,9 +176,9 @@ def direction(state: State, g: Tensor, Sg: Tensor | None = None, Yg: Tensor | No
     column in R and D and zero coefficients, which makes them no-ops."""
     B, m, _ = state.S.shape
     if Sg is None:
-        Sg = torch.bmm(state.S, g.unsqueeze(-1)).squeeze(-1)
+        Sg = _products(state.S, g.unsqueeze(-1)).squeeze(-1)
     if Yg is None:
-        Yg = torch.bmm(state.Y, g.unsqueeze(-1)).squeeze(-1)
+        Yg = _products(state.Y, g.unsqueeze(-1)).squeeze(-1)
     # Chronological order of the slots, oldest first: slot is the oldest (next to be overwritten).
     order = (state.slot + torch.arange(m, device=g.device)) % m  # (m,)
     v = state.valid[:, order]  # (B, m)
@@ -179,8 +200,8 @@ def direction(state: State, g: Tensor, Sg: Tensor | None = None, Yg: Tensor | No
     inv = torch.empty_like(order)
     inv[order] = torch.arange(m, device=g.device)
     p1, p2 = p1[:, inv], p2[:, inv]
-    hg = state.gamma.view(B, 1) * g + torch.bmm(state.S.transpose(1, 2), p1).squeeze(-1) \
-        + torch.bmm(state.Y.transpose(1, 2), p2).squeeze(-1)
+    hg = state.gamma.view(B, 1) * g + _products(state.S.transpose(1, 2), p1).squeeze(-1) \
+        + _products(state.Y.transpose(1, 2), p2).squeeze(-1)
     return -hg
 
 

@@ -92,6 +92,41 @@ def test_a_pair_failing_the_curvature_test_is_masked_out():
     assert torch.allclose(lbfgs.direction(state, g)[0].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+def test_products_of_a_bf16_history_are_float32_sums_of_rounded_numbers():
+    """The CPU's stand-in for the GPU's bf16 x bf16 -> float32 matmul: both
+    operands rounded to bf16, then summed exactly enough for float32."""
+    gen = torch.Generator().manual_seed(5)
+    M = torch.randn(2, 6, 300, generator=gen).to(torch.bfloat16)
+    V = torch.randn(2, 300, 3, generator=gen) * 1e3
+    got = lbfgs._products(M, V)
+    ref = torch.bmm(M.double(), V.to(torch.bfloat16).double())
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # float32 histories are multiplied as they are
+    assert torch.equal(lbfgs._products(M.float(), V), torch.bmm(M.float(), V))
+
+
+@pytest.mark.parametrize("count", [3, 12], ids=["partly-full", "wrapped-twice"])
+def test_a_bf16_history_gives_the_two_loop_direction_to_its_precision(count, monkeypatch):
+    """nst.config.LBFGS_HISTORY_DTYPE "bfloat16" (an experiment): S and Y
+    stored in bf16, half the bytes per pair, and the direction still the
+    two-loop recursion's over the exact pairs to within bf16's rounding
+    (8 bits: a few parts in a thousand per number)."""
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", "bfloat16")
+    assert lbfgs.pair_bytes(100) == 2 * 3 * 100 * 2
+    gen = torch.Generator().manual_seed(count)
+    n, m = 40, 5
+    pairs = _random_pairs(n, count, gen)
+    state = lbfgs.init_state(1, n, m, torch.device("cpu"))
+    assert state.S.dtype == state.Y.dtype == torch.bfloat16 and state.SY.dtype == torch.float32
+    _fill(state, [pairs])
+    g = torch.randn(1, n, generator=gen)
+    s, y = pairs[-1]
+    ref = two_loop(pairs[-m:], g[0], float(torch.dot(s, y) / torch.dot(y, y)))
+    err = (lbfgs.direction(state, g)[0].double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-2, err  # measured: 7e-4 and 3e-3; float32: 1e-7
+
+
 def _smooth_problem(n: int, seed: int):
     """A smooth, strictly convex function (quadratic + quartic) and its start."""
     gen = torch.Generator().manual_seed(seed)
@@ -203,10 +238,13 @@ def test_steps_are_bounded_and_stay_in_the_box():
     assert torch.allclose(x, (target - 0.6).clamp_min(0), atol=1e-3)
 
 
-def test_the_default_does_not_stall_on_a_near_black_style(vgg):
+@pytest.mark.parametrize("history", ["float32", "bfloat16"])
+def test_the_default_does_not_stall_on_a_near_black_style(vgg, history, monkeypatch):
     """Issue #11's report: a near-black style stalled torch.optim.LBFGS on the
     clamped objective (every pixel thrown out of range by its unscaled second
-    step, where the clamp has no gradient). The default must keep improving."""
+    step, where the clamp has no gradient). The default must keep improving,
+    also with the bf16 history of the LBFGS_HISTORY_DTYPE experiment."""
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", history)
     gen = torch.Generator().manual_seed(0)
     content = torch.rand(1, 3, 24, 32, generator=gen) * 0.6 + 0.2
     style = (torch.randn(1, 3, 32, 32, generator=gen) * 0.015 + 0.03).clamp(0, 1)
@@ -290,6 +328,33 @@ def test_cuda_graph_replays_continue_the_same_optimization(vgg_state, monkeypatc
     assert graphed.loss == pytest.approx(eager.loss, rel=0.15)
     assert (graphed.image - eager.image).abs().mean() < 0.02
     assert [p.step for p in graphed.history] == [p.step for p in eager.history]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: bmm's float32 out_dtype is CUDA's")
+def test_a_bf16_history_on_the_gpu_multiplies_as_on_the_cpu_and_optimizes_in_a_cuda_graph(vgg_state, monkeypatch):
+    """The LBFGS_HISTORY_DTYPE experiment on a GPU: its bf16 x bf16 -> float32
+    matmuls give the CPU stand-in's sums, and a request's captured steps with
+    a bf16 history descend as far as with a float32 one."""
+    import nst.optimize as optimize_mod
+    from nst.vgg import VGGFeatures
+
+    gen = torch.Generator().manual_seed(6)
+    M = torch.randn(2, 6, 3000, generator=gen).to(torch.bfloat16)
+    V = torch.randn(2, 3000, 3, generator=gen)
+    cpu = lbfgs._products(M, V)
+    assert torch.allclose(lbfgs._products(M.cuda(), V.cuda()).cpu(), cpu, rtol=1e-4,
+                          atol=1e-4 * cpu.abs().max().item())
+    vgg = VGGFeatures(vgg_state).to("cuda")
+    content, style = (torch.rand(1, 3, 48, 64, generator=gen).cuda() for _ in range(2))
+    params = dataclasses.replace(Params(), steps=60)
+    runs = {}
+    for history in ("float32", "bfloat16"):
+        monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", history)
+        runs[history] = stylize(vgg, content, [style], params, progress_every=20)
+    assert optimize_mod.use_cuda_graphs(content.device)
+    losses = [p.loss for p in runs["bfloat16"].history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert runs["bfloat16"].loss < 1.5 * runs["float32"].loss, (runs["bfloat16"].loss, runs["float32"].loss)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs")
