@@ -56,6 +56,24 @@ def lowp_dtype(name: str | None, steps: int | None = None):
         nst_optimize.drop_programs()
 
 
+@contextlib.contextmanager
+def engine_settings(**values):
+    """Run with these L-BFGS settings (LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in
+    nst.lbfgs; LBFGS_COMPILE in nst.optimize), restored after; kept
+    optimizations are dropped on the way in and out, as in `lowp_dtype`."""
+    homes = {"LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "LBFGS_COMPILE": nst_optimize}
+    saved = {name: getattr(homes[name], name) for name in values}
+    for name, value in values.items():
+        setattr(homes[name], name, value)
+    nst_optimize.drop_programs()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(homes[name], name, value)
+        nst_optimize.drop_programs()
+
+
 def sync_time() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -357,26 +375,24 @@ def main(argv=None) -> int:
             nst_optimize.COMPILE = compiled
         # A shorter L-BFGS history (nst.config.LBFGS_HISTORY): the same steps
         # to quality on the CPU corpus at 20 pairs; here, the cost of a step.
-        history, nst_lbfgs.LBFGS_HISTORY = nst_lbfgs.LBFGS_HISTORY, 20
-        try:
+        with engine_settings(LBFGS_HISTORY=20):
             r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
-        finally:
-            nst_lbfgs.LBFGS_HISTORY = history
-        # The L-BFGS update compiled as well (nst.config.LBFGS_COMPILE, off): the
-        # step per step, and the 100-step image at main_size against the default's.
-        nst_optimize.LBFGS_COMPILE = True
-        nst_optimize.drop_programs()
-        try:
-            t0 = time.monotonic()
-            nst_optimize.warm_up(bench.vgg, [main_size, square])
-            r["compiled_update_warm_up_s"] = time.monotonic() - t0
-            r["square_ms_per_step_default_compiled_update"] = bench.per_step(square, 40, 40 + span)
-            r["compiled_update_100"] = bench.product(main_size, steps=100)
-        finally:
-            nst_optimize.LBFGS_COMPILE = False
-            nst_optimize.drop_programs()
-        if "default" in r:
-            r["compiled_update_100"]["loss_vs_default"] = r["compiled_update_100"]["loss"] / r["default"]["loss"]
+        # Experiments on the optimizer's share of a step, each off: the history
+        # stored in bf16 (LBFGS_HISTORY_DTYPE), the update compiled
+        # (LBFGS_COMPILE: its warm-up compiles it), and the two with 20 pairs.
+        # Per step at 512x512, and the 100-step image at main_size against the default's.
+        for key, values in (("history_bf16", dict(LBFGS_HISTORY_DTYPE="bfloat16")),
+                            ("compiled_update", dict(LBFGS_COMPILE=True)),
+                            ("stacked", dict(LBFGS_COMPILE=True, LBFGS_HISTORY_DTYPE="bfloat16", LBFGS_HISTORY=20))):
+            with engine_settings(**values):
+                if values.get("LBFGS_COMPILE"):
+                    t0 = time.monotonic()
+                    nst_optimize.warm_up(bench.vgg, [main_size, square])
+                    r[f"{key}_warm_up_s"] = time.monotonic() - t0
+                r[f"square_ms_per_step_default_{key}"] = bench.per_step(square, 40, 40 + span)
+                r[f"{key}_100"] = bench.product(main_size, steps=100)
+            if "default" in r:
+                r[f"{key}_100"]["loss_vs_default"] = r[f"{key}_100"]["loss"] / r["default"]["loss"]
         # preset=seed with its Adam steps in a CUDA graph (nst.config.ADAM_CUDA_GRAPHS,
         # off): per step, and its 300-step image against the eager one's
         seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}
@@ -613,12 +629,16 @@ def _core_report(r: dict) -> list[str]:
         (f"first request of a warmed shape (100 steps{'' if r.get('keep_programs') else ': graph capture'})",
          f"{r['first_request_s']:.2f} s", "-"),
     ]
-    if f"square_ms_per_step_{kind}_compiled_update" in r:
-        c = r["compiled_update_100"]
-        rows.append(("the same default step with the L-BFGS update compiled too (experiment, off); 100 steps at "
-                     f"{r['size']}: s, loss" + (" against the default's" if "loss_vs_default" in c else ""),
-                     f"{r[f'square_ms_per_step_{kind}_compiled_update']:.2f} ms; {c['seconds']:.3f} s, "
-                     f"{c['loss']:.4g}" + (f" ({c['loss_vs_default']:.3f}x)" if "loss_vs_default" in c else ""), "-"))
+    for key, how in (("history_bf16", "its L-BFGS history stored in bf16"),
+                     ("compiled_update", "the L-BFGS update compiled too"),
+                     ("stacked", "the update compiled, a bf16 history of 20 pairs")):
+        if f"square_ms_per_step_{kind}_{key}" in r:
+            c = r[f"{key}_100"]
+            rows.append((f"the same default step with {how} (experiment, off); 100 steps at "
+                         f"{r['size']}: s, loss" + (" against the default's" if "loss_vs_default" in c else ""),
+                         f"{r[f'square_ms_per_step_{kind}_{key}']:.2f} ms; {c['seconds']:.3f} s, "
+                         f"{c['loss']:.4g}" + (f" ({c['loss_vs_default']:.3f}x)" if "loss_vs_default" in c else ""),
+                         "-"))
     if "seed_graphs_vs_recipe" in r:
         rows.append((f"preset=seed with its Adam steps in a CUDA graph (experiment, off), against the recipe; "
                      f"loss after {r.get('seed_steps', 300)} steps against eager",

@@ -273,8 +273,8 @@ def test_gpu_bench_profile_section_runs_as_a_cpu_smoke_run(tmp_path):
 
 
 def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
-    """The rows a lent GPU's engine_ablation adds for nst.config.LBFGS_COMPILE
-    and a compiled preset=seed render with their figures (here the stored H100
+    """The rows a lent GPU's engine_ablation adds for nst.config.LBFGS_COMPILE,
+    the optimizer experiments stacked, and a compiled preset=seed render with their figures (here the stored H100
     run plus made-up ones)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
@@ -283,6 +283,8 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
     r["square_ms_per_step_default_compiled_update"] = 2.345
     r["compiled_update_100"] = {"steps": 100, "seconds": 0.2123, "loss": 7.25,
                                 "loss_vs_default": 7.25 / r["default"]["loss"]}
+    r["square_ms_per_step_default_stacked"] = 2.105
+    r["stacked_100"] = {"steps": 100, "seconds": 0.1987, "loss": 7.5}  # no default in that run: no ratio
     r["seed_compiled_graphs"] = {"ms_per_step": 4.567, "loss": 812.5, "steps": 300,
                                  "vs_recipe": 4.567 / r["recipe"]["ms_per_step"]}
     rows = [("sm90_xmma_dgrad_implicit_gemm_f16", 9.0, 130.0), ("triton_poi_fused_relu_0", 4.0, 170.0)]
@@ -294,6 +296,9 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
     assert f"its Adam steps in a CUDA graph (experiment), against the recipe; loss after 300 steps | " \
            f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
     assert "L-BFGS update compiled too (experiment, off)" in text
+    assert ("the update compiled, a bf16 history of 20 pairs (experiment, off); 100 steps at 512x384: s, loss | "
+            "2.10 ms; 0.199 s, 7.5 |") in text
+    assert "history stored in bf16" not in text  # not measured in this run: no row
     # a run whose precisions section was skipped (float32 and bf16 steps) still renders its core
     for key in ("square_ms_per_step_fp32", "square_ms_per_step_bf16"):
         del r[key]
