@@ -19,9 +19,10 @@ from nst.errors import InternalError, InvalidParameter, OutOfMemory, TimedOut, T
 from nst import weights as nst_weights
 from nst.fetch import fetch
 from nst.memory import is_out_of_memory
-from nst.config import CUDNN_AUTOTUNE, WARM_UP_SIZES
+from nst.config import CUDNN_AUTOTUNE, PRESETS, WARM_UP_PRESETS, WARM_UP_SIZES, Params
+from nst.imageio import fit_size
 from nst.optimize import BudgetExceeded, Diverged, Progress, warm_up
-from nst.request import parse_json_body
+from nst.request import build_params, parse_json_body
 from nst.pipeline import Job, Output, Prepared, free_memory, prepare, run_batch
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,17 @@ class StyleTransferHandler:
         # compile (a shape not warmed runs uncompiled), so none waits for it.
         # With TorchServe batching on, batches of those shapes too. On a GPU
         # their steps are captured and kept for the first request (KEEP_PROGRAMS).
-        warmed = warm_up(self.vgg, parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES)),
-                         max_batch=int(props.get("batch_size") or 1))
+        # Another preset (warm_up_presets: preset=seed) gets the sizes its own
+        # requests come out at by default: each fit to its max_size. Adam's
+        # requests never share an optimization, so only L-BFGS presets compile batches.
+        sizes = parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES))
+        warmed: dict = {}
+        for preset in parse_presets(config.get("warm_up_presets", WARM_UP_PRESETS)):
+            params = build_params({"preset": preset}, self.limits)
+            own = sizes if preset == Params.preset else list(dict.fromkeys(fit_size(s, params.max_size) for s in sizes))
+            done = warm_up(self.vgg, own, params=params,
+                           max_batch=int(props.get("batch_size") or 1) if params.optimizer == "lbfgs" else 1)
+            warmed.update({k if preset == Params.preset else f"{k} ({preset})": v for k, v in done.items()})
         self.initialized = True
         log.info(
             "style_transfer ready: device=%s weights=%s limits=%s warmed up=%s",
@@ -303,6 +313,16 @@ def parse_sizes(raw: Any) -> list[tuple[int, int]]:
             raise ValueError(f"warm_up_sizes: {item!r} is outside 16..4096 px")
         sizes.append((w, h))
     return sizes
+
+
+def parse_presets(raw: Any) -> list[str]:
+    """The model config's `warm_up_presets`: a list of preset names."""
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"warm_up_presets must be a list of presets ({', '.join(PRESETS)})")
+    for item in raw:
+        if item not in PRESETS:
+            raise ValueError(f"warm_up_presets: {item!r} is not a preset ({', '.join(PRESETS)})")
+    return list(dict.fromkeys(raw))
 
 
 def is_grpc(context: Any, idx: int) -> bool:

@@ -320,6 +320,15 @@ BATCH_MIN_PIXELS: Mapping[str, int | None] = {"cuda": None}
 # max_size (512) at the commonest aspect ratios. The model config's
 # `warm_up_sizes` replaces the list ("WxH" strings; [] compiles nothing).
 WARM_UP_SIZES = ((512, 512), (512, 384), (384, 512))
+# Presets whose loss a GPU worker compiles at start: the fast preset (the
+# default) at the sizes as listed, another at each fit to its own max_size,
+# the shapes its requests come out at by default (preset=seed's 400 px:
+# 400x400, 400x300, 300x400). The model config's `warm_up_presets` replaces
+# the list. Only the fast preset by default: preset=seed's steps ran eager at
+# 0.85x and 1.01x the recipe's time on two H100s, and what compiling them
+# saves (and costs at start) is bench/gpu.py engine_ablation's
+# `seed_compiled`, not yet measured.
+WARM_UP_PRESETS = ("fast",)
 
 PRESETS = ("fast", "seed")
 SPACES = ("pixels", "normalized")

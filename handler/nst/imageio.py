@@ -120,13 +120,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def fit_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up) so the longest side is at most `longest`."""
+    w, h = size
+    if max(w, h) <= longest:
+        return w, h
+    scale = longest / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def fit(img: Image.Image, longest: int) -> Image.Image:
     """Scale down (never up) so the longest side is at most `longest`."""
-    w, h = img.size
-    if max(w, h) <= longest:
-        return img
-    scale = longest / max(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    size = fit_size(img.size, longest)
+    return img if size == img.size else img.resize(size, Image.LANCZOS)
 
 
 def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -183,6 +183,10 @@ def test_fit_scales_down_only(images):
     assert imageio.fit(img, 40).size == (40, 20)
     assert imageio.fit(img, 80) is img
     assert imageio.fit(img, 200) is img
+    # the size alone (what a worker's warm-up compiles for a preset), rounded as images are
+    assert [imageio.fit_size(size, 400) for size in ((512, 341), (1000, 3), (300, 200))] == \
+        [imageio.fit(images.content(*size), 400).size for size in ((512, 341), (1000, 3), (300, 200))] == \
+        [(400, 266), (400, 1), (300, 200)]
 
 
 def test_to_tensor_layout(images):

@@ -114,12 +114,55 @@ def test_warm_up_sizes_and_batch_size_from_the_model_config_reach_the_warm_up(ma
     import style_transfer_handler as module
 
     seen = []
-    monkeypatch.setattr(module, "warm_up", lambda vgg, sizes, max_batch: seen.append((sizes, max_batch)) or {})
+    monkeypatch.setattr(module, "warm_up",
+                        lambda vgg, sizes, params, max_batch: seen.append((sizes, params.preset, max_batch)) or {})
     ctx = make_context(rows=8)  # TorchServe's batchSize reaches the worker as system property batch_size
     ctx.model_yaml_config["warm_up_sizes"] = ["640x360", [360, 640]]
     StyleTransferHandler().initialize(ctx)
     StyleTransferHandler().initialize(make_context())
-    assert seen == [([(640, 360), (360, 640)], 8), (list(module.WARM_UP_SIZES), 1)]
+    assert seen == [([(640, 360), (360, 640)], "fast", 8), (list(module.WARM_UP_SIZES), "fast", 1)]
+
+
+def test_warm_up_presets_compile_the_seed_preset_at_the_sizes_its_requests_come_out_at(make_context, monkeypatch,
+                                                                                       vgg, images):
+    """`warm_up_presets: [fast, seed]`: the seed preset's loss (the recipe's:
+    Adam, normalized space) is warmed too, at each size fit to its 400 px,
+    the shapes its requests have by default, and for one row only (Adam's
+    requests never share an optimization)."""
+    import style_transfer_handler as module
+    from nst import Limits, parse_request, pipeline
+
+    seen = []
+
+    def fake_warm_up(vgg, sizes, params, max_batch):
+        seen.append((params, sizes, max_batch))
+        return {f"{w}x{h}": 1.0 for w, h in sizes}
+
+    monkeypatch.setattr(module, "warm_up", fake_warm_up)
+    ctx = make_context(rows=4)
+    ctx.model_yaml_config["warm_up_presets"] = ["fast", "seed"]
+    ctx.model_yaml_config["warm_up_sizes"] = ["512x384", "384x512", "640x480", "200x100"]
+    StyleTransferHandler().initialize(ctx)
+    (fast, fast_sizes, fast_batch), (seed, seed_sizes, seed_batch) = seen
+    assert fast.preset == "fast" and fast_batch == 4
+    assert fast_sizes == [(512, 384), (384, 512), (640, 480), (200, 100)]  # as listed
+    assert (seed.preset, seed.optimizer, seed.space, seed.max_size) == ("seed", "adam", "normalized", 400)
+    assert seed_sizes == [(400, 300), (300, 400), (200, 100)] and seed_batch == 1  # 640x480 fits to 400x300 too
+    # the very shape a seed request of a 4:3 content is optimized at
+    request = parse_request({"content": images.png(images.content(1024, 768)),
+                             "style": images.png(images.style(64, 64)), "preset": "seed"}, Limits())
+    assert pipeline.prepare(request, vgg, Limits()).content.shape[-2:] == (300, 400)  # (H, W)
+
+
+@pytest.mark.parametrize("presets, message", [
+    ("seed", "must be a list of presets"),
+    (["fast", "recipe"], "'recipe' is not a preset"),
+])
+def test_initialize_rejects_bad_warm_up_presets(make_context, presets, message):
+    ctx = make_context()
+    ctx.model_yaml_config["warm_up_presets"] = presets
+    with pytest.raises(ValueError, match=message):
+        StyleTransferHandler().initialize(ctx)
 
 
 def test_initialize_assumes_torchserves_120_s_without_a_response_timeout(make_context):
