@@ -40,29 +40,13 @@ from nst.vgg import random_features_state  # noqa: E402
 
 
 @contextlib.contextmanager
-def lowp_dtype(name: str | None, steps: int | None = None):
-    """Run with another low-precision dtype on this device type (None:
-    float32 throughout) and, if given, another count of bf16 steps
-    (LOWP_STEPS); kept optimizations are dropped on the way in and out, so
-    each setting captures its own."""
-    saved = nst_optimize.LOWP_DTYPE, nst_optimize.LOWP_STEPS
-    nst_optimize.LOWP_DTYPE = {} if name is None else {"cuda": name, "cpu": name}
-    if steps is not None:
-        nst_optimize.LOWP_STEPS = steps
-    nst_optimize.drop_programs()
-    try:
-        yield
-    finally:
-        nst_optimize.LOWP_DTYPE, nst_optimize.LOWP_STEPS = saved
-        nst_optimize.drop_programs()
-
-
-@contextlib.contextmanager
 def engine_settings(**values):
-    """Run with these L-BFGS settings (LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in
-    nst.lbfgs; LBFGS_COMPILE in nst.optimize), restored after; kept
-    optimizations are dropped on the way in and out, as in `lowp_dtype`."""
-    homes = {"LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "LBFGS_COMPILE": nst_optimize}
+    """Run with these engine settings (LOWP_DTYPE, LOWP_STEPS, LBFGS_COMPILE in
+    nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs), restored
+    after; kept optimizations are dropped on the way in and out, so each
+    setting captures its own."""
+    homes = {"LOWP_DTYPE": nst_optimize, "LOWP_STEPS": nst_optimize, "LBFGS_COMPILE": nst_optimize,
+             "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs}
     saved = {name: getattr(homes[name], name) for name in values}
     for name, value in values.items():
         setattr(homes[name], name, value)
@@ -73,6 +57,15 @@ def engine_settings(**values):
         for name, value in saved.items():
             setattr(homes[name], name, value)
         nst_optimize.drop_programs()
+
+
+def lowp_dtype(name: str | None, steps: int | None = None):
+    """`engine_settings` with another low-precision dtype on this device type
+    (None: float32 throughout) and, if given, another count of bf16 steps."""
+    values = {"LOWP_DTYPE": {} if name is None else {"cuda": name, "cpu": name}}
+    if steps is not None:
+        values["LOWP_STEPS"] = steps
+    return engine_settings(**values)
 
 
 def sync_time() -> float:
