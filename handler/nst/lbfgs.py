@@ -142,12 +142,13 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
     ok = (sy > CURVATURE_EPS * yy) & (yy > 0) & state.started  # (B,)
     m = state.S.shape[1]
     idx = state.slot.view(1)
+    new, advance = ok, 1  # this pair's gamma is taken, and the slot moves on
     if usable is not None:
         keep = usable.view(-1, 1)
         s = torch.where(keep, s, state.S.index_select(1, idx).squeeze(1))  # the pair already there
         y = torch.where(keep, y, state.Y.index_select(1, idx).squeeze(1))
         kept_ok = state.valid.index_select(1, idx).squeeze(1) > 0
-        ok, new = torch.where(usable, ok, kept_ok), ok & usable
+        ok, new, advance = torch.where(usable, ok, kept_ok), ok & usable, usable.any().long()
     state.S.index_copy_(1, idx, s.unsqueeze(1).to(state.S.dtype))
     state.Y.index_copy_(1, idx, y.unsqueeze(1).to(state.Y.dtype))
     S_prod = _products(state.S, torch.stack([y, g], -1))  # (B, m, 2): s_i . y, s_i . g
@@ -157,12 +158,8 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
     state.YY.index_copy_(1, idx, Y_prod[:, :, 1].unsqueeze(1))
     state.YY.index_copy_(2, idx, Y_prod[:, :, 1].unsqueeze(2))
     state.valid.index_copy_(1, idx, ok.float().unsqueeze(1))
-    if usable is None:
-        state.gamma.copy_(torch.where(ok, sy / yy.clamp_min(1e-30), state.gamma))
-        state.slot.copy_((state.slot + 1) % m)
-    else:
-        state.gamma.copy_(torch.where(new, sy / yy.clamp_min(1e-30), state.gamma))
-        state.slot.copy_((state.slot + usable.any().long()) % m)
+    state.gamma.copy_(torch.where(new, sy / yy.clamp_min(1e-30), state.gamma))
+    state.slot.copy_((state.slot + advance) % m)
     return S_prod[:, :, 1], Y_prod[:, :, 2]
 
 
