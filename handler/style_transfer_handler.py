@@ -94,10 +94,11 @@ class StyleTransferHandler:
         warmed: dict = {}
         for preset in parse_presets(config.get("warm_up_presets", WARM_UP_PRESETS)):
             params = build_params({"preset": preset}, self.limits)
-            own = sizes if preset == Params.preset else list(dict.fromkeys(fit_size(s, params.max_size) for s in sizes))
+            default = preset == Params.preset
+            own = sizes if default else list(dict.fromkeys(fit_size(s, params.max_size) for s in sizes))
             done = warm_up(self.vgg, own, params=params,
                            max_batch=int(props.get("batch_size") or 1) if params.optimizer == "lbfgs" else 1)
-            warmed.update({k if preset == Params.preset else f"{k} ({preset})": v for k, v in done.items()})
+            warmed.update({k if default else f"{k} ({preset})": v for k, v in done.items()})
         self.initialized = True
         log.info(
             "style_transfer ready: device=%s weights=%s limits=%s warmed up=%s",
