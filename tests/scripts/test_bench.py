@@ -307,6 +307,64 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
     assert f"2.35 ms; 0.212 s, 7.25 ({7.25 / r['default']['loss']:.3f}x)" in text
 
 
+def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before_the_run():
+    """bench/gpu.py's candidate section: of the engine experiments, the one
+    with the shortest step among those at least CANDIDATE_MIN_GAIN shorter
+    than the default's and at most CANDIDATE_MAX_LOSS times its 100-step loss
+    (here made-up figures beside the stored H100 run's default); the same for
+    preset=seed's ways of running; and the nominee's measures render."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    r = json.loads((ROOT / "bench" / "gpu_results_h100.json").read_text())
+    base_ms, base_loss = r["square_ms_per_step_default"], r["default"]["loss"]
+    assert (gpu.CANDIDATE_MIN_GAIN, gpu.CANDIDATE_MAX_LOSS) == (0.03, 1.05)
+    figures = {"history_bf16": (0.96, 1.02),  # 4% shorter, 2% worse: passes
+               "history_bf16_20": (0.99, 0.98),  # 1% shorter: too little
+               "compiled_update": (0.80, 1.20),  # the shortest, but 20% worse
+               "stacked": (0.85, 1.04)}  # passes, shorter than history_bf16
+    for key, (ms, loss) in figures.items():
+        r[f"square_ms_per_step_default_{key}"] = ms * base_ms
+        r[f"{key}_100"] = {"steps": 100, "seconds": 0.2, "loss": loss * base_loss}
+    c = gpu.choose_engine(r)
+    assert c["pick"] == "stacked"
+    assert {k: t["passes"] for k, t in c["trials"].items()} == {
+        "history_bf16": True, "history_bf16_20": False, "compiled_update": False, "stacked": True}
+    assert abs(c["trials"]["stacked"]["gain"] - 0.15) < 1e-9
+    assert abs(c["trials"]["compiled_update"]["loss_vs_base"] - 1.20) < 1e-9
+    # nothing passes: no nominee; no core section: none either
+    del r["square_ms_per_step_default_stacked"], r["square_ms_per_step_default_history_bf16"]
+    assert gpu.choose_engine(r)["pick"] is None
+    assert gpu.choose_engine({k: v for k, v in r.items() if k != "default"})["pick"] is None
+    text = "\n".join(gpu.candidate_report({**r, "candidate": gpu.choose_engine(r)}))
+    assert "| compiled_update | " in text and "| 20.0% | 1.200 | no |" in text
+    assert "No experiment passed: the default stays." in text
+
+    seed_ms, eager_loss = r["seed_ms_per_step"], 800.0
+    r.update(seed_eager_loss=eager_loss, seed_graphs_ms_per_step=0.5 * seed_ms, seed_graphs_loss=1.01 * eager_loss,
+             seed_compiled={"ms_per_step": 0.98 * seed_ms, "loss": eager_loss, "steps": 300},
+             seed_compiled_graphs={"ms_per_step": 0.4 * seed_ms, "loss": 1.10 * eager_loss, "steps": 300})
+    sc = gpu.choose_seed(r)
+    assert sc["pick"] == "graphs"
+    assert [t["passes"] for t in sc["trials"].values()] == [True, False, False]
+    assert abs(sc["trials"]["graphs"]["vs_recipe"] - 0.5 * seed_ms / r["recipe"]["ms_per_step"]) < 1e-9
+
+    # the nominee measured as the default (made-up figures): its rows render
+    r["candidate"] = {**gpu.choose_engine(r), "pick": "history_bf16_20", "forced": True,
+                      "warm_up_s": {"512x384": 20.5, "512x512": 11.25}, "square_ms_per_step_default": 1.987,
+                      "square_500_steps_s": 1.0123,
+                      "to_recipe_loss": {"reached": True, "steps": 19, "seconds": 0.041, "loss": 630.0,
+                                         "speedup": 287.6},
+                      "default": {"steps": 100, "seconds": 0.2, "loss": 6.9, "speedup": 59.04, "loss_ratio": 0.01}}
+    r["seed_candidate"] = sc
+    text = gpu.report(r)
+    assert "The nominee (named by --candidate), `history_bf16_20` (a bf16 L-BFGS history of 20 pairs)" in text
+    assert "| step at 512x512 | 1.99 ms | <= 2.0 ms |" in text and "| 500 steps at 512x512 (whole run) | 1.01 s |" in text
+    assert "| 288x (19 steps, 0.041 s, loss 630) | >= 150x |" in text and "59.0x faster, loss 0.010x" in text
+    assert "compiling and capturing 512x384, 512x512 | 20.5 s, 11.2 s |" in text
+    assert f"| graphs | {0.5 * seed_ms:.2f} | " in text and "Nominated: `graphs`." in text
+
+
 def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_path):
     """bench/gpu_merge.py: the new run's figures replace the stored ones, the
     figures it did not measure stay, section times are kept per run, the
