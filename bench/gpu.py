@@ -73,8 +73,13 @@ ENGINE_EXPERIMENTS: dict[str, tuple[str, dict]] = {
 # decides on: its step at 512x512 at least CANDIDATE_MIN_GAIN shorter than the
 # default's (smaller gains are within two runs' spread on one card, e.g. the
 # seed's 0.85x against 1.01x on two H100s), and its 100-step image's loss at
-# most CANDIDATE_MAX_LOSS times the default's; of those, the shortest step.
-# The same for preset=seed's ways of running, against its eager steps.
+# most CANDIDATE_MAX_LOSS times the default's; of those, the shortest step
+# whose 100-step images on the quality corpus are no worse either: the worst
+# pair's loss against the recipe's stored one at most CANDIDATE_MAX_LOSS times
+# the default's worst (worst cases, not pair by pair: a pair the default
+# leaves at 4e-5 of the recipe's loss would swing either way on rounding).
+# The same for preset=seed's ways of running, against its eager steps (they
+# change only rounding: no corpus check).
 CANDIDATE_MIN_GAIN = 0.03
 CANDIDATE_MAX_LOSS = 1.05
 
@@ -92,15 +97,35 @@ def _nominate(base_ms: float, base_loss: float, trials: dict[str, tuple[float, f
             "min_gain": CANDIDATE_MIN_GAIN, "max_loss": CANDIDATE_MAX_LOSS, "trials": rows}
 
 
-def choose_engine(r: dict) -> dict:
+def corpus_check(default: dict[str, float], trial: dict[str, float], targets: dict[str, float]) -> dict:
+    """Corpus losses by pair ("name@WxH") of the default and of a trial,
+    each divided by the recipe's stored loss: the worst pair of each, and
+    whether the trial's worst is at most CANDIDATE_MAX_LOSS times the default's."""
+    pairs = {k: {"default": default[k] / targets[k], "trial": trial[k] / targets[k]} for k in default}
+    worst = {who: max(pairs, key=lambda k: pairs[k][who]) for who in ("default", "trial")}
+    return {"pairs": pairs, "worst_default": worst["default"], "worst_trial": worst["trial"],
+            "passes": pairs[worst["trial"]]["trial"] <= CANDIDATE_MAX_LOSS * pairs[worst["default"]]["default"]}
+
+
+def choose_engine(r: dict, corpus: dict[str, dict] | None = None) -> dict:
     """The engine experiment this run nominates (CANDIDATE_*), from the core
     section's default and engine_ablation's experiments; pick None where
-    none passes or either section is missing."""
+    none passes or either section is missing. `corpus`: corpus_check's
+    verdicts by experiment; given, an experiment without one does not pass."""
     if "square_ms_per_step_default" not in r or "default" not in r:
         return {"pick": None, "why": "the core section did not run", "trials": {}}
     trials = {key: (r[f"square_ms_per_step_default_{key}"], r[f"{key}_100"]["loss"]) for key in ENGINE_EXPERIMENTS
               if f"square_ms_per_step_default_{key}" in r and f"{key}_100" in r}
-    return _nominate(r["square_ms_per_step_default"], r["default"]["loss"], trials)
+    out = _nominate(r["square_ms_per_step_default"], r["default"]["loss"], trials)
+    if corpus is None:
+        return out
+    for key, row in out["trials"].items():
+        if key in corpus:
+            row["corpus"] = corpus[key]
+        row["passes"] = row["passes"] and corpus.get(key, {}).get("passes", False)
+    passing = [key for key, row in out["trials"].items() if row["passes"]]
+    out["pick"] = min(passing, key=lambda key: out["trials"][key]["ms_per_step"]) if passing else None
+    return out
 
 
 def choose_seed(r: dict) -> dict:
@@ -231,6 +256,19 @@ class Bench:
         result = stylize(self.vgg, content, [style], params, progress_every=max(params.steps, 1))
         seconds = sync_time() - t0
         return {"steps": params.steps, "seconds": seconds, "loss": self.score(result.image, content, style)}
+
+    def corpus_losses(self, steps: int, names=None) -> dict[str, float]:
+        """Each corpus pair's delivered loss ("name@WxH") after `steps`
+        default steps (its shapes are not warmed: they run uncompiled, as a
+        request of such a shape does)."""
+        out = {}
+        for pair in corpus.load_pairs(names):
+            content, style = (imageio.to_tensor(Image.open(io.BytesIO(b)), self.device)
+                              for b in (pair.content_png, pair.style_png))
+            result = stylize(self.vgg, content, [style], dataclasses.replace(Params(), steps=steps),
+                             progress_every=steps)
+            out[f"{pair.name}@{pair.size[0]}x{pair.size[1]}"] = self.score(result.image, content, style)
+        return out
 
     def seed_preset(self, size, steps: int) -> dict:
         return self.product(size, preset="seed", **{**SEED_PRESET, "steps": steps})
@@ -422,9 +460,25 @@ def main(argv=None) -> int:
         the way of running preset=seed it nominates (choose_seed: its
         figures are engine_ablation's)."""
         r["seed_candidate"] = choose_seed(r)
-        pick = r["candidate"] = choose_engine(r)
+        first = choose_engine(r)
+        # The corpus check, shortest step first, until one passes.
+        names = ["photo_painting", "dark_style"] if args.quick else None
+        targets = {k: v["loss_png"] for k, v in json.loads(
+            (ROOT / "bench" / "corpus" / "recipe_targets.json").read_text())["targets"].items()}
+        checks: dict[str, dict] = {}
+        order = [args.candidate] if args.candidate else sorted(
+            (k for k, t in first["trials"].items() if t["passes"]), key=lambda k: first["trials"][k]["ms_per_step"])
+        if order:
+            default_losses = bench.corpus_losses(100, names)
+        for key in order:
+            with engine_settings(**ENGINE_EXPERIMENTS[key][1]):
+                checks[key] = corpus_check(default_losses, bench.corpus_losses(100, names), targets)
+            if checks[key]["passes"]:
+                break
+        pick = r["candidate"] = choose_engine(r, checks)
         if args.candidate:
             pick["pick"], pick["forced"] = args.candidate, True
+            pick["corpus"] = checks[args.candidate]
         if pick["pick"] is None:
             return
         if "recipe" not in r:
@@ -666,13 +720,15 @@ def main(argv=None) -> int:
     if args.quick:
         plan = [("core", core), ("precisions", precisions), ("batching_64", batched(64)),
                 ("coarse_to_fine", coarse), ("memory", memory), ("engine_ablation", engine_ablation),
-                ("candidate", candidate), ("profile", profile), ("bf16_experiment", bf16_experiment), ("fp16_experiment", fp16_experiment)]
+                ("candidate", candidate), ("profile", profile), ("bf16_experiment", bf16_experiment),
+                ("fp16_experiment", fp16_experiment)]
     else:
         # Most wanted first: a short lent session may not reach the end. Coarse-to-fine
         # and batching at 128/512 px were measured on an H100 and decided (off):
         # --all runs them again.
         plan = [("core", core), ("profile", profile), ("engine_ablation", engine_ablation), ("candidate", candidate),
-                ("memory", memory), ("precisions", precisions), ("bf16_experiment", bf16_experiment), ("batching_256", batched(256))]
+                ("memory", memory), ("precisions", precisions), ("bf16_experiment", bf16_experiment),
+                ("batching_256", batched(256))]
         if args.all:  # float16 was measured on an H100 and decided (the GPU's default)
             plan += [("coarse_to_fine", coarse), ("batching_512", batched(512)), ("batching_128", batched(128)),
                      ("fp16_experiment", fp16_experiment)]
@@ -689,6 +745,10 @@ def _ttl_text(ttl: dict) -> str:
             if ttl["reached"] else f"not reached within {ttl['bound']} steps")
 
 
+def _worst_ratio(check: dict) -> str:
+    return f"{check['pairs'][check['worst_trial']]['trial'] / check['pairs'][check['worst_default']]['default']:.3f}x"
+
+
 def candidate_report(r: dict) -> list[str]:
     """The nominations (choose_engine, choose_seed) and the nominee's
     measures as the default's; [] where the candidate section did not run."""
@@ -697,10 +757,13 @@ def candidate_report(r: dict) -> list[str]:
     if c.get("trials"):
         blocks.append([f"Engine experiments against the default step, by the rule fixed before this run (bench/gpu.py "
                        f"CANDIDATE_*: a step at least {c['min_gain']:.0%} shorter, a 100-step loss at most "
-                       f"{c['max_loss']:.2f}x the default's; of those, the shortest step):", "",
-                       "| experiment | step at 512x512 | shorter by | 100-step loss / default's | passes |",
-                       "|---|---|---|---|---|",
+                       f"{c['max_loss']:.2f}x the default's, on the quality corpus a worst pair at most as "
+                       "much worse; of those, the shortest step; the corpus is checked shortest step first, until one passes):", "",
+                       "| experiment | step at 512x512 | shorter by | 100-step loss / default's "
+                       "| corpus: worst pair / default's worst | passes |",
+                       "|---|---|---|---|---|---|",
                        *[f"| {k} | {t['ms_per_step']:.2f} ms | {t['gain']:.1%} | {t['loss_vs_base']:.3f} | "
+                         f"{_worst_ratio(t['corpus']) if 'corpus' in t else '-'} | "
                          f"{'yes' if t['passes'] else 'no'} |" for k, t in c["trials"].items()]])
         if not c.get("pick"):
             blocks.append(["No experiment passed: the default stays."])
@@ -717,11 +780,23 @@ def candidate_report(r: dict) -> list[str]:
             f"{c['default']['loss_ratio']:.3f}x the recipe's | >= 25x, <= 0.05x |",
             "| worker start: compiling and capturing " + (", ".join(c["warm_up_s"]) or "nothing (compile off)")
             + " | " + (", ".join(f"{v:.1f} s" for v in c["warm_up_s"].values()) or "-") + " | off the request path |"])
+    check = (c.get("corpus") or c["trials"].get(c["pick"], {}).get("corpus")) if c.get("pick") else None
+    if check:
+        blocks.append([
+            f"The nominee's (`{c['pick']}`) 100-step images on the quality corpus against the default's (shapes "
+            "not warmed: uncompiled), loss over the recipe's stored loss, pair by pair:", "",
+            "| pair | default | nominee |", "|---|---|---|",
+            *[f"| {k} | {v['default']:.4f} | {v['trial']:.4f} |" for k, v in check["pairs"].items()], "",
+            f"Worst: the default {check['pairs'][check['worst_default']]['default']:.4f} "
+            f"({check['worst_default']}), the nominee {check['pairs'][check['worst_trial']]['trial']:.4f} "
+            f"({check['worst_trial']}): {_worst_ratio(check)} the default's "
+            f"({'within' if check['passes'] else 'past'} {CANDIDATE_MAX_LOSS:.2f}x)."])
     sc = r.get("seed_candidate") or {}
     if sc.get("trials"):
         blocks.append([f"preset=seed's ways of running against its eager steps ({r['seed_ms_per_step']:.2f} ms, "
                        f"{r['seed_vs_recipe']:.2f}x the recipe's), by the same rule:", "",
-                       "| way | ms per step | against the recipe's | loss / eager's | passes |", "|---|---|---|---|---|",
+                       "| way | ms per step | against the recipe's | loss / eager's | passes |",
+                       "|---|---|---|---|---|",
                        *[f"| {k} | {t['ms_per_step']:.2f} | {t.get('vs_recipe', float('nan')):.2f}x | "
                          f"{t['loss_vs_base']:.3f} | {'yes' if t['passes'] else 'no'} |"
                          for k, t in sc["trials"].items()],

@@ -332,12 +332,30 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
         "history_bf16": True, "history_bf16_20": False, "compiled_update": False, "stacked": True}
     assert abs(c["trials"]["stacked"]["gain"] - 0.15) < 1e-9
     assert abs(c["trials"]["compiled_update"]["loss_vs_base"] - 1.20) < 1e-9
+    # The corpus check compares worst cases against the recipe's stored losses:
+    # a pair far below the recipe may swing (dark: 2x) without failing it.
+    targets = {"tiny@32x32": 100.0, "dark@96x72": 1000.0}
+    default = {"tiny@32x32": 22.0, "dark@96x72": 0.04}
+    ok = gpu.corpus_check(default, {"tiny@32x32": 23.0, "dark@96x72": 0.08}, targets)
+    assert ok["passes"] and ok["worst_trial"] == ok["worst_default"] == "tiny@32x32"
+    assert abs(ok["pairs"]["dark@96x72"]["trial"] - 8e-5) < 1e-12
+    bad = gpu.corpus_check(default, {"tiny@32x32": 23.2, "dark@96x72": 0.04}, targets)  # 0.232 > 1.05 x 0.22
+    assert not bad["passes"]
+    # stacked fails its corpus check: history_bf16, the next shortest, is nominated;
+    # an experiment whose corpus was not checked does not pass
+    c = gpu.choose_engine(r, {"stacked": bad, "history_bf16": ok})
+    assert c["pick"] == "history_bf16" and c["trials"]["stacked"]["corpus"] is bad
+    assert gpu.choose_engine(r, {"stacked": bad})["pick"] is None
+    text = "\n".join(gpu.candidate_report({**r, "candidate": c}))
+    assert "| stacked | " in text and "| 1.055x | no |" in text and "| 1.045x | yes |" in text
+    assert "| tiny@32x32 | 0.2200 | 0.2300 |" in text
+    assert "Worst: the default 0.2200 (tiny@32x32), the nominee 0.2300 (tiny@32x32): 1.045x" in text
     # nothing passes: no nominee; no core section: none either
     del r["square_ms_per_step_default_stacked"], r["square_ms_per_step_default_history_bf16"]
     assert gpu.choose_engine(r)["pick"] is None
     assert gpu.choose_engine({k: v for k, v in r.items() if k != "default"})["pick"] is None
     text = "\n".join(gpu.candidate_report({**r, "candidate": gpu.choose_engine(r)}))
-    assert "| compiled_update | " in text and "| 20.0% | 1.200 | no |" in text
+    assert "| compiled_update | " in text and "| 20.0% | 1.200 | - | no |" in text
     assert "No experiment passed: the default stays." in text
 
     seed_ms, eager_loss = r["seed_ms_per_step"], 800.0
@@ -359,7 +377,8 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
     r["seed_candidate"] = sc
     text = gpu.report(r)
     assert "The nominee (named by --candidate), `history_bf16_20` (a bf16 L-BFGS history of 20 pairs)" in text
-    assert "| step at 512x512 | 1.99 ms | <= 2.0 ms |" in text and "| 500 steps at 512x512 (whole run) | 1.01 s |" in text
+    assert "| step at 512x512 | 1.99 ms | <= 2.0 ms |" in text
+    assert "| 500 steps at 512x512 (whole run) | 1.01 s |" in text
     assert "| 288x (19 steps, 0.041 s, loss 630) | >= 150x |" in text and "59.0x faster, loss 0.010x" in text
     assert "compiling and capturing 512x384, 512x512 | 20.5 s, 11.2 s |" in text
     assert f"| graphs | {0.5 * seed_ms:.2f} | " in text and "Nominated: `graphs`." in text
