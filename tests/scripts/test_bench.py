@@ -296,7 +296,7 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
     assert f"its Adam steps in a CUDA graph (experiment), against the recipe; loss after 300 steps | " \
            f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
     assert "L-BFGS update compiled too (experiment, off)" in text
-    assert ("the update compiled, a bf16 history of 20 pairs (experiment, off); 100 steps at 512x384: s, loss | "
+    assert ("the update compiled and a bf16 history (experiment, off); 100 steps at 512x384: s, loss | "
             "2.10 ms; 0.199 s, 7.5 |") in text
     assert "history stored in bf16" not in text  # not measured in this run: no row
     # a run whose precisions section was skipped (float32 and bf16 steps) still renders its core
