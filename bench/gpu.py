@@ -760,7 +760,8 @@ def candidate_report(r: dict) -> list[str]:
         blocks.append([f"Engine experiments against the default step, by the rule fixed before this run (bench/gpu.py "
                        f"CANDIDATE_*: a step at least {c['min_gain']:.0%} shorter, a 100-step loss at most "
                        f"{c['max_loss']:.2f}x the default's, on the quality corpus a worst pair at most as "
-                       "much worse; of those, the shortest step; the corpus is checked shortest step first, until one passes):", "",
+                       "much worse; of those, the shortest step; the corpus is checked shortest step first, "
+                       "until one passes):", "",
                        "| experiment | step at 512x512 | shorter by | 100-step loss / default's "
                        "| corpus: worst pair / default's worst | passes |",
                        "|---|---|---|---|---|---|",
@@ -802,7 +803,10 @@ def candidate_report(r: dict) -> list[str]:
                        *[f"| {k} | {t['ms_per_step']:.2f} | {t.get('vs_recipe', float('nan')):.2f}x | "
                          f"{t['loss_vs_base']:.3f} | {'yes' if t['passes'] else 'no'} |"
                          for k, t in sc["trials"].items()],
-                       "", f"Nominated: `{sc['pick']}`." if sc["pick"] else "None passed: eager steps stay."])
+                       "", (f"Nominated: `{sc['pick']}`." if sc["pick"] else "None passed: eager steps stay.")
+                       + (f" Compiling its loss at {r['size']} (what a worker's start adds with warm_up_presets "
+                          f"[\"fast\", \"seed\"], per shape) took {r['seed_compile_s']:.1f} s."
+                          if "seed_compile_s" in r else "")])
     return [line for i, block in enumerate(blocks) for line in ([""] if i else []) + block]
 
 

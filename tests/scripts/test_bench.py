@@ -382,6 +382,10 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
     assert "| 288x (19 steps, 0.041 s, loss 630) | >= 150x |" in text and "59.0x faster, loss 0.010x" in text
     assert "compiling and capturing 512x384, 512x512 | 20.5 s, 11.2 s |" in text
     assert f"| graphs | {0.5 * seed_ms:.2f} | " in text and "Nominated: `graphs`." in text
+    assert "Compiling its loss" not in text  # engine_ablation's seed warm-up did not run in the stored run
+    r["seed_compile_s"] = 17.25
+    assert "Compiling its loss at 512x384 (what a worker's start adds with warm_up_presets [\"fast\", \"seed\"], " \
+           "per shape) took 17.2 s." in gpu.report(r)
 
 
 def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_path):
