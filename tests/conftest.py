@@ -13,6 +13,15 @@ from PIL import Image
 from nst.vgg import VGGFeatures, random_features_state
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark `gpu` the tests that skip without a GPU (their skipif's reason
+    starts "needs a GPU"), so that a lent GPU's short session runs just
+    those: `pytest -m gpu tests/core` (bench/gpu_session.sh)."""
+    for item in items:
+        if any(str(m.kwargs.get("reason", "")).startswith("needs a GPU") for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
+
+
 def content_image(w: int = 48, h: int = 32) -> Image.Image:
     """Smooth colour gradient with a dark disc: low-frequency, warm."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float64)

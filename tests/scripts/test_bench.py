@@ -388,6 +388,32 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
            "per shape) took 17.2 s." in gpu.report(r)
 
 
+def test_a_lent_gpu_runs_exactly_the_core_tests_that_skip_without_one():
+    """bench/gpu_session.sh runs `pytest -m gpu tests/core`: tests/conftest.py
+    marks `gpu` every test whose skipif says "needs a GPU" (the sync-debug,
+    graph, compile, memory and float16-overflow tests), and nothing the CPU
+    runs anyway (their CPU siblings in the same files)."""
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m", "gpu",
+                        "tests/core"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    ids = {line.strip() for line in p.stdout.splitlines() if "::" in line}
+    for gpu_only in ("test_lbfgs.py::test_no_host_sync_inside_the_step_loop[compiled_update]",
+                     "test_lbfgs.py::test_a_bf16_history_on_the_gpu_multiplies_as_on_the_cpu_and_optimizes_in_a_cuda_graph",
+                     "test_lbfgs.py::test_seed_preset_adam_in_a_cuda_graph_takes_the_eager_steps",
+                     "test_memory.py::test_estimate_bounds_the_measured_gpu_peak[size2]",
+                     "test_compile.py::test_compiled_lbfgs_update_on_the_gpu_takes_the_eager_steps",
+                     "test_precision.py::test_loss_scaling_inside_cuda_graphs_survives_an_overflow",
+                     "test_kept_programs.py::test_warm_up_captures_graphs_that_serve_the_first_request"):
+        assert f"tests/core/{gpu_only}" in ids, gpu_only
+    for cpu in ("test_lbfgs.py::test_direction_matches_the_two_loop_recursion",
+                "test_compile.py::test_requests_never_compile_only_the_warm_up_does",
+                "test_memory.py::test_gpu_library_allocation_failures_are_out_of_memory"):
+        assert not any(i.startswith(f"tests/core/{cpu}") for i in ids), cpu
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    assert "-m gpu tests/core" in script
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")]).returncode == 0
+
+
 def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_path):
     """bench/gpu_merge.py: the new run's figures replace the stored ones, the
     figures it did not measure stay, section times are kept per run, the
