@@ -458,10 +458,9 @@ def main(argv=None) -> int:
     def candidate() -> None:
         """The engine experiment this run nominates (choose_engine; or the
         one --candidate names), measured as the core section measures the
-        default, so that making it the default needs no second GPU run; and
-        the way of running preset=seed it nominates (choose_seed: its
-        figures are engine_ablation's)."""
-        r["seed_candidate"] = choose_seed(r)
+        default, so that making it the default needs no second GPU run.
+        (preset=seed's nomination, choose_seed, is the report's: its figures
+        come from engine_ablation and seed_compiled.)"""
         first = choose_engine(r)
         # The corpus check, shortest step first, until one passes.
         names = ["photo_painting", "dark_style"] if args.quick else None
@@ -503,20 +502,21 @@ def main(argv=None) -> int:
 
     def engine_ablation() -> None:
         span = 40 if args.quick else 200
-        nst_optimize.CUDA_GRAPHS = False
-        try:
-            r["square_ms_per_step_default_eager"] = bench.per_step(square, 20, 20 + span // 2)
-        finally:
-            nst_optimize.CUDA_GRAPHS = True
-        compiled, nst_optimize.COMPILE = nst_optimize.COMPILE, False
-        try:
-            r["square_ms_per_step_default_uncompiled"] = bench.per_step(square, 40, 40 + span)
-        finally:
-            nst_optimize.COMPILE = compiled
-        # A shorter L-BFGS history (nst.config.LBFGS_HISTORY): the same steps
-        # to quality on the CPU corpus at 20 pairs; here, the cost of a step.
-        with engine_settings(LBFGS_HISTORY=20):
-            r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
+        if args.all:  # measured before (bench/gpu_results_*.json): the step without graphs, without compile, with 20 pairs
+            nst_optimize.CUDA_GRAPHS = False
+            try:
+                r["square_ms_per_step_default_eager"] = bench.per_step(square, 20, 20 + span // 2)
+            finally:
+                nst_optimize.CUDA_GRAPHS = True
+            compiled, nst_optimize.COMPILE = nst_optimize.COMPILE, False
+            try:
+                r["square_ms_per_step_default_uncompiled"] = bench.per_step(square, 40, 40 + span)
+            finally:
+                nst_optimize.COMPILE = compiled
+            # A shorter L-BFGS history (nst.config.LBFGS_HISTORY): the same steps
+            # to quality on the CPU corpus at 20 pairs; here, the cost of a step.
+            with engine_settings(LBFGS_HISTORY=20):
+                r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
         # Experiments on the optimizer's share of a step, each off: the history
         # stored in bf16 (LBFGS_HISTORY_DTYPE), also with 20 pairs, the update
         # compiled (LBFGS_COMPILE: its warm-up compiles it), and the last two together.
@@ -552,20 +552,25 @@ def main(argv=None) -> int:
         r["seed_eager_loss"] = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
         if "recipe" in r:
             r["seed_graphs_vs_recipe"] = r["seed_graphs_ms_per_step"] / r["recipe"]["ms_per_step"]
-        # A short request (as many steps as reaching the recipe's loss took)
-        # in a kept optimization against one that builds and captures its own.
-        steps = r.get("to_recipe_loss", {}).get("steps") or 20
-        kept = min(bench.product(main_size, steps=steps)["seconds"] for _ in range(3))
-        keep, nst_optimize.KEEP_PROGRAMS = nst_optimize.KEEP_PROGRAMS, {}
-        nst_optimize.drop_programs()
-        try:
-            built = min(bench.product(main_size, steps=steps)["seconds"] for _ in range(3))
-        finally:
-            nst_optimize.KEEP_PROGRAMS = keep
-        r["keeping"] = {"steps": steps, "kept_s": kept, "built_s": built}
-        # Last, since the compiled code stays: preset=seed's loss (the recipe's,
-        # in normalized space) compiled by a warm-up with the seed's params,
-        # eager steps, then also in a CUDA graph; per step and 300-step loss.
+        if args.all:  # measured before: a short request (as many steps as reaching the recipe's
+            # loss took) in a kept optimization against one that builds and captures its own
+            steps = r.get("to_recipe_loss", {}).get("steps") or 20
+            kept = min(bench.product(main_size, steps=steps)["seconds"] for _ in range(3))
+            keep, nst_optimize.KEEP_PROGRAMS = nst_optimize.KEEP_PROGRAMS, {}
+            nst_optimize.drop_programs()
+            try:
+                built = min(bench.product(main_size, steps=steps)["seconds"] for _ in range(3))
+            finally:
+                nst_optimize.KEEP_PROGRAMS = keep
+            r["keeping"] = {"steps": steps, "kept_s": kept, "built_s": built}
+
+    def seed_compiled() -> None:
+        """preset=seed's loss (the recipe's, in normalized space) compiled by a
+        warm-up with the seed's params, eager steps, then also in a CUDA graph;
+        per step and 300-step loss. After the sections that measure the fast
+        preset, since the compiled code stays."""
+        seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}
+        seed_a, seed_b = (20, 60) if args.quick else (100, 300)
         seed_params = dataclasses.replace(Params(), preset="seed", **SEED_PRESET)
         t0 = time.monotonic()
         nst_optimize.warm_up(bench.vgg, [main_size], params=seed_params)
@@ -722,15 +727,17 @@ def main(argv=None) -> int:
     if args.quick:
         plan = [("core", core), ("precisions", precisions), ("batching_64", batched(64)),
                 ("coarse_to_fine", coarse), ("memory", memory), ("engine_ablation", engine_ablation),
-                ("candidate", candidate), ("profile", profile), ("bf16_experiment", bf16_experiment),
+                ("candidate", candidate), ("seed_compiled", seed_compiled), ("profile", profile), ("bf16_experiment", bf16_experiment),
                 ("fp16_experiment", fp16_experiment)]
     else:
         # Most wanted first: a short lent session may not reach the end. Coarse-to-fine
         # and batching at 128/512 px were measured on an H100 and decided (off):
         # --all runs them again.
-        plan = [("core", core), ("profile", profile), ("engine_ablation", engine_ablation), ("candidate", candidate),
-                ("memory", memory), ("precisions", precisions), ("bf16_experiment", bf16_experiment),
-                ("batching_256", batched(256))]
+        # engine_ablation and candidate before the profile: a nominee measured
+        # as the default lets a later session change the default.
+        plan = [("core", core), ("engine_ablation", engine_ablation), ("candidate", candidate), ("profile", profile),
+                ("seed_compiled", seed_compiled), ("memory", memory), ("precisions", precisions),
+                ("bf16_experiment", bf16_experiment), ("batching_256", batched(256))]
         if args.all:  # float16 was measured on an H100 and decided (the GPU's default)
             plan += [("coarse_to_fine", coarse), ("batching_512", batched(512)), ("batching_128", batched(128)),
                      ("fp16_experiment", fp16_experiment)]
@@ -794,7 +801,7 @@ def candidate_report(r: dict) -> list[str]:
             f"({check['worst_default']}), the nominee {check['pairs'][check['worst_trial']]['trial']:.4f} "
             f"({check['worst_trial']}): {_worst_ratio(check)} the default's "
             f"({'within' if check['passes'] else 'past'} {CANDIDATE_MAX_LOSS:.2f}x)."])
-    sc = r.get("seed_candidate") or {}
+    sc = choose_seed(r)
     if sc.get("trials"):
         blocks.append([f"preset=seed's ways of running against its eager steps ({r['seed_ms_per_step']:.2f} ms, "
                        f"{r['seed_vs_recipe']:.2f}x the recipe's), by the same rule:", "",

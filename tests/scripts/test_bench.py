@@ -374,7 +374,6 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
                       "to_recipe_loss": {"reached": True, "steps": 19, "seconds": 0.041, "loss": 630.0,
                                          "speedup": 287.6},
                       "default": {"steps": 100, "seconds": 0.2, "loss": 6.9, "speedup": 59.04, "loss_ratio": 0.01}}
-    r["seed_candidate"] = sc
     text = gpu.report(r)
     assert "The nominee (named by --candidate), `history_bf16_20` (a bf16 L-BFGS history of 20 pairs)" in text
     assert "| step at 512x512 | 1.99 ms | <= 2.0 ms |" in text
