@@ -171,6 +171,13 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def stored_recipe_losses() -> dict[str, float]:
+    """The recipe's 2000-step delivered loss per corpus pair ("name@WxH"), as
+    the CPU bench stored it (bench/corpus/recipe_targets.json)."""
+    stored = json.loads((corpus.CORPUS_DIR / corpus.RECIPE_TARGETS).read_text())["targets"]
+    return {k: v["loss_png"] for k, v in stored.items()}
+
+
 def load_pair(size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
     content = Image.open(ROOT / "examples" / "tubingen.jpg").convert("RGB").resize(size, Image.LANCZOS)
     style = Image.open(ROOT / "examples" / "starry_night.jpg").convert("RGB").resize(size, Image.LANCZOS)
@@ -259,18 +266,21 @@ class Bench:
         seconds = sync_time() - t0
         return {"steps": params.steps, "seconds": seconds, "loss": self.score(result.image, content, style)}
 
+    def pair_tensors(self, pair: corpus.Pair) -> tuple[torch.Tensor, torch.Tensor]:
+        """A corpus pair's content and style on the device."""
+        return tuple(imageio.to_tensor(Image.open(io.BytesIO(b)), self.device)
+                     for b in (pair.content_png, pair.style_png))
+
+    def delivered_loss(self, content: torch.Tensor, style: torch.Tensor, steps: int) -> float:
+        """The recipe's loss of the PNG that `steps` default steps deliver (a
+        shape not warmed runs uncompiled, as a request of it does)."""
+        result = stylize(self.vgg, content, [style], dataclasses.replace(Params(), steps=steps), progress_every=steps)
+        return self.score(result.image, content, style)
+
     def corpus_losses(self, steps: int, names=None) -> dict[str, float]:
-        """Each corpus pair's delivered loss ("name@WxH") after `steps`
-        default steps (its shapes are not warmed: they run uncompiled, as a
-        request of such a shape does)."""
-        out = {}
-        for pair in corpus.load_pairs(names):
-            content, style = (imageio.to_tensor(Image.open(io.BytesIO(b)), self.device)
-                              for b in (pair.content_png, pair.style_png))
-            result = stylize(self.vgg, content, [style], dataclasses.replace(Params(), steps=steps),
-                             progress_every=steps)
-            out[f"{pair.name}@{pair.size[0]}x{pair.size[1]}"] = self.score(result.image, content, style)
-        return out
+        """Each corpus pair's delivered loss ("name@WxH") after `steps` default steps."""
+        return {f"{pair.name}@{pair.size[0]}x{pair.size[1]}": self.delivered_loss(*self.pair_tensors(pair), steps)
+                for pair in corpus.load_pairs(names)}
 
     def seed_preset(self, size, steps: int) -> dict:
         return self.product(size, preset="seed", **{**SEED_PRESET, "steps": steps})
@@ -464,8 +474,7 @@ def main(argv=None) -> int:
         first = choose_engine(r)
         # The corpus check, shortest step first, until one passes.
         names = ["photo_painting", "dark_style"] if args.quick else None
-        targets = {k: v["loss_png"] for k, v in json.loads(
-            (ROOT / "bench" / "corpus" / "recipe_targets.json").read_text())["targets"].items()}
+        targets = stored_recipe_losses()
         checks: dict[str, dict] = {}
         order = [args.candidate] if args.candidate else sorted(
             (k for k, t in first["trials"].items() if t["passes"]), key=lambda k: first["trials"][k]["ms_per_step"])
@@ -656,7 +665,7 @@ def main(argv=None) -> int:
         # (loss against the CPU recipe's stored target; small shapes run
         # uncompiled, as a request of a shape not warmed does), then speed at
         # the main size, compiled for float16 by its own warm-up.
-        targets = json.loads((ROOT / "bench" / "corpus" / "recipe_targets.json").read_text())["targets"]
+        targets = stored_recipe_losses()
         # lowp_dtype's arguments; "default": the default before float16 (bf16
         # for LOWP_STEPS, then float32)
         variants = {"default": ("bfloat16", None), "bf16": ("bfloat16", 10**9), "fp16": ("float16", None)}
@@ -664,16 +673,13 @@ def main(argv=None) -> int:
 
         rows = r["fp16_corpus"] = []
         for pair in corpus.load_pairs(["photo_painting", "dark_style"] if args.quick else None):
-            content, style = (imageio.to_tensor(Image.open(io.BytesIO(b)), device)
-                              for b in (pair.content_png, pair.style_png))
+            content, style = bench.pair_tensors(pair)
             row = {"name": pair.name, "size": f"{pair.size[0]}x{pair.size[1]}",
-                   "recipe_loss_cpu": targets.get(f"{pair.name}@{pair.size[0]}x{pair.size[1]}", {}).get("loss_png")}
+                   "recipe_loss_cpu": targets.get(f"{pair.name}@{pair.size[0]}x{pair.size[1]}")}
             for name, variant in variants.items():
                 with lowp_dtype(*variant):
                     for n in counts:
-                        out = stylize(bench.vgg, content, [style], dataclasses.replace(Params(), steps=n),
-                                      progress_every=n)
-                        row[f"{name}_{n}"] = bench.score(out.image, content, style)
+                        row[f"{name}_{n}"] = bench.delivered_loss(content, style, n)
             rows.append(row)
             print(json.dumps(row), flush=True)
         speed = r["fp16_speed"] = {"size": r["size"]}
@@ -984,8 +990,9 @@ def report(r: dict) -> str:
         lines += [""] + fp16_report(r)
     if r.get("profile"):
         lines += [""] + profile_report(r["profile"])
-    if candidate_report(r):
-        lines += [""] + candidate_report(r)
+    nominations = candidate_report(r)
+    if nominations:
+        lines += [""] + nominations
     if r.get("memory"):
         lines += [
             "",
