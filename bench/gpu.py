@@ -32,6 +32,7 @@ import corpus  # noqa: E402
 import reference_recipe as ref  # noqa: E402
 from nst import VGGFeatures, imageio  # noqa: E402
 from nst import lbfgs as nst_lbfgs  # noqa: E402
+from nst import losses as nst_losses  # noqa: E402
 from nst import optimize as nst_optimize  # noqa: E402
 from nst.config import CUDNN_AUTOTUNE, SEED_PRESET, Params  # noqa: E402
 from nst.memory import estimate_bytes  # noqa: E402
@@ -42,11 +43,11 @@ from nst.vgg import random_features_state  # noqa: E402
 @contextlib.contextmanager
 def engine_settings(**values):
     """Run with these engine settings (LOWP_DTYPE, LOWP_STEPS, LBFGS_COMPILE in
-    nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs), restored
-    after; kept optimizations are dropped on the way in and out, so each
-    setting captures its own."""
+    nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs; GRAM_LOWP
+    in nst.losses), restored after; kept optimizations are dropped on the way
+    in and out, so each setting captures its own."""
     homes = {"LOWP_DTYPE": nst_optimize, "LOWP_STEPS": nst_optimize, "LBFGS_COMPILE": nst_optimize,
-             "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs}
+             "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "GRAM_LOWP": nst_losses}
     saved = {name: getattr(homes[name], name) for name in values}
     for name, value in values.items():
         setattr(homes[name], name, value)
@@ -69,7 +70,14 @@ ENGINE_EXPERIMENTS: dict[str, tuple[str, dict]] = {
     # recipe's loss against 0.231x (bench/sweep_lbfgs_history.json), past the
     # candidate rule's 1.05x, so a 20-pair stack could not be nominated.
     "stacked": ("the update compiled and a bf16 history", dict(LBFGS_COMPILE=True, LBFGS_HISTORY_DTYPE="bfloat16")),
+    "gram_lowp": ("Grams of the float16 features, accumulated in float32", dict(GRAM_LOWP=True)),
+    "stacked_gram": ("the update compiled, a bf16 history and float16 Grams",
+                     dict(LBFGS_COMPILE=True, LBFGS_HISTORY_DTYPE="bfloat16", GRAM_LOWP=True)),
 }
+# Settings that change what the warm-up compiles: an experiment with one of
+# them warms up first, as a worker's start would, since a request never
+# compiles (its steps would otherwise run uncompiled code).
+COMPILED_SETTINGS = ("LBFGS_COMPILE", "GRAM_LOWP")
 # Which experiment a run nominates to become the default, fixed before any
 # run measured them so that the choice is not fitted to the figures it
 # decides on: its step at 512x512 at least CANDIDATE_MIN_GAIN shorter than the
@@ -207,13 +215,17 @@ def kernel_group(name: str) -> str:
 
 def group_kernels(rows: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
     """(kernel name, total ms, calls) over `steps` steps -> ms per step in
-    all, per group (largest first) and for the `top` kernels."""
+    all, per group (largest first) and for the `top` kernels; calls per step
+    per group."""
     groups: dict[str, float] = {}
-    for name, ms, _ in rows:
+    calls: dict[str, float] = {}
+    for name, ms, count in rows:
         groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms / steps
+        calls[kernel_group(name)] = calls.get(kernel_group(name), 0.0) + count / steps
     ranked = sorted(rows, key=lambda r: -r[1])[:top]
     return {"ms_per_step": sum(r[1] for r in rows) / steps,
             "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "calls_per_step": calls,
             "top": [{"kernel": n[:120], "ms_per_step": ms / steps, "calls_per_step": c / steps}
                     for n, ms, c in ranked]}
 
@@ -526,16 +538,18 @@ def main(argv=None) -> int:
             # to quality on the CPU corpus at 20 pairs; here, the cost of a step.
             with engine_settings(LBFGS_HISTORY=20):
                 r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
-        # Experiments on the optimizer's share of a step, each off: the history
-        # stored in bf16 (LBFGS_HISTORY_DTYPE), also with 20 pairs, the update
-        # compiled (LBFGS_COMPILE: its warm-up compiles it), and the last two together.
+        # Experiments on the step, each off: the history stored in bf16
+        # (LBFGS_HISTORY_DTYPE), also with 20 pairs, the update compiled
+        # (LBFGS_COMPILE), the two together, the Grams of the float16 features
+        # (GRAM_LOWP), and all three (ENGINE_EXPERIMENTS); those that change
+        # compiled code warm up first (COMPILED_SETTINGS).
         # Per step at 512x512, and the 100-step image at main_size against the default's.
         # A failure is recorded and the next experiment runs (a compiler may
         # refuse one that the eager code runs).
         for key, (_, values) in ENGINE_EXPERIMENTS.items():
             try:
                 with engine_settings(**values):
-                    if values.get("LBFGS_COMPILE"):
+                    if any(values.get(name) for name in COMPILED_SETTINGS):
                         t0 = time.monotonic()
                         nst_optimize.warm_up(bench.vgg, [main_size, square])
                         r[f"{key}_warm_up_s"] = time.monotonic() - t0

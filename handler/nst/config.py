@@ -257,6 +257,19 @@ COMPILE = True
 # measures the optimizer's share of a step; its engine_ablation the step with
 # this on.
 LBFGS_COMPILE = False
+# Experiment, off until measured on a GPU: the Gram matrices of 16-bit
+# features (every fast-preset step on a GPU, LOWP_DTYPE) by matmuls that read
+# the features in their own dtype and accumulate in float32
+# (nst.losses._LowpGram), where today each style layer's features are first
+# copied to float32. At 512x512 the five style layers hold 32M values, so
+# the copy writes 128 MB that the matmul reads back, and the backward reads
+# that copy again: about 0.3 GB less memory traffic per step (reckoned from
+# the layer shapes, not measured; an H100 moves about 3 GB per ms). The
+# forward's numbers are the same (16-bit values are exact in float32, and
+# TF32 keeps float16's bits); the backward rounds dG + dG^T to 16 bits,
+# scaled to its range.
+# bench/gpu.py's engine_ablation measures the step with it on.
+GRAM_LOWP = False
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
 # Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
 # faster, but the first request of every new shape waits about 8 s while it

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .config import LBFGS_HISTORY, LBFGS_HISTORY_DTYPE, LBFGS_MEMORY
+from .losses import bmm_f32
 
 # A pair (s, y) enters the history only if s.y > CURVATURE_EPS * y.y: the
 # inverse-Hessian update needs s.y > 0, and a relative test is independent of
@@ -116,15 +117,11 @@ def _products(M: Tensor, V: Tensor) -> Tensor:
     """M @ V in float32: (B, a, b) @ (B, b, k) -> (B, a, k), for M the
     history (or its transpose) and V float32 vectors. With a 16-bit history
     V is rounded to its dtype as well, and the products are accumulated and
-    returned in float32: on a GPU by one matmul that reads the history at
-    half the bytes (out_dtype, CUDA only), elsewhere by the same sums of the
-    same rounded numbers in float32."""
+    returned in float32 (`bmm_f32`: on a GPU one matmul that reads the
+    history at half the bytes)."""
     if M.dtype == torch.float32:
         return torch.bmm(M, V)
-    V = V.to(M.dtype)
-    if M.is_cuda:
-        return torch.bmm(M, V, out_dtype=torch.float32)
-    return torch.bmm(M.float(), V.float())
+    return bmm_f32(M, V.to(M.dtype))
 
 
 def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = None) -> tuple[Tensor, Tensor]:

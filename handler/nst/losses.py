@@ -15,13 +15,58 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import RECIPE_CONTENT_LAYER
+from .config import GRAM_LOWP, RECIPE_CONTENT_LAYER
 from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
+
+LOWP = (torch.float16, torch.bfloat16)
+
+
+def bmm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 16-bit a and b of one dtype, (B, n, k) @ (B, k, p) -> (B, n, p),
+    accumulated and returned in float32: on a GPU by one matmul that reads
+    the 16-bit operands as they are (out_dtype, CUDA only), elsewhere by the
+    same sums of the same numbers in float32."""
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+class _LowpGram(torch.autograd.Function):
+    """flat^T flat for 16-bit features flat (B, N, C), in float32 (GRAM_LOWP).
+
+    The float32 path first writes a float32 copy of the features (twice their
+    bytes), which its matmul then reads, and its backward writes a float32
+    gradient for the cast back. Here the matmuls read the 16-bit features.
+    The forward sees the same numbers: a 16-bit value is exact in float32,
+    and TF32 (which rounds a float32 matmul's inputs to 10 mantissa bits)
+    keeps every float16 bit. The backward's (dG + dG^T) is rounded to the
+    features' dtype after scaling it by a power of two that brings its
+    largest entry to [1, 2), so float16's range cannot clip it; a non-finite
+    dG gives a non-finite gradient, which the loss scaling then skips."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor) -> Tensor:
+        ctx.save_for_backward(flat)
+        return bmm_f32(flat.transpose(1, 2), flat)  # (B, C, C)
+
+    @staticmethod
+    def backward(ctx, d_gram: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        sym = d_gram + d_gram.transpose(1, 2)  # d(F^T F) = F (dG + dG^T): (B, C, C)
+        top = sym.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.exp2(-torch.floor(torch.log2(top)))  # (B, 1, 1), exact powers of two
+        return (bmm_f32(flat, (sym * scale).to(flat.dtype)) / scale).to(flat.dtype)  # (B, N, C)
 
 
 def gram(features: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, C, C): each image's unnormalized Gram matrix, in float32."""
     b, c, h, w = features.shape
+    if GRAM_LOWP and features.dtype in LOWP and c > 1:
+        nhwc = features.is_contiguous(memory_format=torch.channels_last)
+        # (B, H*W, C): a view either way (of NHWC, or transposed from NCHW)
+        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c) if nhwc else \
+            features.reshape(b, c, h * w).transpose(1, 2)
+        return _LowpGram.apply(flat)
     if features.is_contiguous(memory_format=torch.channels_last) and c > 1:
         flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # (B, H*W, C): a view of NHWC
         return torch.bmm(flat.transpose(1, 2), flat)

@@ -272,6 +272,40 @@ def test_compiled_loss_and_gradient_match_the_uncompiled_ones(vgg_state, fresh_c
 
 
 @GPU
+def test_the_lowp_gram_compiled_on_the_gpu_takes_the_float32_grams_steps(vgg_state, fresh_compile, monkeypatch):
+    """GRAM_LOWP through inductor (its float32-accumulating bmm) inside the
+    CUDA graphs: the compiled float16 loss and gradient match the float32
+    Gram's, and a request after its warm-up compiles nothing and ends at
+    the float32 Gram's loss."""
+    from nst import losses
+
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    content, style = (t.to(device) for t in images(48, 64, 9))
+    params = dataclasses.replace(Params(), steps=60)
+    warm_up(vgg, [(64, 48)])
+    plain = stylize(vgg, content, [style], params)
+    p = Params()
+    objective = make_objective(vgg, vgg.normalize(content), [vgg.normalize(style)],
+                               style_layer_weights=p.style_layer_weights, content_weight=1.0, style_weight=1e6)
+    x = (content + 0.05 * torch.randn_like(content)).requires_grad_(True)
+    a = pixels_loss(objective, x, torch.float16).sum()
+    (ga,) = torch.autograd.grad(a, x)
+    optimize_mod.drop_programs()
+    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    warm_up(vgg, [(64, 48)])
+    warmed = graphs_compiled()
+    b = loss_function(False, device)(objective, x, torch.float16).sum()
+    (gb,) = torch.autograd.grad(b, x)
+    assert b.item() == pytest.approx(a.item(), rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0).item() > 0.999
+    lowp = stylize(vgg, content, [style], params)
+    assert graphs_compiled() == warmed
+    print(f"float16 Grams vs float32 Grams at 64x48, 60 steps: loss {lowp.loss:.4g} vs {plain.loss:.4g}")
+    assert lowp.loss == pytest.approx(plain.loss, rel=0.2)
+
+
+@GPU
 def test_a_warmed_shape_runs_fused_kernels_and_a_cold_one_does_not(vgg_state, fresh_compile, monkeypatch):
     """The compiled program's kernels are Triton's; a shape nobody warmed runs
     cuDNN/ATen kernels only, and nothing is compiled for it."""

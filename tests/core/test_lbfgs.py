@@ -265,24 +265,28 @@ def test_the_default_does_not_stall_on_a_near_black_style(vgg, history, monkeypa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: host syncs are a CUDA notion")
-@pytest.mark.parametrize("compiled, update", [(False, False), (True, False), (True, True)],
-                         ids=["uncompiled", "compiled", "compiled_update"])
-def test_no_host_sync_inside_the_step_loop(vgg_state, compiled, update, monkeypatch):
+@pytest.mark.parametrize("compiled, update, gram", [(False, False, False), (True, False, False),
+                                                    (True, True, False), (True, False, True)],
+                         ids=["uncompiled", "compiled", "compiled_update", "compiled_gram_lowp"])
+def test_no_host_sync_inside_the_step_loop(vgg_state, compiled, update, gram, monkeypatch):
     """Between progress points nothing reads the GPU back. With
     set_sync_debug_mode("warn") every synchronizing call warns; 20 more steps
     (2 more progress points) must add exactly 2 syncs, where a sync per step
     (torch.optim.LBFGS makes about 70) would add hundreds. Both for a shape
     the worker warmed (the compiled loss, and the compiled L-BFGS update of
-    the LBFGS_COMPILE experiment) and one it did not."""
+    the LBFGS_COMPILE experiment, or the GRAM_LOWP experiment's Grams) and
+    one it did not."""
     import warnings
 
     import nst.optimize as optimize_mod
+    from nst import losses
     from nst.vgg import VGGFeatures
 
     device = torch.device("cuda")
     vgg = VGGFeatures(vgg_state).to(device)
     monkeypatch.setattr(optimize_mod, "COMPILE", compiled)
     monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", update)
+    monkeypatch.setattr(losses, "GRAM_LOWP", gram)
     if compiled:
         optimize_mod.warm_up(vgg, [(64, 64)])
     content = torch.rand(1, 3, 64, 64, device=device)

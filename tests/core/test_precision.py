@@ -75,6 +75,95 @@ def test_gram_of_channels_last_features_equals_the_reference():
     assert torch.allclose(gram(f), reference, atol=1e-5)
 
 
+def _features(dtype, channels_last, seed=0, shape=(2, 16, 6, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    f = (torch.randn(*shape, generator=gen).relu() * 3).to(dtype)  # post-ReLU-like
+    return f.contiguous(memory_format=torch.channels_last) if channels_last else f
+
+
+def _gram64(f):
+    flat = f.double().flatten(2)  # (B, C, H*W)
+    return torch.bmm(flat, flat.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_lowp_gram_is_the_float32_gram_of_the_same_numbers(dtype, channels_last, monkeypatch):
+    """GRAM_LOWP: the 16-bit features' Gram, accumulated in float32, is the
+    float32 path's (the same exactly representable numbers; here the same
+    sums), and the reference formula's to float32 rounding."""
+    from nst import losses
+
+    f = _features(dtype, channels_last)
+    plain = losses.gram(f)
+    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    lowp = losses.gram(f)
+    assert lowp.dtype == torch.float32 and lowp.shape == (2, 16, 16)
+    assert torch.equal(lowp, plain)
+    torch.testing.assert_close(lowp.double(), _gram64(f), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_lowp_gram_gradient_matches_the_float64_reference(dtype, tol, monkeypatch):
+    """The style loss's gradient through the 16-bit Gram against the
+    reference formula in float64, within the dtype's rounding, as close as
+    the float32 path's."""
+    from nst import losses
+
+    f = _features(dtype, True, seed=1)
+    target = _gram64(_features(dtype, True, seed=2)).float()
+    ref = f.double().requires_grad_(True)
+    _, d, h, w = f.shape
+    (((_gram64(ref) - target.double()) ** 2).mean(dim=(1, 2)) / (d * h * w)).sum().backward()
+
+    def grad(lowp: bool):
+        monkeypatch.setattr(losses, "GRAM_LOWP", lowp)
+        x = f.clone().requires_grad_(True)
+        losses.style_layer_loss(x, target).sum().backward()
+        assert x.grad.dtype == dtype
+        return (x.grad.double() - ref.grad).abs().max().item() / ref.grad.abs().max().item()
+
+    plain, lowp = grad(False), grad(True)
+    assert lowp < tol and lowp < 2 * plain + tol / 4, (lowp, plain)
+
+
+def test_lowp_gram_backward_scales_dG_into_float16s_range(monkeypatch):
+    """dG + dG^T is rounded to float16 only after a power-of-two scaling: a
+    dG past 65504 still gives the finite, exact gradient F (dG + dG^T) when
+    that fits; a non-finite dG gives a non-finite gradient (which the loss
+    scaling skips), never a silently finite one."""
+    from nst import losses
+
+    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    f = torch.full((1, 2, 2, 2), 2.0 ** -8, dtype=torch.float16)  # F = 2^-8 everywhere
+    x = f.clone().requires_grad_(True)
+    d_gram = torch.full((1, 2, 2), 2.0 ** 20)  # 16x float16's largest value
+    losses.gram(x).backward(d_gram)
+    # dF[c, p] = sum_k F[k, p] (dG[c, k] + dG[k, c]) = 2 * 2^-8 * 2 * 2^20 = 2^14
+    assert torch.equal(x.grad, torch.full_like(f, 2.0 ** 14))
+    y = f.clone().requires_grad_(True)
+    d_gram[0, 0, 1] = float("inf")
+    losses.gram(y).backward(d_gram)
+    assert not torch.isfinite(y.grad).all()
+
+
+def test_float16_steps_with_the_lowp_gram_take_the_float32_grams_steps(vgg, monkeypatch):
+    """Thirty float16 L-BFGS steps (a GPU's, forced on the CPU) end at the
+    same loss with GRAM_LOWP on as off, with none skipped."""
+    from nst import losses
+
+    gen = torch.Generator().manual_seed(8)
+    content, style = torch.rand(1, 3, 32, 32, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    params = dataclasses.replace(Params(), steps=30)
+    monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float16)
+    plain = stylize(vgg, content, [style], params)
+    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    lowp = stylize(vgg, content, [style], params)
+    assert lowp.skipped_steps == plain.skipped_steps == 0
+    assert lowp.loss == pytest.approx(plain.loss, rel=0.05)
+    assert lowp.loss < 0.2 * lowp.history[0].loss  # it optimized
+
+
 def test_a_gpu_runs_every_step_in_float16_and_a_cpu_finishes_bf16_in_float32():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
     assert compute_dtype(cuda, Params()) == torch.float16
