@@ -405,3 +405,30 @@ def test_no_batch_program_where_rows_never_share(vgg, eager_backend_on_cpu, monk
     before = graphs_compiled()
     warm_up(vgg, [(48, 32)], max_batch=4)
     assert graphs_compiled() - before > one_row > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code generation needs a C++ compiler")
+def test_the_lowp_gram_compiles_whole_and_gives_the_eager_loss_and_gradient(fresh_compile, monkeypatch):
+    """GRAM_LOWP's autograd Function traced by dynamo in one graph
+    (fullgraph: no break around it, so the compiled loss keeps its fused
+    kernels on both sides) and compiled by inductor (its CPU code generation
+    here; a GPU's float32-accumulating bmm is the GPU test's): the eager
+    style loss and gradient, to float16 rounding."""
+    from nst import losses
+
+    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    gen = torch.Generator().manual_seed(3)
+    f = (torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half().contiguous(memory_format=torch.channels_last)
+    target = losses.gram((torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half())
+
+    def loss_and_grad(fn):
+        x = f.clone().requires_grad_(True)
+        loss = fn(x, target).sum()
+        (g,) = torch.autograd.grad(loss, x)
+        return loss, g
+
+    eager = loss_and_grad(losses.style_layer_loss)
+    compiled = loss_and_grad(torch.compile(losses.style_layer_loss, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(compiled[1].float(), eager[1].float(), rtol=2e-3, atol=1e-3 * eager[1].abs().max().item())
