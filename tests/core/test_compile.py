@@ -228,23 +228,32 @@ def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, history, 
         assert eager[2][2].item() == 1  # the overflowed step was counted as skipped
 
 
+def _default_then_experiment(vgg_state, monkeypatch, seed, module, setting):
+    """60 steps at 64x48 on a GPU, in a shape the worker warmed: the default's,
+    then with `setting` of `module` on, warmed again as a worker with it on
+    would be. The second request compiles nothing. -> (the objective's
+    ingredients (vgg, content, style), the default's result, the experiment's)."""
+    device = torch.device("cuda")
+    vgg = VGGFeatures(vgg_state).to(device)
+    content, style = (t.to(device) for t in images(48, 64, seed))
+    params = dataclasses.replace(Params(), steps=60)
+    warm_up(vgg, [(64, 48)])
+    before = stylize(vgg, content, [style], params)
+    optimize_mod.drop_programs()
+    monkeypatch.setattr(module, setting, True)
+    warm_up(vgg, [(64, 48)])
+    warmed = graphs_compiled()
+    after = stylize(vgg, content, [style], params)
+    assert graphs_compiled() == warmed
+    return (vgg, content, style), before, after
+
+
 @GPU
 def test_compiled_lbfgs_update_on_the_gpu_takes_the_eager_steps(vgg_state, fresh_compile, monkeypatch):
     """Real inductor, inside the CUDA graphs: a request after the warm-up
     compiles nothing and reaches the eager update's loss (fused kernels
     round otherwise, which the steps amplify: the losses compare)."""
-    device = torch.device("cuda")
-    vgg = VGGFeatures(vgg_state).to(device)
-    content, style = (t.to(device) for t in images(48, 64, 7))
-    params = dataclasses.replace(Params(), steps=60)
-    warm_up(vgg, [(64, 48)])
-    eager = stylize(vgg, content, [style], params)
-    optimize_mod.drop_programs()
-    monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", True)
-    warm_up(vgg, [(64, 48)])
-    warmed = graphs_compiled()
-    compiled = stylize(vgg, content, [style], params)
-    assert graphs_compiled() == warmed
+    _, eager, compiled = _default_then_experiment(vgg_state, monkeypatch, 7, optimize_mod, "LBFGS_COMPILE")
     assert optimize_mod.lbfgs_update in optimize_mod._COMPILED
     print(f"compiled L-BFGS update vs eager at 64x48, 60 steps: loss {compiled.loss:.4g} vs {eager.loss:.4g}")
     assert compiled.loss == pytest.approx(eager.loss, rel=0.2)
@@ -274,35 +283,25 @@ def test_compiled_loss_and_gradient_match_the_uncompiled_ones(vgg_state, fresh_c
 @GPU
 def test_the_lowp_gram_compiled_on_the_gpu_takes_the_float32_grams_steps(vgg_state, fresh_compile, monkeypatch):
     """GRAM_LOWP through inductor (its float32-accumulating bmm) inside the
-    CUDA graphs: the compiled float16 loss and gradient match the float32
-    Gram's, and a request after its warm-up compiles nothing and ends at
-    the float32 Gram's loss."""
+    CUDA graphs: a request after its warm-up compiles nothing and ends at
+    the float32 Grams' loss, and the compiled float16 loss and gradient
+    match the uncompiled float32 Grams'."""
     from nst import losses
 
-    device = torch.device("cuda")
-    vgg = VGGFeatures(vgg_state).to(device)
-    content, style = (t.to(device) for t in images(48, 64, 9))
-    params = dataclasses.replace(Params(), steps=60)
-    warm_up(vgg, [(64, 48)])
-    plain = stylize(vgg, content, [style], params)
+    (vgg, content, style), plain, lowp = _default_then_experiment(vgg_state, monkeypatch, 9, losses, "GRAM_LOWP")
+    print(f"float16 Grams vs float32 Grams at 64x48, 60 steps: loss {lowp.loss:.4g} vs {plain.loss:.4g}")
+    assert lowp.loss == pytest.approx(plain.loss, rel=0.2)
     p = Params()
     objective = make_objective(vgg, vgg.normalize(content), [vgg.normalize(style)],
                                style_layer_weights=p.style_layer_weights, content_weight=1.0, style_weight=1e6)
     x = (content + 0.05 * torch.randn_like(content)).requires_grad_(True)
+    b = loss_function(False, content.device)(objective, x, torch.float16).sum()
+    (gb,) = torch.autograd.grad(b, x)
+    monkeypatch.setattr(losses, "GRAM_LOWP", False)
     a = pixels_loss(objective, x, torch.float16).sum()
     (ga,) = torch.autograd.grad(a, x)
-    optimize_mod.drop_programs()
-    monkeypatch.setattr(losses, "GRAM_LOWP", True)
-    warm_up(vgg, [(64, 48)])
-    warmed = graphs_compiled()
-    b = loss_function(False, device)(objective, x, torch.float16).sum()
-    (gb,) = torch.autograd.grad(b, x)
     assert b.item() == pytest.approx(a.item(), rel=1e-2)
     assert torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0).item() > 0.999
-    lowp = stylize(vgg, content, [style], params)
-    assert graphs_compiled() == warmed
-    print(f"float16 Grams vs float32 Grams at 64x48, 60 steps: loss {lowp.loss:.4g} vs {plain.loss:.4g}")
-    assert lowp.loss == pytest.approx(plain.loss, rel=0.2)
 
 
 @GPU
