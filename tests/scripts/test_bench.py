@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -478,3 +479,26 @@ def test_every_engine_experiment_sets_its_settings_where_the_engine_reads_them_a
         assert {n: getattr(readers[n], n) for n in values} == {n: getattr(config, n) for n in values}, key
     assert set(gpu.COMPILED_SETTINGS) == {"LBFGS_COMPILE", "GRAM_LOWP"}
     assert [k for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items() if v.get("GRAM_LOWP")] == ["gram_lowp", "stacked_gram"]
+
+
+def test_gpu_bench_starts_a_section_only_where_its_estimate_ends_within_the_budget():
+    """--budget-s (bench/gpu_session.sh passes the call's time less the
+    tests'): a section starts only if its SECTION_ESTIMATE_S still fits, so
+    a short one (the profile) runs where a long one would not. With the
+    session's defaults (580 s, 150 kept for the tests) the sections that
+    decide the engine, and the profile, fit one after another."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    est = gpu.SECTION_ESTIMATE_S
+    assert gpu.starts("profile", 430 - est["profile"], 430)
+    assert not gpu.starts("profile", 431 - est["profile"], 430)
+    assert not gpu.starts("candidate", 430 - est["profile"], 430)  # the longer one does not fit there
+    assert gpu.starts("no_such_section", 0, gpu.SECTION_DEFAULT_S) and not gpu.starts("no_such_section", 1, 100)
+    assert gpu.starts("batching_256", 10**6, float("inf"))  # no budget given: everything runs
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    session, tests = (int(re.search(rf"{k}=\$\{{{k}:-(\d+)\}}", script).group(1)) for k in ("SESSION_S", "TESTS_S"))
+    elapsed = 10  # nvidia-smi and the imports before the bench
+    for name in ("core", "engine_ablation", "candidate", "profile"):
+        assert gpu.starts(name, elapsed, session - tests), name
+        elapsed += est[name]
