@@ -267,8 +267,11 @@ LBFGS_COMPILE = False
 # the layer shapes, not measured; an H100 moves about 3 GB per ms). The
 # forward's numbers are the same (16-bit values are exact in float32, and
 # TF32 keeps float16's bits); the backward rounds dG + dG^T to 16 bits,
-# scaled to its range.
-# bench/gpu.py's engine_ablation measures the step with it on.
+# scaled to its range. The float32 copies were also kept for the backward:
+# without them a step's peak memory falls, so if this is turned on, the GPU
+# memory test (tests/core/test_memory.py) must rerun to keep the admission
+# estimate within 1.3x of the peak. bench/gpu.py's engine_ablation measures
+# the step with it on.
 GRAM_LOWP = False
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
 # Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
