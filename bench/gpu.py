@@ -43,11 +43,11 @@ from nst.vgg import random_features_state  # noqa: E402
 @contextlib.contextmanager
 def engine_settings(**values):
     """Run with these engine settings (LOWP_DTYPE, LOWP_STEPS, LBFGS_COMPILE in
-    nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs; GRAM_LOWP
-    in nst.losses), restored after; kept optimizations are dropped on the way
+    nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs;
+    GRAM_LOWP_DEVICES in nst.losses), restored after; kept optimizations are dropped on the way
     in and out, so each setting captures its own."""
     homes = {"LOWP_DTYPE": nst_optimize, "LOWP_STEPS": nst_optimize, "LBFGS_COMPILE": nst_optimize,
-             "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "GRAM_LOWP": nst_losses}
+             "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "GRAM_LOWP_DEVICES": nst_losses}
     saved = {name: getattr(homes[name], name) for name in values}
     for name, value in values.items():
         setattr(homes[name], name, value)
@@ -70,14 +70,14 @@ ENGINE_EXPERIMENTS: dict[str, tuple[str, dict]] = {
     # recipe's loss against 0.231x (bench/sweep_lbfgs_history.json), past the
     # candidate rule's 1.05x, so a 20-pair stack could not be nominated.
     "stacked": ("the update compiled and a bf16 history", dict(LBFGS_COMPILE=True, LBFGS_HISTORY_DTYPE="bfloat16")),
-    "gram_lowp": ("Grams of the float16 features, accumulated in float32", dict(GRAM_LOWP=True)),
+    "gram_lowp": ("Grams of the float16 features, accumulated in float32", dict(GRAM_LOWP_DEVICES=("cuda",))),
     "stacked_gram": ("the update compiled, a bf16 history and float16 Grams",
-                     dict(LBFGS_COMPILE=True, LBFGS_HISTORY_DTYPE="bfloat16", GRAM_LOWP=True)),
+                     dict(LBFGS_COMPILE=True, LBFGS_HISTORY_DTYPE="bfloat16", GRAM_LOWP_DEVICES=("cuda",))),
 }
 # Settings that change what the warm-up compiles: an experiment with one of
 # them warms up first, as a worker's start would, since a request never
 # compiles (its steps would otherwise run uncompiled code).
-COMPILED_SETTINGS = ("LBFGS_COMPILE", "GRAM_LOWP")
+COMPILED_SETTINGS = ("LBFGS_COMPILE", "GRAM_LOWP_DEVICES")
 # Which experiment a run nominates to become the default, fixed before any
 # run measured them so that the choice is not fitted to the figures it
 # decides on: its step at 512x512 at least CANDIDATE_MIN_GAIN shorter than the
@@ -100,7 +100,7 @@ CANDIDATE_MAX_LOSS = 1.05
 # (core 102 and 122 s, bf16_experiment 4, fp16_experiment 41, batching_256
 # 59); the others are estimates from their compiles (a shape's loss about
 # 13-22 s cold on an H100) and steps, not measurements: engine_ablation
-# compiles the loss with GRAM_LOWP and the L-BFGS update in two history
+# compiles the loss with GRAM_LOWP_DEVICES and the L-BFGS update in two history
 # dtypes, two shapes each; candidate runs the corpus (12 small pairs, 100
 # steps) twice or more, then the nominee's measures, its compiles cached.
 # Any other section: SECTION_DEFAULT_S.
@@ -564,7 +564,7 @@ def main(argv=None) -> int:
         # Experiments on the step, each off: the history stored in bf16
         # (LBFGS_HISTORY_DTYPE), also with 20 pairs, the update compiled
         # (LBFGS_COMPILE), the two together, the Grams of the float16 features
-        # (GRAM_LOWP), and all three (ENGINE_EXPERIMENTS); those that change
+        # (GRAM_LOWP_DEVICES), and all three (ENGINE_EXPERIMENTS); those that change
         # compiled code warm up first (COMPILED_SETTINGS).
         # Per step at 512x512, and the 100-step image at main_size against the default's.
         # A failure is recorded and the next experiment runs (a compiler may

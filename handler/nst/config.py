@@ -257,22 +257,24 @@ COMPILE = True
 # measures the optimizer's share of a step; its engine_ablation the step with
 # this on.
 LBFGS_COMPILE = False
-# Experiment, off until measured on a GPU: the Gram matrices of 16-bit
-# features (every fast-preset step on a GPU, LOWP_DTYPE) by matmuls that read
-# the features in their own dtype and accumulate in float32
-# (nst.losses._LowpGram), where today each style layer's features are first
-# copied to float32. At 512x512 the five style layers hold 32M values, so
-# the copy writes 128 MB that the matmul reads back, and the backward reads
-# that copy again: about 0.3 GB less memory traffic per step (reckoned from
-# the layer shapes, not measured; an H100 moves about 3 GB per ms). The
-# forward's numbers are the same (16-bit values are exact in float32, and
-# TF32 keeps float16's bits); the backward rounds dG + dG^T to 16 bits,
-# scaled to its range. The float32 copies were also kept for the backward:
-# without them a step's peak memory falls, so if this is turned on, the GPU
-# memory test (tests/core/test_memory.py) must rerun to keep the admission
-# estimate within 1.3x of the peak. bench/gpu.py's engine_ablation measures
-# the step with it on.
-GRAM_LOWP = False
+# Experiment, off until measured on a GPU: on these device types, e.g.
+# ("cuda",), the Gram matrices of 16-bit features (every fast-preset step on
+# a GPU, LOWP_DTYPE) by matmuls that read the features in their own dtype and
+# accumulate in float32 (nst.losses._LowpGram), where today each style
+# layer's features are first copied to float32. At 512x512 the five style
+# layers hold 32M values, so the copy writes 128 MB that the matmul reads
+# back, and the backward reads that copy again: about 0.3 GB less memory
+# traffic per step (reckoned from the layer shapes, not measured; an H100
+# moves about 3 GB per ms). The forward's numbers are the same (16-bit values
+# are exact in float32, and TF32 keeps float16's bits); the backward rounds
+# dG + dG^T to 16 bits, scaled to its range. The float32 copies were also
+# kept for the backward: without them a step's peak memory falls, so if this
+# is turned on, the GPU memory test (tests/core/test_memory.py) must rerun to
+# keep the admission estimate within 1.3x of the peak. bench/gpu.py's
+# engine_ablation measures the step with it on. A CPU has no such matmul:
+# its stand-in makes the same float32 copy, so there it would only add the
+# backward's rounding.
+GRAM_LOWP_DEVICES: tuple[str, ...] = ()
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
 # Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
 # faster, but the first request of every new shape waits about 8 s while it

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import GRAM_LOWP, RECIPE_CONTENT_LAYER
+from .config import GRAM_LOWP_DEVICES, RECIPE_CONTENT_LAYER
 from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
 
 LOWP = (torch.float16, torch.bfloat16)
@@ -32,7 +32,7 @@ def bmm_f32(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _LowpGram(torch.autograd.Function):
-    """flat^T flat for 16-bit features flat (B, N, C), in float32 (GRAM_LOWP).
+    """flat^T flat for 16-bit features flat (B, N, C), in float32 (GRAM_LOWP_DEVICES).
 
     The float32 path first writes a float32 copy of the features (twice their
     bytes), which its matmul then reads, and its backward writes a float32
@@ -61,7 +61,7 @@ class _LowpGram(torch.autograd.Function):
 def gram(features: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, C, C): each image's unnormalized Gram matrix, in float32."""
     b, c, h, w = features.shape
-    if GRAM_LOWP and features.dtype in LOWP and c > 1:
+    if features.device.type in GRAM_LOWP_DEVICES and features.dtype in LOWP and c > 1:
         nhwc = features.is_contiguous(memory_format=torch.channels_last)
         # (B, H*W, C): a view either way (of NHWC, or transposed from NCHW)
         flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c) if nhwc else \

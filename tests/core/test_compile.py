@@ -228,9 +228,9 @@ def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, history, 
         assert eager[2][2].item() == 1  # the overflowed step was counted as skipped
 
 
-def _default_then_experiment(vgg_state, monkeypatch, seed, module, setting):
+def _default_then_experiment(vgg_state, monkeypatch, seed, module, **setting):
     """60 steps at 64x48 on a GPU, in a shape the worker warmed: the default's,
-    then with `setting` of `module` on, warmed again as a worker with it on
+    then with `setting` in `module`, warmed again as a worker with it on
     would be. The second request compiles nothing. -> (the objective's
     ingredients (vgg, content, style), the default's result, the experiment's)."""
     device = torch.device("cuda")
@@ -240,7 +240,8 @@ def _default_then_experiment(vgg_state, monkeypatch, seed, module, setting):
     warm_up(vgg, [(64, 48)])
     before = stylize(vgg, content, [style], params)
     optimize_mod.drop_programs()
-    monkeypatch.setattr(module, setting, True)
+    for name, value in setting.items():
+        monkeypatch.setattr(module, name, value)
     warm_up(vgg, [(64, 48)])
     warmed = graphs_compiled()
     after = stylize(vgg, content, [style], params)
@@ -253,7 +254,7 @@ def test_compiled_lbfgs_update_on_the_gpu_takes_the_eager_steps(vgg_state, fresh
     """Real inductor, inside the CUDA graphs: a request after the warm-up
     compiles nothing and reaches the eager update's loss (fused kernels
     round otherwise, which the steps amplify: the losses compare)."""
-    _, eager, compiled = _default_then_experiment(vgg_state, monkeypatch, 7, optimize_mod, "LBFGS_COMPILE")
+    _, eager, compiled = _default_then_experiment(vgg_state, monkeypatch, 7, optimize_mod, LBFGS_COMPILE=True)
     assert optimize_mod.lbfgs_update in optimize_mod._COMPILED
     print(f"compiled L-BFGS update vs eager at 64x48, 60 steps: loss {compiled.loss:.4g} vs {eager.loss:.4g}")
     assert compiled.loss == pytest.approx(eager.loss, rel=0.2)
@@ -282,13 +283,14 @@ def test_compiled_loss_and_gradient_match_the_uncompiled_ones(vgg_state, fresh_c
 
 @GPU
 def test_the_lowp_gram_compiled_on_the_gpu_takes_the_float32_grams_steps(vgg_state, fresh_compile, monkeypatch):
-    """GRAM_LOWP through inductor (its float32-accumulating bmm) inside the
+    """GRAM_LOWP_DEVICES through inductor (its float32-accumulating bmm) inside the
     CUDA graphs: a request after its warm-up compiles nothing and ends at
     the float32 Grams' loss, and the compiled float16 loss and gradient
     match the uncompiled float32 Grams'."""
     from nst import losses
 
-    (vgg, content, style), plain, lowp = _default_then_experiment(vgg_state, monkeypatch, 9, losses, "GRAM_LOWP")
+    (vgg, content, style), plain, lowp = _default_then_experiment(vgg_state, monkeypatch, 9, losses,
+                                                                  GRAM_LOWP_DEVICES=("cuda",))
     print(f"float16 Grams vs float32 Grams at 64x48, 60 steps: loss {lowp.loss:.4g} vs {plain.loss:.4g}")
     assert lowp.loss == pytest.approx(plain.loss, rel=0.2)
     p = Params()
@@ -297,7 +299,7 @@ def test_the_lowp_gram_compiled_on_the_gpu_takes_the_float32_grams_steps(vgg_sta
     x = (content + 0.05 * torch.randn_like(content)).requires_grad_(True)
     b = loss_function(False, content.device)(objective, x, torch.float16).sum()
     (gb,) = torch.autograd.grad(b, x)
-    monkeypatch.setattr(losses, "GRAM_LOWP", False)
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ())
     a = pixels_loss(objective, x, torch.float16).sum()
     (ga,) = torch.autograd.grad(a, x)
     assert b.item() == pytest.approx(a.item(), rel=1e-2)
@@ -409,14 +411,14 @@ def test_no_batch_program_where_rows_never_share(vgg, eager_backend_on_cpu, monk
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor's CPU code generation needs a C++ compiler")
 def test_the_lowp_gram_compiles_whole_and_gives_the_eager_loss_and_gradient(fresh_compile, monkeypatch):
-    """GRAM_LOWP's autograd Function traced by dynamo in one graph
+    """GRAM_LOWP_DEVICES's autograd Function traced by dynamo in one graph
     (fullgraph: no break around it, so the compiled loss keeps its fused
     kernels on both sides) and compiled by inductor (its CPU code generation
     here; a GPU's float32-accumulating bmm is the GPU test's): the eager
     style loss and gradient, to float16 rounding."""
     from nst import losses
 
-    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",))
     gen = torch.Generator().manual_seed(3)
     f = (torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half().contiguous(memory_format=torch.channels_last)
     target = losses.gram((torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half())

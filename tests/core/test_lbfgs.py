@@ -274,7 +274,7 @@ def test_no_host_sync_inside_the_step_loop(vgg_state, compiled, update, gram, mo
     (2 more progress points) must add exactly 2 syncs, where a sync per step
     (torch.optim.LBFGS makes about 70) would add hundreds. Both for a shape
     the worker warmed (the compiled loss, and the compiled L-BFGS update of
-    the LBFGS_COMPILE experiment, or the GRAM_LOWP experiment's Grams) and
+    the LBFGS_COMPILE experiment, or the GRAM_LOWP_DEVICES experiment's Grams) and
     one it did not."""
     import warnings
 
@@ -286,7 +286,7 @@ def test_no_host_sync_inside_the_step_loop(vgg_state, compiled, update, gram, mo
     vgg = VGGFeatures(vgg_state).to(device)
     monkeypatch.setattr(optimize_mod, "COMPILE", compiled)
     monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", update)
-    monkeypatch.setattr(losses, "GRAM_LOWP", gram)
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cuda",) if gram else ())
     if compiled:
         optimize_mod.warm_up(vgg, [(64, 64)])
     content = torch.rand(1, 3, 64, 64, device=device)

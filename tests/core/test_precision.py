@@ -89,14 +89,17 @@ def _gram64(f):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 def test_lowp_gram_is_the_float32_gram_of_the_same_numbers(dtype, channels_last, monkeypatch):
-    """GRAM_LOWP: the 16-bit features' Gram, accumulated in float32, is the
+    """GRAM_LOWP_DEVICES: the 16-bit features' Gram, accumulated in float32, is the
     float32 path's (the same exactly representable numbers; here the same
     sums), and the reference formula's to float32 rounding."""
     from nst import losses
 
     f = _features(dtype, channels_last)
     plain = losses.gram(f)
-    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cuda",))  # another device type's setting: not here
+    assert type(losses.gram(f.clone().requires_grad_(True)).grad_fn).__name__ == "BmmBackward0"
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",))
+    assert "LowpGram" in type(losses.gram(f.clone().requires_grad_(True)).grad_fn).__name__
     lowp = losses.gram(f)
     assert lowp.dtype == torch.float32 and lowp.shape == (2, 16, 16)
     assert torch.equal(lowp, plain)
@@ -117,7 +120,7 @@ def test_lowp_gram_gradient_matches_the_float64_reference(dtype, tol, monkeypatc
     (((_gram64(ref) - target.double()) ** 2).mean(dim=(1, 2)) / (d * h * w)).sum().backward()
 
     def grad(lowp: bool):
-        monkeypatch.setattr(losses, "GRAM_LOWP", lowp)
+        monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",) if lowp else ())
         x = f.clone().requires_grad_(True)
         losses.style_layer_loss(x, target).sum().backward()
         assert x.grad.dtype == dtype
@@ -134,7 +137,7 @@ def test_lowp_gram_backward_scales_dG_into_float16s_range(monkeypatch):
     scaling skips), never a silently finite one."""
     from nst import losses
 
-    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",))
     f = torch.full((1, 2, 2, 2), 2.0 ** -8, dtype=torch.float16)  # F = 2^-8 everywhere
     x = f.clone().requires_grad_(True)
     d_gram = torch.full((1, 2, 2), 2.0 ** 20)  # 16x float16's largest value
@@ -149,7 +152,7 @@ def test_lowp_gram_backward_scales_dG_into_float16s_range(monkeypatch):
 
 def test_float16_steps_with_the_lowp_gram_take_the_float32_grams_steps(vgg, monkeypatch):
     """Thirty float16 L-BFGS steps (a GPU's, forced on the CPU) end at the
-    same loss with GRAM_LOWP on as off, with none skipped."""
+    same loss with GRAM_LOWP_DEVICES on as off, with none skipped."""
     from nst import losses
 
     gen = torch.Generator().manual_seed(8)
@@ -157,7 +160,7 @@ def test_float16_steps_with_the_lowp_gram_take_the_float32_grams_steps(vgg, monk
     params = dataclasses.replace(Params(), steps=30)
     monkeypatch.setattr(optimize_mod, "compute_dtype", lambda device, p: torch.float16)
     plain = stylize(vgg, content, [style], params)
-    monkeypatch.setattr(losses, "GRAM_LOWP", True)
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",))
     lowp = stylize(vgg, content, [style], params)
     assert lowp.skipped_steps == plain.skipped_steps == 0
     assert lowp.loss == pytest.approx(plain.loss, rel=0.05)
