@@ -275,6 +275,19 @@ LBFGS_COMPILE = False
 # its stand-in makes the same float32 copy, so there it would only add the
 # backward's rounding.
 GRAM_LOWP_DEVICES: tuple[str, ...] = ()
+# Experiment, off until measured on a GPU: on these device types, e.g.
+# ("cuda",), the image enters conv1_1 padded with zero channels to
+# RGB_PAD_CHANNELS, and conv1_1's weights with zero input channels to match:
+# the same convolution (every added product is zero), in a channel count
+# that float16 tensor-core kernels are built for (a multiple of 8), where
+# three channels may leave cuDNN a slower kernel for conv1_1's forward and
+# for its input gradient (64 channels down to 3), each over the whole
+# image. Whether they are slower is what bench/gpu.py's engine_ablation
+# measures. The padded image and its gradient are a few MB at 512x512 and
+# about 0.1 GB at 2048x1536, which the admission estimate (nst.memory) does
+# not count: turning this on means rerunning the GPU memory test.
+RGB_PAD_DEVICES: tuple[str, ...] = ()
+RGB_PAD_CHANNELS = 8
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
 # Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
 # faster, but the first request of every new shape waits about 8 s while it

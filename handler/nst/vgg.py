@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import RGB_PAD_CHANNELS, RGB_PAD_DEVICES
+
 # VGG19 conv blocks up to conv5_1: (block, index in block, in_ch, out_ch,
 # index of the conv in torchvision's `features` Sequential). Public: the
 # memory model reads the layer shapes from it.
@@ -82,16 +84,21 @@ class VGGFeatures(nn.Module):
     def denormalize(self, x: Tensor) -> Tensor:
         return x * self.std + self.mean
 
-    def _params(self, dtype: torch.dtype, channels_last: bool) -> list[tuple[Tensor, Tensor]]:
+    def _params(self, dtype: torch.dtype, channels_last: bool, pad_rgb: bool = False) -> list[tuple[Tensor, Tensor]]:
         """Conv weights and biases in `dtype` (channels-last where asked), cast
-        once and kept: autocast would re-cast frozen weights on every call."""
-        if dtype == torch.float32 and not channels_last:
+        once and kept: autocast would re-cast frozen weights on every call.
+        With `pad_rgb`, conv1_1's weights take zero input channels up to
+        RGB_PAD_CHANNELS (RGB_PAD_DEVICES)."""
+        if dtype == torch.float32 and not channels_last and not pad_rgb:
             return [(c.weight, c.bias) for c in self.convs]
-        key = (dtype, channels_last, self.mean.device)
+        key = (dtype, channels_last, pad_rgb, self.mean.device)
         cache = self.__dict__.setdefault("_cast_cache", {})
         if key not in cache:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            cache[key] = [(c.weight.to(dtype, memory_format=fmt), c.bias.to(dtype)) for c in self.convs]
+            weights = [c.weight for c in self.convs]
+            if pad_rgb:  # (64, 3, 3, 3) -> (64, RGB_PAD_CHANNELS, 3, 3): zeros for the added channels
+                weights[0] = F.pad(weights[0], (0, 0, 0, 0, 0, RGB_PAD_CHANNELS - weights[0].shape[1]))
+            cache[key] = [(w.to(dtype, memory_format=fmt), c.bias.to(dtype)) for w, c in zip(weights, self.convs)]
         return cache[key]
 
     def forward(
@@ -114,10 +121,13 @@ class VGGFeatures(nn.Module):
         torch.compile traces it whole."""
         pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
         channels_last = dtype != torch.float32 or x.is_cuda
+        pad_rgb = x.device.type in RGB_PAD_DEVICES and x.shape[1] < RGB_PAD_CHANNELS
+        if pad_rgb:
+            x = F.pad(x, (0, 0, 0, 0, 0, RGB_PAD_CHANNELS - x.shape[1]))  # (B, 3, H, W) -> (B, 8, H, W), zeros
         if channels_last:
             x = x.to(dtype, memory_format=torch.channels_last)
         out: dict[str, Tensor] = {}
-        params = self._params(dtype, channels_last)
+        params = self._params(dtype, channels_last, pad_rgb)
         for k in range(deepest + 1):
             if k > 0 and CONVS[k][0] != CONVS[k - 1][0]:  # a new block: the previous one ends in a 2x2 pool
                 x = pool(x, 2)

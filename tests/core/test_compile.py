@@ -307,6 +307,18 @@ def test_the_lowp_gram_compiled_on_the_gpu_takes_the_float32_grams_steps(vgg_sta
 
 
 @GPU
+def test_the_rgb_padded_compiled_on_the_gpu_takes_the_unpadded_steps(vgg_state, fresh_compile, monkeypatch):
+    """RGB_PAD_DEVICES through inductor and cuDNN's 8-channel conv1_1 inside
+    the CUDA graphs: a request after its warm-up compiles nothing and ends at
+    the unpadded steps' loss."""
+    from nst import vgg as vgg_mod
+
+    _, plain, padded = _default_then_experiment(vgg_state, monkeypatch, 10, vgg_mod, RGB_PAD_DEVICES=("cuda",))
+    print(f"RGB padded to 8 channels vs 3 at 64x48, 60 steps: loss {padded.loss:.4g} vs {plain.loss:.4g}")
+    assert padded.loss == pytest.approx(plain.loss, rel=0.2)
+
+
+@GPU
 def test_a_warmed_shape_runs_fused_kernels_and_a_cold_one_does_not(vgg_state, fresh_compile, monkeypatch):
     """The compiled program's kernels are Triton's; a shape nobody warmed runs
     cuDNN/ATen kernels only, and nothing is compiled for it."""

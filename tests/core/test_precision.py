@@ -167,6 +167,49 @@ def test_float16_steps_with_the_lowp_gram_take_the_float32_grams_steps(vgg, monk
     assert lowp.loss < 0.2 * lowp.history[0].loss  # it optimized
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rgb_padded_to_8_channels_gives_the_same_features_and_gradient(vgg, dtype, monkeypatch):
+    """RGB_PAD_DEVICES: the image padded with zero channels and conv1_1's
+    weights with zero input channels are the same convolution: every
+    layer's features and the image's gradient (3 channels) as unpadded."""
+    from nst import vgg as vgg_mod
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 3, 24, 20, generator=gen)
+
+    def run(devices):
+        monkeypatch.setattr(vgg_mod, "RGB_PAD_DEVICES", devices)
+        xg = x.clone().requires_grad_(True)
+        feats = vgg.features(vgg.normalize(xg), frozenset(vgg_mod.LAYER_NAMES), len(vgg_mod.LAYER_NAMES) - 1,
+                             "max", dtype)
+        sum(f.float().square().mean() for f in feats.values()).backward()
+        return feats, xg.grad
+
+    plain, padded = run(()), run(("cpu",))
+    assert padded[0].keys() == plain[0].keys()
+    for name in plain[0]:
+        torch.testing.assert_close(padded[0][name], plain[0][name], rtol=1e-5, atol=1e-6)
+    assert padded[1].shape == (1, 3, 24, 20)
+    torch.testing.assert_close(padded[1], plain[1], rtol=1e-5, atol=1e-9)
+    w = vgg._params(dtype, dtype != torch.float32, True)[0][0]
+    assert w.shape == (64, 8, 3, 3) and not w[:, 3:].any()  # the added input channels weigh nothing
+
+
+def test_steps_with_the_rgb_padded_take_the_unpadded_steps(vgg, monkeypatch):
+    """Thirty default steps (bf16, then float32) end at the same loss with
+    RGB_PAD_DEVICES on as off."""
+    from nst import vgg as vgg_mod
+
+    gen = torch.Generator().manual_seed(8)
+    content, style = torch.rand(1, 3, 32, 48, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    params = dataclasses.replace(Params(), steps=30)
+    plain = stylize(vgg, content, [style], params)
+    monkeypatch.setattr(vgg_mod, "RGB_PAD_DEVICES", ("cpu",))
+    padded = stylize(vgg, content, [style], params)
+    assert padded.image.shape == plain.image.shape
+    assert padded.loss == pytest.approx(plain.loss, rel=1e-3)
+
+
 def test_a_gpu_runs_every_step_in_float16_and_a_cpu_finishes_bf16_in_float32():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
     assert compute_dtype(cuda, Params()) == torch.float16

@@ -469,16 +469,17 @@ def test_every_engine_experiment_sets_its_settings_where_the_engine_reads_them_a
     import gpu
     from nst import config, lbfgs, losses
     from nst import optimize as optimize_mod
+    from nst import vgg as vgg_mod
 
     readers = {"LBFGS_COMPILE": optimize_mod, "LBFGS_HISTORY": lbfgs, "LBFGS_HISTORY_DTYPE": lbfgs,
-               "GRAM_LOWP_DEVICES": losses}
+               "GRAM_LOWP_DEVICES": losses, "RGB_PAD_DEVICES": vgg_mod}
     for key, (_, values) in gpu.ENGINE_EXPERIMENTS.items():
         assert values and set(values) <= set(readers), key
         with gpu.engine_settings(**values):
             assert {n: getattr(readers[n], n) for n in values} == values, key
         assert {n: getattr(readers[n], n) for n in values} == {n: getattr(config, n) for n in values}, key
-    assert set(gpu.COMPILED_SETTINGS) == {"LBFGS_COMPILE", "GRAM_LOWP_DEVICES"}
-    assert [k for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items() if v.get("GRAM_LOWP_DEVICES")] == ["gram_lowp", "stacked_gram"]
+    assert set(gpu.COMPILED_SETTINGS) == {"LBFGS_COMPILE", "GRAM_LOWP_DEVICES", "RGB_PAD_DEVICES"}
+    assert [k for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items() if v.get("GRAM_LOWP_DEVICES")] == ["gram_lowp", "all"]
 
 
 def test_gpu_bench_starts_a_section_only_where_its_estimate_ends_within_the_budget():
