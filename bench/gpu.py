@@ -45,8 +45,9 @@ from nst.vgg import random_features_state  # noqa: E402
 def engine_settings(**values):
     """Run with these engine settings (LOWP_DTYPE, LOWP_STEPS, LBFGS_COMPILE in
     nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs;
-    GRAM_LOWP_DEVICES in nst.losses; RGB_PAD_DEVICES in nst.vgg), restored after; kept optimizations are dropped on the way
-    in and out, so each setting captures its own."""
+    GRAM_LOWP_DEVICES in nst.losses; RGB_PAD_DEVICES in nst.vgg), restored
+    after; kept optimizations are dropped on the way in and out, so each
+    setting captures its own."""
     homes = {"LOWP_DTYPE": nst_optimize, "LOWP_STEPS": nst_optimize, "LBFGS_COMPILE": nst_optimize,
              "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "GRAM_LOWP_DEVICES": nst_losses,
              "RGB_PAD_DEVICES": nst_vgg}
@@ -104,9 +105,10 @@ CANDIDATE_MAX_LOSS = 1.05
 # (core 102 and 122 s, bf16_experiment 4, fp16_experiment 41, batching_256
 # 59); the others are estimates from their compiles (a shape's loss about
 # 13-22 s cold on an H100) and steps, not measurements: engine_ablation
-# compiles the loss three more ways (GRAM_LOWP_DEVICES, RGB_PAD_DEVICES, both)
-# and the L-BFGS update in two history dtypes, two shapes each; candidate runs the corpus (12 small pairs, 100
-# steps) twice or more, then the nominee's measures, its compiles cached.
+# compiles the loss three more ways (GRAM_LOWP_DEVICES, RGB_PAD_DEVICES,
+# both) and the L-BFGS update in two history dtypes, two shapes each;
+# candidate runs the corpus (12 small pairs, 100 steps) twice or more, then
+# the nominee's measures, its compiles cached.
 # Any other section: SECTION_DEFAULT_S.
 SECTION_ESTIMATE_S = {"core": 125, "engine_ablation": 160, "candidate": 70, "profile": 40, "seed_compiled": 60,
                       "memory": 30, "precisions": 60, "bf16_experiment": 10, "batching_256": 70,

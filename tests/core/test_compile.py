@@ -444,4 +444,5 @@ def test_the_lowp_gram_compiles_whole_and_gives_the_eager_loss_and_gradient(fres
     eager = loss_and_grad(losses.style_layer_loss)
     compiled = loss_and_grad(torch.compile(losses.style_layer_loss, fullgraph=True))
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=0)
-    torch.testing.assert_close(compiled[1].float(), eager[1].float(), rtol=2e-3, atol=1e-3 * eager[1].abs().max().item())
+    torch.testing.assert_close(compiled[1].float(), eager[1].float(), rtol=2e-3,
+                               atol=1e-3 * eager[1].abs().max().item())
