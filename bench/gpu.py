@@ -45,12 +45,14 @@ from nst.vgg import random_features_state  # noqa: E402
 def engine_settings(**values):
     """Run with these engine settings (LOWP_DTYPE, LOWP_STEPS, LBFGS_COMPILE in
     nst.optimize; LBFGS_HISTORY, LBFGS_HISTORY_DTYPE in nst.lbfgs;
-    GRAM_LOWP_DEVICES in nst.losses; RGB_PAD_DEVICES in nst.vgg), restored
+    ADAM_CUDA_GRAPHS in nst.optimize too; GRAM_LOWP_DEVICES in nst.losses;
+    RGB_PAD_DEVICES, FLOAT32_CHANNELS_LAST_DEVICES in nst.vgg), restored
     after; kept optimizations are dropped on the way in and out, so each
     setting captures its own."""
     homes = {"LOWP_DTYPE": nst_optimize, "LOWP_STEPS": nst_optimize, "LBFGS_COMPILE": nst_optimize,
              "LBFGS_HISTORY": nst_lbfgs, "LBFGS_HISTORY_DTYPE": nst_lbfgs, "GRAM_LOWP_DEVICES": nst_losses,
-             "RGB_PAD_DEVICES": nst_vgg}
+             "RGB_PAD_DEVICES": nst_vgg, "FLOAT32_CHANNELS_LAST_DEVICES": nst_vgg,
+             "ADAM_CUDA_GRAPHS": nst_optimize}
     saved = {name: getattr(homes[name], name) for name in values}
     for name, value in values.items():
         setattr(homes[name], name, value)
@@ -165,18 +167,25 @@ def choose_engine(r: dict, corpus: dict[str, dict] | None = None) -> dict:
     out["pick"] = min(passing, key=lambda key: out["trials"][key]["ms_per_step"]) if passing else None
     return out
 
+# preset=seed's float32 passes in NCHW instead of channels-last, eager and in
+# a CUDA graph: engine_ablation's settings for each (engine_settings' names).
+SEED_LAYOUT_WAYS = {"nchw": dict(FLOAT32_CHANNELS_LAST_DEVICES=()),
+                    "nchw_graphs": dict(FLOAT32_CHANNELS_LAST_DEVICES=(), ADAM_CUDA_GRAPHS=True)}
+
 
 def choose_seed(r: dict) -> dict:
     """The way of running preset=seed this run nominates (CANDIDATE_*): its
     Adam steps in a CUDA graph (ADAM_CUDA_GRAPHS), its loss compiled
-    (warm_up_presets with "seed"), or both, against its eager steps; each
-    one's time per step against the recipe's too."""
+    (warm_up_presets with "seed"), or both, its float32 passes in NCHW
+    (FLOAT32_CHANNELS_LAST_DEVICES without "cuda"), eager or in a graph,
+    against its eager steps; each one's time per step against the recipe's
+    too."""
     if "seed_ms_per_step" not in r or "seed_eager_loss" not in r:
         return {"pick": None, "why": "the core or engine_ablation section did not run", "trials": {}}
     trials = {}
     if "seed_graphs_ms_per_step" in r:
         trials["graphs"] = (r["seed_graphs_ms_per_step"], r["seed_graphs_loss"])
-    for name in ("compiled", "compiled_graphs"):
+    for name in ("compiled", "compiled_graphs", *SEED_LAYOUT_WAYS):
         if f"seed_{name}" in r:
             trials[name] = (r[f"seed_{name}"]["ms_per_step"], r[f"seed_{name}"]["loss"])
     out = _nominate(r["seed_ms_per_step"], r["seed_eager_loss"], trials)
@@ -605,6 +614,18 @@ def main(argv=None) -> int:
         r["seed_eager_loss"] = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
         if "recipe" in r:
             r["seed_graphs_vs_recipe"] = r["seed_graphs_ms_per_step"] / r["recipe"]["ms_per_step"]
+        # ... and with its float32 passes in NCHW, the recipe's layout (SEED_LAYOUT_WAYS)
+        for name, values in SEED_LAYOUT_WAYS.items():
+            try:
+                with engine_settings(**values):
+                    ms = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
+                    loss = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
+            except Exception:  # noqa: BLE001
+                r["errors"][f"engine_ablation seed {name}"] = traceback.format_exc()
+                continue
+            r[f"seed_{name}"] = {"ms_per_step": ms, "loss": loss, "steps": seed_b}
+            if "recipe" in r:
+                r[f"seed_{name}"]["vs_recipe"] = ms / r["recipe"]["ms_per_step"]
         if args.all:  # measured before: a short request (as many steps as reaching the recipe's
             # loss took) in a kept optimization against one that builds and captures its own
             steps = r.get("to_recipe_loss", {}).get("steps") or 20

@@ -275,6 +275,14 @@ LBFGS_COMPILE = False
 # its stand-in makes the same float32 copy, so there it would only add the
 # backward's rounding.
 GRAM_LOWP_DEVICES: tuple[str, ...] = ()
+# Float32 VGG passes (preset=seed's steps; every request's targets and final
+# score) run channels-last on these device types, as low-precision ones
+# always do; elsewhere in PyTorch's default layout (NCHW), which the
+# tutorial's own loop uses. On a GPU TF32 convolutions run in both; which is
+# faster for preset=seed on a card, bench/gpu.py's engine_ablation measures
+# (its seed way "nchw", with this set to ()): the seed cost 1.01x and 0.85x
+# the recipe per step on two H100 machines (target 1.0x).
+FLOAT32_CHANNELS_LAST_DEVICES: tuple[str, ...] = ("cuda",)
 # Experiment, off until measured on a GPU: on these device types, e.g.
 # ("cuda",), the image enters conv1_1 padded with zero channels to
 # RGB_PAD_CHANNELS, and conv1_1's weights with zero input channels to match:

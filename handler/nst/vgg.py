@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import RGB_PAD_CHANNELS, RGB_PAD_DEVICES
+from .config import FLOAT32_CHANNELS_LAST_DEVICES, RGB_PAD_CHANNELS, RGB_PAD_DEVICES
 
 # VGG19 conv blocks up to conv5_1: (block, index in block, in_ch, out_ch,
 # index of the conv in torchvision's `features` Sequential). Public: the
@@ -105,9 +105,9 @@ class VGGFeatures(nn.Module):
         self, x: Tensor, layers: Collection[str], pooling: str = "max", dtype: torch.dtype = torch.float32
     ) -> dict[str, Tensor]:
         """Post-ReLU activations of `layers` for the normalized batch `x`,
-        computed in `dtype`. Low precision, and every dtype on a GPU, runs
-        channels-last: oneDNN's bf16 and cuDNN's tensor-core kernels are
-        fastest there.
+        computed in `dtype`. Low precision runs channels-last (oneDNN's bf16
+        and cuDNN's tensor-core kernels are fastest there), and so does
+        float32 on FLOAT32_CHANNELS_LAST_DEVICES (a GPU).
 
         Stops after the deepest requested layer: nothing past it is computed."""
         wanted = frozenset(canonical_layer(n) for n in layers)
@@ -120,7 +120,7 @@ class VGGFeatures(nn.Module):
         layer's index given: nothing here but tensor operations, so
         torch.compile traces it whole."""
         pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
-        channels_last = dtype != torch.float32 or x.is_cuda
+        channels_last = dtype != torch.float32 or x.device.type in FLOAT32_CHANNELS_LAST_DEVICES
         pad_rgb = x.device.type in RGB_PAD_DEVICES and x.shape[1] < RGB_PAD_CHANNELS
         if pad_rgb:
             x = F.pad(x, (0, 0, 0, 0, 0, RGB_PAD_CHANNELS - x.shape[1]))  # (B, 3, H, W) -> (B, 8, H, W), zeros

@@ -195,6 +195,23 @@ def test_rgb_padded_to_8_channels_gives_the_same_features_and_gradient(vgg, dtyp
     assert w.shape == (64, 8, 3, 3) and not w[:, 3:].any()  # the added input channels weigh nothing
 
 
+def test_float32_passes_run_channels_last_only_on_the_device_types_named(vgg, monkeypatch):
+    """FLOAT32_CHANNELS_LAST_DEVICES (a GPU by default; preset=seed's layout
+    experiment empties it): float32 features in either layout, the same
+    numbers."""
+    from nst import vgg as vgg_mod
+
+    x = vgg.normalize(torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(6)))
+    layers = frozenset(vgg_mod.LAYER_NAMES)
+    assert vgg_mod.FLOAT32_CHANNELS_LAST_DEVICES == ("cuda",)
+    nchw = vgg.features(x, layers, len(layers) - 1, "max", torch.float32)
+    monkeypatch.setattr(vgg_mod, "FLOAT32_CHANNELS_LAST_DEVICES", ("cpu",))
+    nhwc = vgg.features(x, layers, len(layers) - 1, "max", torch.float32)
+    for name in vgg_mod.LAYER_NAMES:
+        assert nhwc[name].is_contiguous(memory_format=torch.channels_last) and nchw[name].is_contiguous(), name
+        torch.testing.assert_close(nhwc[name], nchw[name], rtol=1e-4, atol=1e-5)
+
+
 def test_steps_with_the_rgb_padded_take_the_unpadded_steps(vgg, monkeypatch):
     """Thirty default steps (bf16, then float32) end at the same loss with
     RGB_PAD_DEVICES on as off."""
