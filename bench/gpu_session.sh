@@ -6,7 +6,7 @@
 # (bench/gpu.py's SECTION_ESTIMATE_S) ends before the time kept for the tests
 # (TESTS_S). The tests are the core's
 # tests that need a GPU (`pytest -m gpu`: the CPU runs the rest in CI), cut
-# off before the call's limit. Everything lands under $OUT (default out/gpu);
+# off before the call's limit, most wanted first (GPU_TESTS). Everything lands under $OUT (default out/gpu);
 # the bench rewrites its JSON after every section.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,10 +28,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
       ${SECTIONS:+--only "$SECTIONS"} "$@" 2>&1 \
       | tee "$OUT/gpu_bench.md" | tail -80
 fi
+# The files with GPU tests, in the order a cut-off run should keep them: the
+# memory calibration admission control rests on, the host-sync, CUDA-graph
+# and float16 tests, then the compile tests (each compiles afresh).
+GPU_TESTS="tests/core/test_memory.py tests/core/test_precision.py tests/core/test_lbfgs.py
+           tests/core/test_kept_programs.py tests/core/test_batch.py tests/core/test_compile.py"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t=$(( $(left) - 10 ))
   if [ "$t" -gt 30 ]; then
-    timeout "$t" $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs --durations=15 -m gpu tests/core 2>&1 \
+    timeout "$t" $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs --durations=15 -m gpu $GPU_TESTS 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|update vs|float16 at|FAILED|Error" \
         | tail -40
   else

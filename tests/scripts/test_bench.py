@@ -397,7 +397,7 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
 
 
 def test_a_lent_gpu_runs_exactly_the_core_tests_that_skip_without_one():
-    """bench/gpu_session.sh runs `pytest -m gpu tests/core`: tests/conftest.py
+    """bench/gpu_session.sh runs `pytest -m gpu` on tests/core's files: tests/conftest.py
     marks `gpu` every test whose skipif says "needs a GPU" (the sync-debug,
     graph, compile, memory and float16-overflow tests), and nothing the CPU
     runs anyway (their CPU siblings in the same files)."""
@@ -418,7 +418,11 @@ def test_a_lent_gpu_runs_exactly_the_core_tests_that_skip_without_one():
                 "test_memory.py::test_gpu_library_allocation_failures_are_out_of_memory"):
         assert not any(i.startswith(f"tests/core/{cpu}") for i in ids), cpu
     script = (ROOT / "bench" / "gpu_session.sh").read_text()
-    assert "-m gpu tests/core" in script
+    assert "-m gpu $GPU_TESTS" in script
+    # every file with such tests is in the session's list, in its own order of priority
+    listed = re.search(r'GPU_TESTS="([^"]*)"', script).group(1).split()
+    assert sorted(listed) == sorted({i.split("::")[0] for i in ids})
+    assert listed[0] == "tests/core/test_memory.py" and listed[-1] == "tests/core/test_compile.py"
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")]).returncode == 0
 
 
