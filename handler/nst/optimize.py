@@ -630,11 +630,12 @@ def lbfgs_update(x: Tensor, grad: Tensor, loss: Tensor, scale: Tensor, counter: 
     if half:
         grad, usable = unscale(grad, scale)
     flat, g = x.view(B, -1), grad.reshape(B, -1)  # (B, n)
-    x_next = torch.cat([lbfgs.step(
+    parts = [lbfgs.step(
         lbfgs.State(*tensors), flat[rows], g[rows], lr=lr, max_move=max_move,
         lower=0.0 if bounded else None, upper=1.0 if bounded else None,
         usable=None if usable is None else usable[rows],
-    ) for rows, tensors in zip(rows_of, state_tensors)])
+    ) for rows, tensors in zip(rows_of, state_tensors)]
+    x_next = parts[0] if len(parts) == 1 else torch.cat(parts)  # one state (a GPU's): no copy
     active = (counter < last).view(B, 1)
     loss_buf.copy_(loss)
     counter.add_(1)
