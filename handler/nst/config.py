@@ -273,7 +273,10 @@ LBFGS_COMPILE = False
 # keep the admission estimate within 1.3x of the peak. bench/gpu.py's
 # engine_ablation measures the step with it on. A CPU has no such matmul:
 # its stand-in makes the same float32 copy, so there it would only add the
-# backward's rounding.
+# backward's rounding. Quality, in a one-off CPU probe (not in the repo;
+# float16 forced on every step, as on a GPU, 100 steps, six corpus pairs at
+# half size and the tiny one): 0.955x-1.029x the default's delivered loss,
+# pair by pair.
 GRAM_LOWP_DEVICES: tuple[str, ...] = ()
 # Float32 VGG passes (preset=seed's steps; every request's targets and final
 # score) run channels-last on these device types, as low-precision ones
@@ -293,7 +296,9 @@ FLOAT32_CHANNELS_LAST_DEVICES: tuple[str, ...] = ("cuda",)
 # image. Whether they are slower is what bench/gpu.py's engine_ablation
 # measures. The padded image and its gradient are a few MB at 512x512 and
 # about 0.1 GB at 2048x1536, which the admission estimate (nst.memory) does
-# not count: turning this on means rerunning the GPU memory test.
+# not count: turning this on means rerunning the GPU memory test. Quality, in
+# the same CPU probe as GRAM_LOWP_DEVICES': 0.916x-1.023x the default's loss
+# (rounding only: the same convolution).
 RGB_PAD_DEVICES: tuple[str, ...] = ()
 RGB_PAD_CHANNELS = 8
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
