@@ -132,9 +132,14 @@ def _nominate(base_ms: float, base_loss: float, trials: dict[str, tuple[float, f
             for name, (ms, loss) in trials.items()}
     for row in rows.values():
         row["passes"] = row["gain"] >= CANDIDATE_MIN_GAIN and row["loss_vs_base"] <= CANDIDATE_MAX_LOSS
+    return {"pick": _shortest_passing(rows), "min_gain": CANDIDATE_MIN_GAIN, "max_loss": CANDIDATE_MAX_LOSS,
+            "trials": rows}
+
+
+def _shortest_passing(rows: dict[str, dict]) -> str | None:
+    """Of the trials that pass, the one with the shortest step (None if none passes)."""
     passing = [name for name, row in rows.items() if row["passes"]]
-    return {"pick": min(passing, key=lambda name: rows[name]["ms_per_step"]) if passing else None,
-            "min_gain": CANDIDATE_MIN_GAIN, "max_loss": CANDIDATE_MAX_LOSS, "trials": rows}
+    return min(passing, key=lambda name: rows[name]["ms_per_step"]) if passing else None
 
 
 def corpus_check(default: dict[str, float], trial: dict[str, float], targets: dict[str, float]) -> dict:
@@ -163,14 +168,18 @@ def choose_engine(r: dict, corpus: dict[str, dict] | None = None) -> dict:
         if key in corpus:
             row["corpus"] = corpus[key]
         row["passes"] = row["passes"] and corpus.get(key, {}).get("passes", False)
-    passing = [key for key, row in out["trials"].items() if row["passes"]]
-    out["pick"] = min(passing, key=lambda key: out["trials"][key]["ms_per_step"]) if passing else None
+    out["pick"] = _shortest_passing(out["trials"])
     return out
 
-# preset=seed's float32 passes in NCHW instead of channels-last, eager and in
-# a CUDA graph: engine_ablation's settings for each (engine_settings' names).
-SEED_LAYOUT_WAYS = {"nchw": dict(FLOAT32_CHANNELS_LAST_DEVICES=()),
-                    "nchw_graphs": dict(FLOAT32_CHANNELS_LAST_DEVICES=(), ADAM_CUDA_GRAPHS=True)}
+# preset=seed's ways of running that engine_ablation measures against its
+# eager steps (seed_compiled measures the compiled ones): what the report
+# calls each, and its settings (engine_settings' names).
+SEED_WAYS = {
+    "graphs": ("its Adam steps in a CUDA graph", dict(ADAM_CUDA_GRAPHS=True)),
+    "nchw": ("its float32 passes in NCHW, the recipe's layout", dict(FLOAT32_CHANNELS_LAST_DEVICES=())),
+    "nchw_graphs": ("its float32 passes in NCHW and its Adam steps in a CUDA graph",
+                    dict(FLOAT32_CHANNELS_LAST_DEVICES=(), ADAM_CUDA_GRAPHS=True)),
+}
 
 
 def choose_seed(r: dict) -> dict:
@@ -182,12 +191,8 @@ def choose_seed(r: dict) -> dict:
     too."""
     if "seed_ms_per_step" not in r or "seed_eager_loss" not in r:
         return {"pick": None, "why": "the core or engine_ablation section did not run", "trials": {}}
-    trials = {}
-    if "seed_graphs_ms_per_step" in r:
-        trials["graphs"] = (r["seed_graphs_ms_per_step"], r["seed_graphs_loss"])
-    for name in ("compiled", "compiled_graphs", *SEED_LAYOUT_WAYS):
-        if f"seed_{name}" in r:
-            trials[name] = (r[f"seed_{name}"]["ms_per_step"], r[f"seed_{name}"]["loss"])
+    trials = {name: (r[f"seed_{name}"]["ms_per_step"], r[f"seed_{name}"]["loss"])
+              for name in (*SEED_WAYS, "compiled", "compiled_graphs") if f"seed_{name}" in r}
     out = _nominate(r["seed_ms_per_step"], r["seed_eager_loss"], trials)
     if "recipe" in r:
         for row in out["trials"].values():
@@ -477,6 +482,19 @@ def main(argv=None) -> int:
         print(f"[{name}] {r['section_s'][name]:.1f} s", flush=True)
         args.out.write_text(json.dumps(r, indent=2))
 
+    seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}  # preset=seed's params but its step count
+    seed_a, seed_b = (20, 60) if args.quick else (100, 300)
+
+    def seed_way(key: str, **settings) -> None:
+        """preset=seed with these engine settings: its time per step at
+        main_size and the loss of its seed_b-step image, as r[key]."""
+        with engine_settings(**settings):
+            ms = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
+            loss = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
+        r[key] = {"ms_per_step": ms, "loss": loss, "steps": seed_b}
+        if "recipe" in r:
+            r[key]["vs_recipe"] = ms / r["recipe"]["ms_per_step"]
+
     def core() -> None:
         # What a worker does at start (the handler's initialize): compile the
         # loss for the shapes it expects; a request never compiles.
@@ -492,9 +510,7 @@ def main(argv=None) -> int:
         r["first_request_cold_shape_s"] = bench.product(cold, steps=100)["seconds"]
         r["cold_shape_again_s"] = bench.product(cold, steps=100)["seconds"]
         r["recipe"] = bench.recipe(main_size, recipe_steps)
-        seed_a, seed_b = (20, 60) if args.quick else (100, 300)
-        r["seed_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed",
-                                               **{k: v for k, v in SEED_PRESET.items() if k != "steps"})
+        r["seed_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
         r["seed_vs_recipe"] = r["seed_ms_per_step"] / r["recipe"]["ms_per_step"]
         r["lowp_dtype"] = dict(nst_optimize.LOWP_DTYPE)
         headline(r)
@@ -600,32 +616,14 @@ def main(argv=None) -> int:
                 continue
             if "default" in r:
                 r[f"{key}_100"]["loss_vs_default"] = r[f"{key}_100"]["loss"] / r["default"]["loss"]
-        # preset=seed with its Adam steps in a CUDA graph (nst.config.ADAM_CUDA_GRAPHS,
-        # off): per step, and its 300-step image against the eager one's
-        seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}
-        seed_a, seed_b = (20, 60) if args.quick else (100, 300)
-        nst_optimize.ADAM_CUDA_GRAPHS = True
-        try:
-            r["seed_graphs_ms_per_step"] = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
-            r["seed_steps"] = seed_b
-            r["seed_graphs_loss"] = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
-        finally:
-            nst_optimize.ADAM_CUDA_GRAPHS = False
+        # preset=seed's ways of running (SEED_WAYS, off: nst.config.ADAM_CUDA_GRAPHS,
+        # FLOAT32_CHANNELS_LAST_DEVICES): per step, and the 300-step image against the eager one's
         r["seed_eager_loss"] = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
-        if "recipe" in r:
-            r["seed_graphs_vs_recipe"] = r["seed_graphs_ms_per_step"] / r["recipe"]["ms_per_step"]
-        # ... and with its float32 passes in NCHW, the recipe's layout (SEED_LAYOUT_WAYS)
-        for name, values in SEED_LAYOUT_WAYS.items():
+        for name, (_, values) in SEED_WAYS.items():
             try:
-                with engine_settings(**values):
-                    ms = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
-                    loss = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
+                seed_way(f"seed_{name}", **values)
             except Exception:  # noqa: BLE001
                 r["errors"][f"engine_ablation seed {name}"] = traceback.format_exc()
-                continue
-            r[f"seed_{name}"] = {"ms_per_step": ms, "loss": loss, "steps": seed_b}
-            if "recipe" in r:
-                r[f"seed_{name}"]["vs_recipe"] = ms / r["recipe"]["ms_per_step"]
         if args.all:  # measured before: a short request (as many steps as reaching the recipe's
             # loss took) in a kept optimization against one that builds and captures its own
             steps = r.get("to_recipe_loss", {}).get("steps") or 20
@@ -643,22 +641,12 @@ def main(argv=None) -> int:
         warm-up with the seed's params, eager steps, then also in a CUDA graph;
         per step and 300-step loss. After the sections that measure the fast
         preset, since the compiled code stays."""
-        seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}
-        seed_a, seed_b = (20, 60) if args.quick else (100, 300)
         seed_params = dataclasses.replace(Params(), preset="seed", **SEED_PRESET)
         t0 = time.monotonic()
         nst_optimize.warm_up(bench.vgg, [main_size], params=seed_params)
         r["seed_compile_s"] = time.monotonic() - t0
-        for key, graphs in (("seed_compiled", False), ("seed_compiled_graphs", True)):
-            nst_optimize.ADAM_CUDA_GRAPHS = graphs
-            try:
-                ms = bench.per_step(main_size, seed_a, seed_b, preset="seed", **seed)
-                loss = bench.product(main_size, preset="seed", **{**seed, "steps": seed_b})["loss"]
-            finally:
-                nst_optimize.ADAM_CUDA_GRAPHS = False
-            r[key] = {"ms_per_step": ms, "loss": loss, "steps": seed_b}
-            if "recipe" in r:
-                r[key]["vs_recipe"] = ms / r["recipe"]["ms_per_step"]
+        seed_way("seed_compiled", ADAM_CUDA_GRAPHS=False)
+        seed_way("seed_compiled_graphs", ADAM_CUDA_GRAPHS=True)
 
     def profile() -> None:
         """Where the default step's time goes at 512x512 (the 2.0 ms target):
@@ -928,17 +916,16 @@ def _core_report(r: dict) -> list[str]:
                          f"{r[f'square_ms_per_step_{kind}_{key}']:.2f} ms; {c['seconds']:.3f} s, "
                          f"{c['loss']:.4g}" + (f" ({c['loss_vs_default']:.3f}x)" if "loss_vs_default" in c else ""),
                          "-"))
-    if "seed_graphs_vs_recipe" in r:
-        rows.append((f"preset=seed with its Adam steps in a CUDA graph (experiment, off), against the recipe; "
-                     f"loss after {r.get('seed_steps', 300)} steps against eager",
-                     f"{r['seed_graphs_vs_recipe']:.2f}x ({r['seed_graphs_ms_per_step']:.2f} ms); "
-                     f"{r['seed_graphs_loss']:.4g} against {r['seed_eager_loss']:.4g}", "<= 1.0x"))
-    for key, how in (("seed_compiled", "its loss compiled (a warm-up with its params)"),
+    eager = r.get("seed_eager_loss")
+    for key, how in (*((f"seed_{k}", how) for k, (how, _) in SEED_WAYS.items()),
+                     ("seed_compiled", "its loss compiled (a warm-up with its params)"),
                      ("seed_compiled_graphs", "its loss compiled and its Adam steps in a CUDA graph")):
         if key in r and "vs_recipe" in r[key]:
             c = r[key]
-            rows.append((f"preset=seed with {how} (experiment), against the recipe; loss after {c['steps']} steps",
-                         f"{c['vs_recipe']:.2f}x ({c['ms_per_step']:.2f} ms); {c['loss']:.4g}", "<= 1.0x"))
+            rows.append((f"preset=seed with {how} (experiment), against the recipe; loss after {c['steps']} steps"
+                         + (" against eager" if eager else ""),
+                         f"{c['vs_recipe']:.2f}x ({c['ms_per_step']:.2f} ms); {c['loss']:.4g}"
+                         + (f" against {eager:.4g}" if eager else ""), "<= 1.0x"))
     if "keeping" in r:
         k = r["keeping"]
         rows.append((f"a {k['steps']}-step request at {r['size']}: in a kept optimization, against one built "

@@ -365,15 +365,16 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
     assert "No experiment passed: the default stays." in text
 
     seed_ms, eager_loss = r["seed_ms_per_step"], 800.0
-    r.update(seed_eager_loss=eager_loss, seed_graphs_ms_per_step=0.5 * seed_ms, seed_graphs_loss=1.01 * eager_loss,
+    r.update(seed_eager_loss=eager_loss,
+             seed_graphs={"ms_per_step": 0.5 * seed_ms, "loss": 1.01 * eager_loss, "steps": 300},
              seed_compiled={"ms_per_step": 0.98 * seed_ms, "loss": eager_loss, "steps": 300},
              seed_compiled_graphs={"ms_per_step": 0.4 * seed_ms, "loss": 1.10 * eager_loss, "steps": 300},
              seed_nchw={"ms_per_step": 0.9 * seed_ms, "loss": 1.02 * eager_loss, "steps": 300},
              seed_nchw_graphs={"ms_per_step": 0.45 * seed_ms, "loss": 1.06 * eager_loss, "steps": 300})
     sc = gpu.choose_seed(r)
     assert sc["pick"] == "graphs"  # nchw_graphs is shorter, but its loss is 6% worse
-    assert [(k, t["passes"]) for k, t in sc["trials"].items()] == [
-        ("graphs", True), ("compiled", False), ("compiled_graphs", False), ("nchw", True), ("nchw_graphs", False)]
+    assert {k: t["passes"] for k, t in sc["trials"].items()} == {
+        "graphs": True, "compiled": False, "compiled_graphs": False, "nchw": True, "nchw_graphs": False}
     assert abs(sc["trials"]["graphs"]["vs_recipe"] - 0.5 * seed_ms / r["recipe"]["ms_per_step"]) < 1e-9
 
     # the nominee measured as the default (made-up figures): its rows render
@@ -469,7 +470,7 @@ def test_report_only_rewrites_docs_performance_from_the_stored_results(tmp_path)
 
 def test_every_engine_experiment_sets_its_settings_where_the_engine_reads_them_and_restores_them():
     """bench/gpu.py's engine_settings: inside, each ENGINE_EXPERIMENTS (and
-    SEED_LAYOUT_WAYS) entry's settings are the values of the modules that read them (nst.optimize,
+    SEED_WAYS) entry's settings are the values of the modules that read them (nst.optimize,
     nst.lbfgs, nst.losses); after, the shipped values again. Those that change
     compiled code are the ones engine_ablation warms up for."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -481,7 +482,7 @@ def test_every_engine_experiment_sets_its_settings_where_the_engine_reads_them_a
     readers = {"LBFGS_COMPILE": optimize_mod, "LBFGS_HISTORY": lbfgs, "LBFGS_HISTORY_DTYPE": lbfgs,
                "GRAM_LOWP_DEVICES": losses, "RGB_PAD_DEVICES": vgg_mod, "FLOAT32_CHANNELS_LAST_DEVICES": vgg_mod,
                "ADAM_CUDA_GRAPHS": optimize_mod}
-    for key, values in [*((k, v) for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items()), *gpu.SEED_LAYOUT_WAYS.items()]:
+    for key, values in [*((k, v) for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items()), *((k, v) for k, (_, v) in gpu.SEED_WAYS.items())]:
         assert values and set(values) <= set(readers), key
         with gpu.engine_settings(**values):
             assert {n: getattr(readers[n], n) for n in values} == values, key
