@@ -278,6 +278,21 @@ LBFGS_COMPILE = False
 # half size and the tiny one): 0.955x-1.029x the default's delivered loss,
 # pair by pair.
 GRAM_LOWP_DEVICES: tuple[str, ...] = ()
+# On these device types the Grams' backward is one matmul, F (dG + dG^T)
+# (nst.losses._Gram), where autograd's bmm backward takes one per operand
+# and adds them: half the Grams' backward work, and two fewer feature-sized
+# float32 tensors written per style layer. The same numbers up to rounding
+# (the sum's order). On the 2-core CPU (torch 2.14.1, the 170x128 Tübingen
+# pair, the two ways interleaved four times each, medians; a one-off probe,
+# not in the repo) a 26-step request took 3.10 s against 3.28 and 3.56
+# against 4.06 in two runs, a 100-step one (bf16, then float32 steps) 16.45
+# against 17.99 s: 5-12% shorter, delivering the same PNG's loss each time.
+# Not on a GPU, where nothing has measured it: there the fast preset's
+# float16 steps would get this backward with GRAM_LOWP_DEVICES' experiment
+# (its Function has it too), and preset=seed's float32 Grams would gain
+# about 1.5% of a step by reckoning (0.3 GB less traffic at 512x384), below
+# what bench/gpu.py's candidate rule can tell from noise (3%).
+GRAM_ONE_PRODUCT_DEVICES: tuple[str, ...] = ("cpu",)
 # Float32 VGG passes (preset=seed's steps; every request's targets and final
 # score) run channels-last on these device types, as low-precision ones
 # always do; elsewhere in PyTorch's default layout (NCHW), which the

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import GRAM_LOWP_DEVICES, RECIPE_CONTENT_LAYER
+from .config import GRAM_LOWP_DEVICES, GRAM_ONE_PRODUCT_DEVICES, RECIPE_CONTENT_LAYER
 from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
 
 LOWP = (torch.float16, torch.bfloat16)
@@ -58,17 +58,43 @@ class _LowpGram(torch.autograd.Function):
         return (bmm_f32(flat, (sym * scale).to(flat.dtype)) / scale).to(flat.dtype)  # (B, N, C)
 
 
+class _Gram(torch.autograd.Function):
+    """flat^T flat for float32 flat (B, N, C), with the backward as one
+    matmul (GRAM_ONE_PRODUCT_DEVICES): d(F^T F) = F (dG + dG^T). Autograd's
+    own bmm backward takes one product per operand, both (B, N, C), and adds
+    them: twice the matmul work and two more feature-sized tensors written.
+    dG + dG^T is exactly symmetric (a + b = b + a), so F (dG + dG^T) is also
+    (dG + dG^T) F^T, taken in whichever orientation F is laid out in memory
+    so that the gradient comes out in the features' own layout."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor) -> Tensor:
+        ctx.save_for_backward(flat)
+        return torch.bmm(flat.transpose(1, 2), flat)  # (B, C, C)
+
+    @staticmethod
+    def backward(ctx, d_gram: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        sym = d_gram + d_gram.transpose(1, 2)  # (B, C, C)
+        if flat.transpose(1, 2).is_contiguous():  # NCHW features: (B, C, N) in memory
+            return torch.bmm(sym, flat.transpose(1, 2)).transpose(1, 2)  # (B, C, N) -> (B, N, C) view
+        return torch.bmm(flat, sym)  # (B, N, C)
+
+
 def gram(features: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, C, C): each image's unnormalized Gram matrix, in float32."""
     b, c, h, w = features.shape
-    if features.device.type in GRAM_LOWP_DEVICES and features.dtype in LOWP and c > 1:
-        nhwc = features.is_contiguous(memory_format=torch.channels_last)
-        # (B, H*W, C): a view either way (of NHWC, or transposed from NCHW)
-        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c) if nhwc else \
-            features.reshape(b, c, h * w).transpose(1, 2)
+    nhwc = features.is_contiguous(memory_format=torch.channels_last) and c > 1
+    # (B, H*W, C): a view either way (of NHWC, or transposed from NCHW)
+    flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c) if nhwc else \
+        features.reshape(b, c, h * w).transpose(1, 2)
+    device = features.device.type
+    if device in GRAM_LOWP_DEVICES and features.dtype in LOWP and c > 1:
         return _LowpGram.apply(flat)
-    if features.is_contiguous(memory_format=torch.channels_last) and c > 1:
-        flat = features.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # (B, H*W, C): a view of NHWC
+    if device in GRAM_ONE_PRODUCT_DEVICES:
+        return _Gram.apply(flat.float())  # a 16-bit flat's float32 copy; a float32 one as it is
+    if nhwc:
+        flat = flat.float()
         return torch.bmm(flat.transpose(1, 2), flat)
     flat = features.reshape(b, c, h * w).float()  # (B, C, H*W)
     return torch.bmm(flat, flat.transpose(1, 2))

@@ -422,18 +422,23 @@ def test_no_batch_program_where_rows_never_share(vgg, eager_backend_on_cpu, monk
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor's CPU code generation needs a C++ compiler")
-def test_the_lowp_gram_compiles_whole_and_gives_the_eager_loss_and_gradient(fresh_compile, monkeypatch):
-    """GRAM_LOWP_DEVICES's autograd Function traced by dynamo in one graph
-    (fullgraph: no break around it, so the compiled loss keeps its fused
-    kernels on both sides) and compiled by inductor (its CPU code generation
-    here; a GPU's float32-accumulating bmm is the GPU test's): the eager
-    style loss and gradient, to float16 rounding."""
+@pytest.mark.parametrize("setting", ["GRAM_LOWP_DEVICES", "GRAM_ONE_PRODUCT_DEVICES"])
+def test_the_gram_functions_compile_whole_and_give_the_eager_loss_and_gradient(fresh_compile, monkeypatch, setting):
+    """The Grams' autograd Functions (GRAM_LOWP_DEVICES's, and
+    GRAM_ONE_PRODUCT_DEVICES's on float16 features' float32 copy) traced by
+    dynamo in one graph (fullgraph: no break around them, so the compiled
+    loss keeps its fused kernels on both sides) and compiled by inductor (its
+    CPU code generation here; a GPU's float32-accumulating bmm is the GPU
+    test's): the eager style loss and gradient, to float16 rounding."""
     from nst import losses
 
-    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",))
+    monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",) if setting == "GRAM_LOWP_DEVICES" else ())
+    monkeypatch.setattr(losses, "GRAM_ONE_PRODUCT_DEVICES", ("cpu",))
     gen = torch.Generator().manual_seed(3)
     f = (torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half().contiguous(memory_format=torch.channels_last)
     target = losses.gram((torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half())
+    function = "_LowpGram" if setting == "GRAM_LOWP_DEVICES" else "_Gram"
+    assert type(losses.gram(f.clone().requires_grad_(True)).grad_fn).__name__ == function + "Backward"
 
     def loss_and_grad(fn):
         x = f.clone().requires_grad_(True)
