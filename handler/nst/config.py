@@ -282,17 +282,27 @@ GRAM_LOWP_DEVICES: tuple[str, ...] = ()
 # (nst.losses._Gram), where autograd's bmm backward takes one per operand
 # and adds them: half the Grams' backward work, and two fewer feature-sized
 # float32 tensors written per style layer. The same numbers up to rounding
-# (the sum's order). On the 2-core CPU (torch 2.14.1, the 170x128 Tübingen
-# pair, the two ways interleaved four times each, medians; a one-off probe,
-# not in the repo) a 26-step request took 3.10 s against 3.28 and 3.56
-# against 4.06 in two runs, a 100-step one (bf16, then float32 steps) 16.45
-# against 17.99 s: 5-12% shorter, delivering the same PNG's loss each time.
+# (the sum's order). On the 2-core CPU (torch 2.14.1, with the bound below;
+# the two ways interleaved, medians; a one-off probe, not in the repo)
+# 100-step requests (bf16, then float32 steps) took 0.91x as long on the
+# corpus' tiny pair (32x32) and photo_painting (96x72), 0.95x on the
+# elongated one (256x32), six runs each, and a 26-step request on the
+# 170x128 Tübingen pair 0.96x (four runs).
 # Not on a GPU, where nothing has measured it: there the fast preset's
 # float16 steps would get this backward with GRAM_LOWP_DEVICES' experiment
 # (its Function has it too), and preset=seed's float32 Grams would gain
 # about 1.5% of a step by reckoning (0.3 GB less traffic at 512x384), below
 # what bench/gpu.py's candidate rule can tell from noise (3%).
 GRAM_ONE_PRODUCT_DEVICES: tuple[str, ...] = ("cpu",)
+# ... for layers of at least this many pixels (h*w) only. dG + dG^T reads
+# dG transposed, and on the CPU that costs about 0.3 ms for 512 channels
+# (a 512x512 dG) whatever the layer's pixels, so where they are few it is
+# dearer than the matmul it saves. Measured on the 2-core CPU (one Gram's forward and
+# backward, bf16 features, medians of 36): one product took 1.06-1.27x
+# autograd's time at 4 and 16 pixels, 0.91-1.14x at 64, 0.88-0.94x at 128,
+# 0.50-0.58x at 4096, for 64 to 512 channels. Without this bound the tiny
+# pair's 100-step requests took 1.07x as long instead of 0.91x.
+GRAM_ONE_PRODUCT_MIN_PIXELS = 128
 # Float32 VGG passes (preset=seed's steps; every request's targets and final
 # score) run channels-last on these device types, as low-precision ones
 # always do; elsewhere in PyTorch's default layout (NCHW), which the

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import GRAM_LOWP_DEVICES, GRAM_ONE_PRODUCT_DEVICES, RECIPE_CONTENT_LAYER
+from .config import GRAM_LOWP_DEVICES, GRAM_ONE_PRODUCT_DEVICES, GRAM_ONE_PRODUCT_MIN_PIXELS, RECIPE_CONTENT_LAYER
 from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
 
 LOWP = (torch.float16, torch.bfloat16)
@@ -60,7 +60,8 @@ class _LowpGram(torch.autograd.Function):
 
 class _Gram(torch.autograd.Function):
     """flat^T flat for float32 flat (B, N, C), with the backward as one
-    matmul (GRAM_ONE_PRODUCT_DEVICES): d(F^T F) = F (dG + dG^T). Autograd's
+    matmul (GRAM_ONE_PRODUCT_DEVICES, GRAM_ONE_PRODUCT_MIN_PIXELS):
+    d(F^T F) = F (dG + dG^T). Autograd's
     own bmm backward takes one product per operand, both (B, N, C), and adds
     them: twice the matmul work and two more feature-sized tensors written.
     dG + dG^T is exactly symmetric (a + b = b + a), so F (dG + dG^T) is also
@@ -91,7 +92,7 @@ def gram(features: Tensor) -> Tensor:
     device = features.device.type
     if device in GRAM_LOWP_DEVICES and features.dtype in LOWP and c > 1:
         return _LowpGram.apply(flat)
-    if device in GRAM_ONE_PRODUCT_DEVICES:
+    if device in GRAM_ONE_PRODUCT_DEVICES and h * w >= GRAM_ONE_PRODUCT_MIN_PIXELS:
         return _Gram.apply(flat.float())  # a 16-bit flat's float32 copy; a float32 one as it is
     if nhwc:
         flat = flat.float()

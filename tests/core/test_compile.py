@@ -434,6 +434,7 @@ def test_the_gram_functions_compile_whole_and_give_the_eager_loss_and_gradient(f
 
     monkeypatch.setattr(losses, "GRAM_LOWP_DEVICES", ("cpu",) if setting == "GRAM_LOWP_DEVICES" else ())
     monkeypatch.setattr(losses, "GRAM_ONE_PRODUCT_DEVICES", ("cpu",))
+    monkeypatch.setattr(losses, "GRAM_ONE_PRODUCT_MIN_PIXELS", 1)  # these 6x5 features too
     gen = torch.Generator().manual_seed(3)
     f = (torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half().contiguous(memory_format=torch.channels_last)
     target = losses.gram((torch.randn(1, 8, 6, 5, generator=gen).relu() * 3).half())

@@ -153,14 +153,16 @@ def test_lowp_gram_backward_scales_dG_into_float16s_range(monkeypatch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 def test_one_product_gram_is_autograds_gram_with_the_reference_gradient(dtype, tol, channels_last, monkeypatch):
-    """GRAM_ONE_PRODUCT_DEVICES (the CPU's default): bit for bit the Gram of
-    autograd's bmm, and a style-loss gradient F (dG + dG^T) from one product
+    """GRAM_ONE_PRODUCT_DEVICES (the CPU's default), for layers of at least
+    GRAM_ONE_PRODUCT_MIN_PIXELS: bit for bit the Gram of autograd's bmm, and a style-loss gradient F (dG + dG^T) from one product
     that matches the reference formula's in float64 as closely as autograd's
     two products do, in the features' dtype and memory layout."""
     from nst import losses
 
-    f = _features(dtype, channels_last, seed=4)  # (2, 16, 6, 5): a batch of two
-    target = _gram64(_features(dtype, channels_last, seed=5)).float()
+    shape = (2, 16, 12, 11)  # a batch of two; 132 pixels, at least GRAM_ONE_PRODUCT_MIN_PIXELS
+    assert 12 * 11 >= losses.GRAM_ONE_PRODUCT_MIN_PIXELS
+    f = _features(dtype, channels_last, seed=4, shape=shape)
+    target = _gram64(_features(dtype, channels_last, seed=5, shape=shape)).float()
     _, d, h, w = f.shape
     ref = f.double().requires_grad_(True)
     (((_gram64(ref) - target.double()) ** 2).mean(dim=(1, 2)) / (d * h * w)).sum().backward()
@@ -180,6 +182,10 @@ def test_one_product_gram_is_autograds_gram_with_the_reference_gradient(dtype, t
     assert one_fn == "_GramBackward" and two_fn != one_fn
     assert torch.equal(one, two)
     assert one_err < tol and one_err <= 2 * two_err + tol / 4, (one_err, two_err)
+    # a layer of fewer pixels takes autograd's bmm: there dG + dG^T costs more than the product saved
+    monkeypatch.setattr(losses, "GRAM_ONE_PRODUCT_DEVICES", ("cpu",))
+    monkeypatch.setattr(losses, "GRAM_ONE_PRODUCT_MIN_PIXELS", 12 * 11 + 1)
+    assert type(losses.gram(f.clone().requires_grad_(True)).grad_fn).__name__ == two_fn
 
 
 def test_float16_steps_with_the_lowp_gram_take_the_float32_grams_steps(vgg, monkeypatch):
