@@ -297,11 +297,11 @@ GRAM_ONE_PRODUCT_DEVICES: tuple[str, ...] = ("cpu",)
 # ... for layers of at least this many pixels (h*w) only. dG + dG^T reads
 # dG transposed, and on the CPU that costs about 0.3 ms for 512 channels
 # (a 512x512 dG) whatever the layer's pixels, so where they are few it is
-# dearer than the matmul it saves. Measured on the 2-core CPU (one Gram's forward and
-# backward, bf16 features, medians of 36): one product took 1.06-1.27x
-# autograd's time at 4 and 16 pixels, 0.91-1.14x at 64, 0.88-0.94x at 128,
-# 0.50-0.58x at 4096, for 64 to 512 channels. Without this bound the tiny
-# pair's 100-step requests took 1.07x as long instead of 0.91x.
+# dearer than the matmul it saves. Measured on the 2-core CPU (one Gram's
+# forward and backward, bf16 features, medians of 36): one product took
+# 1.06-1.27x autograd's time at 4 and 16 pixels, 0.91-1.14x at 64,
+# 0.88-0.94x at 128, 0.50-0.58x at 4096, for 64 to 512 channels. Without
+# this bound the tiny pair's 100-step requests took 1.07x as long, not 0.91x.
 GRAM_ONE_PRODUCT_MIN_PIXELS = 128
 # Float32 VGG passes (preset=seed's steps; every request's targets and final
 # score) run channels-last on these device types, as low-precision ones

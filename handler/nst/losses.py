@@ -61,12 +61,12 @@ class _LowpGram(torch.autograd.Function):
 class _Gram(torch.autograd.Function):
     """flat^T flat for float32 flat (B, N, C), with the backward as one
     matmul (GRAM_ONE_PRODUCT_DEVICES, GRAM_ONE_PRODUCT_MIN_PIXELS):
-    d(F^T F) = F (dG + dG^T). Autograd's
-    own bmm backward takes one product per operand, both (B, N, C), and adds
-    them: twice the matmul work and two more feature-sized tensors written.
-    dG + dG^T is exactly symmetric (a + b = b + a), so F (dG + dG^T) is also
-    (dG + dG^T) F^T, taken in whichever orientation F is laid out in memory
-    so that the gradient comes out in the features' own layout."""
+    d(F^T F) = F (dG + dG^T). Autograd's own bmm backward takes one product
+    per operand, both (B, N, C), and adds them: twice the matmul work and two
+    more feature-sized tensors written. dG + dG^T is exactly symmetric
+    (a + b = b + a), so F (dG + dG^T) is also ((dG + dG^T) F^T)^T, taken in
+    whichever orientation F lies in memory so that the gradient comes out in
+    the features' own layout."""
 
     @staticmethod
     def forward(ctx, flat: Tensor) -> Tensor:

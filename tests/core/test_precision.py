@@ -154,9 +154,10 @@ def test_lowp_gram_backward_scales_dG_into_float16s_range(monkeypatch):
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 def test_one_product_gram_is_autograds_gram_with_the_reference_gradient(dtype, tol, channels_last, monkeypatch):
     """GRAM_ONE_PRODUCT_DEVICES (the CPU's default), for layers of at least
-    GRAM_ONE_PRODUCT_MIN_PIXELS: bit for bit the Gram of autograd's bmm, and a style-loss gradient F (dG + dG^T) from one product
-    that matches the reference formula's in float64 as closely as autograd's
-    two products do, in the features' dtype and memory layout."""
+    GRAM_ONE_PRODUCT_MIN_PIXELS: bit for bit the Gram of autograd's bmm, and
+    a style-loss gradient F (dG + dG^T) from one product that matches the
+    reference formula's in float64 as closely as autograd's two products
+    do, in the features' dtype and memory layout."""
     from nst import losses
 
     shape = (2, 16, 12, 11)  # a batch of two; 132 pixels, at least GRAM_ONE_PRODUCT_MIN_PIXELS
