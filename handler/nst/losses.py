@@ -97,8 +97,8 @@ def gram(features: Tensor) -> Tensor:
     if nhwc:
         flat = flat.float()
         return torch.bmm(flat.transpose(1, 2), flat)
-    flat = features.reshape(b, c, h * w).float()  # (B, C, H*W)
-    return torch.bmm(flat, flat.transpose(1, 2))
+    rows = flat.transpose(1, 2).float()  # (B, C, H*W): the NCHW features' own view
+    return torch.bmm(rows, rows.transpose(1, 2))
 
 
 def content_loss(features: Tensor, target: Tensor) -> Tensor:
