@@ -21,7 +21,7 @@ from nst.fetch import fetch
 from nst.memory import is_out_of_memory
 from nst.config import CUDNN_AUTOTUNE, PRESETS, WARM_UP_PRESETS, WARM_UP_SIZES, Params
 from nst.imageio import fit_size
-from nst.optimize import BudgetExceeded, Diverged, Progress, warm_up
+from nst.optimize import BudgetExceeded, Diverged, Progress, WouldExceedBudget, warm_up
 from nst.request import build_params, parse_json_body
 from nst.pipeline import Job, Output, Prepared, free_memory, prepare, run_batch
 
@@ -218,11 +218,13 @@ class StyleTransferHandler:
         if isinstance(exc, RequestError):
             err = exc
         elif isinstance(exc, BudgetExceeded):
-            if row.deadline_field is None:
-                err = TimedOut(None, f"time budget exceeded: {exc}")
+            early = isinstance(exc, WouldExceedBudget)  # stopped before the deadline, which it could not meet
+            field = row.deadline_field
+            if field is None:
+                what = f"time budget ({self.limits.time_budget_s:g} s) too short" if early else "time budget exceeded"
             else:
-                field = row.deadline_field
-                err = TimedOut(field, f"{field}: the client's deadline passed: {exc}")
+                what = f"{field}: the client's deadline " + ("would pass first" if early else "passed")
+            err = TimedOut(field, f"{what}: {exc}" + ("; ask for fewer steps or a smaller max_size" if early else ""))
         elif isinstance(exc, Diverged):
             err = InvalidParameter("lr", f"lr: the optimization diverged ({exc}); use a smaller lr")
         elif is_out_of_memory(exc):

@@ -27,6 +27,22 @@ RECIPE_CONTENT_LAYER = "conv4_2"
 # between optimizer steps, and one L-BFGS step at 1024 px takes seconds on a
 # CPU; then the result is encoded and sent.
 RESPONSE_MARGIN_S = 30
+# A running request that cannot finish its steps before its deadline (the
+# time budget, or the client's timeout_s / deadline) at the pace of its steps
+# so far is stopped at the next progress record, with a 504 saying how many
+# steps would fit, instead of holding its worker until the deadline for an
+# answer that would be a 504 anyway. On the 2-core CPU (a one-off probe) a
+# step at 1024x768 took about 6 s in bf16 and 9 s in float32: the 100
+# default steps at max_size 1024 need about 750 s, past the 540 s budget.
+# "Cannot": the steps left would need more than DEADLINE_SLACK times the
+# time left, and DEADLINE_SLACK_S more than it. The pace is measured from
+# the first progress record of the steps' current dtype on (the stretch
+# before it holds the slow first step: oneDNN's or cuDNN's set-up, a CUDA
+# graph's capture), never from a single stretch. Steps that get faster
+# later (a neighbouring worker going idle on the same cores) could still
+# have made it: the slack keeps such close calls running to the deadline.
+DEADLINE_SLACK = 1.25
+DEADLINE_SLACK_S = 1.0
 
 
 @dataclass(frozen=True)

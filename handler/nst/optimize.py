@@ -16,10 +16,10 @@ from torch import Tensor
 
 from . import lbfgs, memory
 from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE,
-                     COMPILE_DYNAMIC, CUDA_GRAPHS, GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT,
-                     GRAD_SCALE_MAX, GRAD_SCALE_MIN, KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY,
-                     LBFGS_COMPILE, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS,
-                     Params)
+                     COMPILE_DYNAMIC, CUDA_GRAPHS, DEADLINE_SLACK, DEADLINE_SLACK_S, GRAD_SCALE_BACKOFF,
+                     GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN, KEEP_PROGRAMS,
+                     KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LBFGS_COMPILE, LBFGS_MAX_MOVE,
+                     LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -32,8 +32,63 @@ class BudgetExceeded(Exception):
     """The request's time budget ran out before the last step."""
 
 
+class WouldExceedBudget(BudgetExceeded):
+    """At the pace of its steps so far, the request cannot finish its steps
+    before its deadline: stopped early (DEADLINE_SLACK in config.py)."""
+
+
 class Diverged(Exception):
     """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The progress record an optimization's steady pace is measured from:
+    the first one after its steps took their current dtype (the stretch up to
+    it holds that dtype's slow first step)."""
+
+    dtype: torch.dtype
+    step: int
+    at: float  # time.monotonic() of the record
+
+
+def pace_at(pace: Pace | None, dtype: torch.dtype, step: int, now: float) -> tuple[Pace, float | None]:
+    """At a progress record after `step` (its steps of `dtype`) at `now`: the
+    record to measure from next, and the seconds per step since `pace`, or
+    None where this record becomes the one to measure from (the first, or the
+    first since the dtype changed)."""
+    if pace is None or pace.dtype != dtype:
+        return Pace(dtype, step, now), None
+    if step <= pace.step:
+        return pace, None
+    return pace, (now - pace.at) / (step - pace.step)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms"
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def check_deadline(deadline: float | None, step: int, steps: int, now: float,
+                   per_step: float | None = None) -> None:
+    """After `step` of `steps`, at `now`: raise BudgetExceeded where the
+    deadline has passed with steps left, and WouldExceedBudget where at
+    `per_step` seconds a step (`pace_at`) the steps left would end past it
+    by more than the slack (DEADLINE_SLACK, DEADLINE_SLACK_S)."""
+    if deadline is None or step >= steps:
+        return
+    if now > deadline:
+        raise BudgetExceeded(f"time budget ran out after {step} of {steps} steps")
+    if per_step is None:
+        return
+    need, left = per_step * (steps - step), deadline - now
+    if need > max(DEADLINE_SLACK * left, left + DEADLINE_SLACK_S):
+        fit = int(left / per_step)
+        raise WouldExceedBudget(
+            f"stopped after {step} of {steps} steps: at {_duration(per_step)} per step the {steps - step} left "
+            f"would take about {_duration(need)}, and {_duration(left)} is left (about {fit} more "
+            f"step{'' if fit == 1 else 's'} would fit)")
 
 
 @dataclass(frozen=True)
@@ -693,6 +748,7 @@ def stylize_batch(
     outcome: list = [None] * B
     history: list[list[Progress]] = [[] for _ in rows]
     finished_ms = [0.0] * B
+    pace: Pace | None = None  # one for all rows: they run the same steps
 
     def fail(b: int, exc: BaseException, step: int) -> None:
         outcome[b] = exc
@@ -705,9 +761,10 @@ def stylize_batch(
         return outcome[b] is None and step <= steps[b]
 
     for b, r in enumerate(rows):
-        if r.deadline is not None and time.monotonic() > r.deadline:
-            fail(b, BudgetExceeded(f"time budget ran out after {first_step - 1} of {steps[b]} steps"),
-                 first_step - 1)
+        try:
+            check_deadline(r.deadline, first_step - 1, steps[b], time.monotonic())
+        except BudgetExceeded as e:
+            fail(b, e, first_step - 1)
     with torch.enable_grad():
         for step in range(first_step, max(steps) + 1):
             if not any(running(b, step) for b in range(B)):
@@ -718,6 +775,7 @@ def stylize_batch(
                 continue
             losses = loss_buf.tolist()  # the one host sync of this stretch of steps
             now = time.monotonic()
+            pace, per_step = pace_at(pace, step_dtype(lowp, step), step, now)
             for b in due:
                 if not math.isfinite(losses[b]):
                     fail(b, Diverged(f"loss became {losses[b]} at step {step}"), step)
@@ -732,8 +790,11 @@ def stylize_batch(
                     continue
                 if step == steps[b]:
                     finished_ms[b] = (time.monotonic() - start) * 1e3
-                elif rows[b].deadline is not None and time.monotonic() > rows[b].deadline:
-                    fail(b, BudgetExceeded(f"time budget ran out after {step} of {steps[b]} steps"), step)
+                    continue
+                try:
+                    check_deadline(rows[b].deadline, step, steps[b], time.monotonic(), per_step)
+                except BudgetExceeded as e:
+                    fail(b, e, step)
 
     with torch.no_grad():
         delivered = quantize(to_pixels(x.detach()))
@@ -811,18 +872,20 @@ def stylize(
     var = var.contiguous().requires_grad_(True)
 
     history: list[Progress] = []
-    if deadline is not None and time.monotonic() > deadline:
-        raise BudgetExceeded(f"time budget ran out after {first_step - 1} of {params.steps} steps")
+    check_deadline(deadline, first_step - 1, params.steps, time.monotonic())
+    pace: Pace | None = None
 
     def report(step: int, loss: Tensor) -> None:
+        nonlocal pace
         value = loss.item()  # the one host sync of this stretch of steps
+        now = time.monotonic()
+        pace, per_step = pace_at(pace, step_dtype(lowp, step), step, now)
         _finite_or_raise(value, step)
-        p = Progress(step, params.steps, value, (time.monotonic() - start) * 1e3)
+        p = Progress(step, params.steps, value, (now - start) * 1e3)
         history.append(p)
         if callback is not None:
             callback(p)
-        if deadline is not None and time.monotonic() > deadline and step < params.steps:
-            raise BudgetExceeded(f"time budget ran out after {step} of {params.steps} steps")
+        check_deadline(deadline, step, params.steps, time.monotonic(), per_step)
 
     def due(step: int) -> bool:
         return step % progress_every == 0 or step == params.steps

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import style_transfer_handler
-from nst import BudgetExceeded, Diverged, Progress
+from nst import BudgetExceeded, Diverged, Progress, WouldExceedBudget
 from style_transfer_handler import StyleTransferHandler
 
 
@@ -392,6 +392,16 @@ def test_budget_and_divergence_map_to_contract_codes(handler, make_context, inpu
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
     assert_error(ctx, 0, out, code, field)
+
+
+def test_a_budget_too_short_for_the_steps_is_a_504_naming_the_budget(handler, make_context, inputs, monkeypatch):
+    exc = WouldExceedBudget("stopped after 20 of 100 steps: at 6.0 s per step ...")
+    fail_every_optimization(monkeypatch, lambda job: _raise(exc))
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=100)], ctx)
+    err = assert_error(ctx, 0, out, 504, None)
+    assert err["message"] == ("time budget (540 s) too short: stopped after 20 of 100 steps: at 6.0 s per "
+                              "step ...; ask for fewer steps or a smaller max_size")
 
 
 def test_real_time_budget_gives_504(make_handler, make_context, inputs):

@@ -83,22 +83,45 @@ def test_a_deadline_already_passed_is_refused_before_any_work(handler, make_cont
     assert "not started" in err["message"]
 
 
-def test_timeout_s_cuts_the_optimization_and_names_the_field(make_handler, make_context, inputs, monkeypatch):
+def _slow_steps(monkeypatch, seconds: float, from_call: int = 1) -> None:
+    """Each step's loss takes `seconds` longer from its `from_call`-th call on."""
     import nst.optimize
 
-    handler = make_handler({"progress_every": 1})
     real = nst.optimize.pixels_loss
+    calls = []
 
     def slow_loss(*args):
-        time.sleep(0.05)
+        calls.append(None)
+        if len(calls) >= from_call:
+            time.sleep(seconds)
         return real(*args)
 
     monkeypatch.setattr(nst.optimize, "pixels_loss", slow_loss)
+
+
+def test_timeout_s_stops_a_request_that_cannot_finish_at_once(make_handler, make_context, inputs, monkeypatch):
+    """At 50 ms a step, 1000 steps cannot fit in 5 s: the second progress
+    record (the first measures nothing: see config.DEADLINE_SLACK) ends it,
+    long before the deadline, saying what would fit."""
+    handler = make_handler({"progress_every": 1})
+    _slow_steps(monkeypatch, 0.05)
     ctx = make_context()
-    [out] = handler.handle([multipart_row(inputs, steps=1000, max_size=32, timeout_s=0.3)], ctx)
+    [out] = handler.handle([multipart_row(inputs, steps=1000, max_size=32, timeout_s=5)], ctx)
     err = assert_error(ctx, 0, out, 504, "timeout_s")
-    assert err["message"].startswith("timeout_s: the client's deadline passed")
-    assert "of 1000 steps" in err["message"]
+    assert err["message"].startswith("timeout_s: the client's deadline would pass first: stopped after 2 of 1000 "
+                                     "steps: at ")
+    assert "more steps would fit" in err["message"]
+
+
+def test_timeout_s_cuts_the_optimization_when_it_passes(make_handler, make_context, inputs, monkeypatch):
+    """Steps that looked fast enough until the fourth took 1.5 s: the deadline
+    itself ends the request."""
+    handler = make_handler({"progress_every": 1})
+    _slow_steps(monkeypatch, 1.5, from_call=4)
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=6, max_size=32, timeout_s=1.0)], ctx)
+    err = assert_error(ctx, 0, out, 504, "timeout_s")
+    assert err["message"] == "timeout_s: the client's deadline passed: time budget ran out after 4 of 6 steps"
 
 
 def test_a_far_deadline_changes_nothing(handler, make_context, inputs):

@@ -1,0 +1,148 @@
+"""A running request stops as soon as its steps cannot finish before its
+deadline (config.DEADLINE_SLACK): the pace arithmetic, then both
+optimization loops on a fake clock that advances only when told to."""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+import nst.optimize as optimize
+from nst.config import DEADLINE_SLACK, DEADLINE_SLACK_S, Params
+from nst.optimize import (BudgetExceeded, Pace, Result, Row, WouldExceedBudget, check_deadline, pace_at, stylize,
+                          stylize_batch)
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def test_the_pace_runs_from_the_first_record_of_the_current_dtype():
+    pace, per_step = pace_at(None, BF16, 10, 100.0)
+    assert pace == Pace(BF16, 10, 100.0) and per_step is None  # the stretch up to it held the slow first step
+    pace, per_step = pace_at(pace, BF16, 20, 101.0)
+    assert pace == Pace(BF16, 10, 100.0) and per_step == pytest.approx(0.1)
+    pace, per_step = pace_at(pace, BF16, 30, 103.0)
+    assert per_step == pytest.approx(0.15)  # everything since that record, not the latest stretch alone
+    pace, per_step = pace_at(pace, F32, 40, 110.0)  # this stretch held the first float32 step
+    assert pace == Pace(F32, 40, 110.0) and per_step is None
+    pace, per_step = pace_at(pace, F32, 50, 112.0)
+    assert per_step == pytest.approx(0.2)
+
+
+def test_a_passed_deadline_is_the_plain_budget_exceeded():
+    with pytest.raises(BudgetExceeded) as e:
+        check_deadline(100.0, 5, 10, 100.5, per_step=0.01)
+    assert type(e.value) is BudgetExceeded and str(e.value) == "time budget ran out after 5 of 10 steps"
+    check_deadline(100.0, 10, 10, 200.0)  # the last step is done: nothing left to stop
+    check_deadline(None, 5, 10, 1e9, per_step=1e9)  # no deadline
+    check_deadline(100.0, 5, 1000, 50.0)  # no pace measured yet: only the deadline itself
+
+
+def test_steps_that_cannot_finish_stop_with_what_would_fit():
+    with pytest.raises(WouldExceedBudget) as e:
+        check_deadline(100.0, 20, 100, 60.0, per_step=1.0)
+    assert str(e.value) == ("stopped after 20 of 100 steps: at 1.0 s per step the 80 left would take about 80 s, "
+                            "and 40 s is left (about 40 more steps would fit)")
+    with pytest.raises(WouldExceedBudget, match=r"at 50 ms per step the 999 left would take about 50 s, and "
+                                                r"20 ms is left \(about 0 more steps would fit\)"):
+        check_deadline(100.0, 1, 1000, 99.98, per_step=0.05)
+
+
+@pytest.mark.parametrize("left", [40.0, 0.5])
+def test_the_slack_keeps_close_calls_running(left):
+    """Stopped only when the steps left need more than DEADLINE_SLACK times
+    the time left and DEADLINE_SLACK_S more than it: at 40 s left the ratio
+    decides, at 0.5 s the seconds do."""
+    bound = max(DEADLINE_SLACK * left, left + DEADLINE_SLACK_S)  # the most the 50 steps left may need
+    check_deadline(100.0, 50, 100, 100.0 - left, per_step=bound * 0.99 / 50)
+    with pytest.raises(WouldExceedBudget):
+        check_deadline(100.0, 50, 100, 100.0 - left, per_step=bound * 1.01 / 50)
+
+
+class Clock:
+    """time.monotonic for nst.optimize: stands still until advanced, so a
+    step's pace is exactly what a test says it is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(optimize, "time", types.SimpleNamespace(monotonic=c.monotonic))
+    return c
+
+
+def _images(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, 24, 32, generator=gen), torch.rand(1, 3, 24, 32, generator=gen)
+
+
+def _seconds_per_record(clock: Clock, seconds: float):
+    """A progress callback that advances the clock by `seconds` at each
+    record: the time the steps up to the next record take."""
+    calls = []
+
+    def callback(p):
+        calls.append(p.step)
+        clock.now += seconds
+
+    return callback, calls
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_request_that_cannot_finish_stops_at_the_second_record(vgg, clock, optimizer):
+    """1 s per step, 40 steps, 25 s to the deadline: at step 20 the 20 steps
+    left need 20 s and 5 s are left. It stops there, before its deadline."""
+    content, style = _images(1)
+    callback, calls = _seconds_per_record(clock, 10.0)
+    with pytest.raises(WouldExceedBudget, match="stopped after 20 of 40 steps: at 1.0 s per step"):
+        stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40, optimizer=optimizer),
+                callback=callback, deadline=clock.now + 25, progress_every=10)
+    assert calls == [10, 20] and clock.now < 1000.0 + 25
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_request_that_can_finish_runs_to_its_end(vgg, clock, optimizer):
+    content, style = _images(2)
+    callback, calls = _seconds_per_record(clock, 10.0)
+    result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40, optimizer=optimizer),
+                     callback=callback, deadline=clock.now + 45, progress_every=10)
+    assert result.steps == 40 and calls == [10, 20, 30, 40]
+
+
+def test_a_slow_first_step_is_not_the_pace(vgg, clock, monkeypatch):
+    """200 s in the first step (a worker's first request: set-up, capture),
+    then 1 s per step: at step 20 the 20 steps left need 20 s with 25 s left,
+    so it runs on. Measured from the start, the pace would have been 10.5 s
+    per step."""
+    real = optimize.pixels_loss
+    losses = []
+
+    def first_one_slow(*args):
+        losses.append(None)
+        clock.now += 200.0 if len(losses) == 1 else 0.0
+        return real(*args)
+
+    monkeypatch.setattr(optimize, "pixels_loss", first_one_slow)
+    content, style = _images(3)
+    callback, calls = _seconds_per_record(clock, 10.0)
+    result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40),
+                     callback=callback, deadline=clock.now + 245, progress_every=10)
+    assert result.steps == 40 and calls == [10, 20, 30, 40]
+
+
+def test_each_row_of_a_batch_is_held_to_its_own_deadline(vgg, clock):
+    callback, calls = _seconds_per_record(clock, 10.0)  # row 1's records alone advance the clock
+    (c0, s0), (c1, s1) = _images(4), _images(5)
+    forty = dataclasses.replace(Params(), steps=40)
+    short, ok = stylize_batch(vgg, [Row(c0, [s0], forty, deadline=clock.now + 25),
+                                    Row(c1, [s1], forty, callback=callback, deadline=clock.now + 45)],
+                              progress_every=10)
+    assert isinstance(short, WouldExceedBudget) and "stopped after 20 of 40 steps" in str(short)
+    assert isinstance(ok, Result) and ok.steps == 40 and calls == [10, 20, 30, 40]
