@@ -31,9 +31,11 @@ RESPONSE_MARGIN_S = 30
 # time budget, or the client's timeout_s / deadline) at the pace of its steps
 # so far is stopped at the next progress record, with a 504 saying how many
 # steps would fit, instead of holding its worker until the deadline for an
-# answer that would be a 504 anyway. On the 2-core CPU (a one-off probe) a
-# step at 1024x768 took about 6 s in bf16 and 9 s in float32: the 100
-# default steps at max_size 1024 need about 750 s, past the 540 s budget.
+# answer that would be a 504 anyway. On the 2-core CPU (one run) a default
+# request at max_size 1024 (1024x768: bf16 steps about 4.4 s, float32 ones
+# 9-10 s) stopped at step 80 after 470 s, not at the 540 s budget: until
+# step 60 its pace was bf16's, which does not foresee the slower float32
+# steps.
 # "Cannot": the steps left would need more than DEADLINE_SLACK times the
 # time left, and DEADLINE_SLACK_S more than it. The pace is measured from
 # the first progress record of the steps' current dtype on (the stretch
