@@ -771,6 +771,16 @@ def stylize_batch(
                 break
             runner.run(step_dtype(lowp, step))
             due = [b for b in range(B) if running(b, step) and (step % progress_every == 0 or step == steps[b])]
+            now = time.monotonic()
+            for b in range(B):
+                if running(b, step) and b not in due:
+                    # Between records too, on the host's clock alone (no device
+                    # read): records may be minutes apart on a CPU, past
+                    # responseTimeout, where TorchServe kills the worker.
+                    try:
+                        check_deadline(rows[b].deadline, step, steps[b], now)
+                    except BudgetExceeded as e:
+                        fail(b, e, step)
             if not due:
                 continue
             losses = loss_buf.tolist()  # the one host sync of this stretch of steps
@@ -907,6 +917,8 @@ def stylize(
             runner.run(step_dtype(lowp, step))
             if due(step):
                 report(step, loss_buf)
+            else:  # between records too, on the host's clock alone (see stylize_batch)
+                check_deadline(deadline, step, params.steps, time.monotonic())
 
     with torch.no_grad():
         delivered = quantize(to_pixels(var.detach()))

@@ -146,3 +146,42 @@ def test_each_row_of_a_batch_is_held_to_its_own_deadline(vgg, clock):
                               progress_every=10)
     assert isinstance(short, WouldExceedBudget) and "stopped after 20 of 40 steps" in str(short)
     assert isinstance(ok, Result) and ok.steps == 40 and calls == [10, 20, 30, 40]
+
+
+def _slow_steps(monkeypatch, clock: Clock, seconds: float) -> None:
+    """Each step's loss advances the clock by `seconds`."""
+    for name in ("pixels_loss", "input_loss"):
+        real = getattr(optimize, name)
+
+        def slow(*args, real=real):
+            clock.now += seconds
+            return real(*args)
+
+        monkeypatch.setattr(optimize, name, slow)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_the_deadline_is_checked_after_every_step_not_only_at_records(vgg, clock, monkeypatch, optimizer):
+    """100 s steps, records every 10 steps, 250 s to the deadline: it ends
+    after step 3, the first step past the deadline. Held only at records it
+    would run to step 10, 750 s past its deadline: TorchServe kills a worker
+    that answers past responseTimeout, only RESPONSE_MARGIN_S after the
+    time budget."""
+    content, style = _images(6)
+    _slow_steps(monkeypatch, clock, 100.0)
+    seen = []
+    with pytest.raises(BudgetExceeded) as e:
+        stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40, optimizer=optimizer),
+                callback=seen.append, deadline=clock.now + 250, progress_every=10)
+    assert type(e.value) is BudgetExceeded and str(e.value) == "time budget ran out after 3 of 40 steps"
+    assert seen == [] and clock.now == 1000.0 + 300
+
+
+def test_each_row_of_a_batch_is_stopped_at_the_step_its_deadline_passes(vgg, clock, monkeypatch):
+    _slow_steps(monkeypatch, clock, 100.0)
+    (c0, s0), (c1, s1) = _images(7), _images(8)
+    five = dataclasses.replace(Params(), steps=5)
+    late, ok = stylize_batch(vgg, [Row(c0, [s0], five, deadline=clock.now + 250), Row(c1, [s1], five)],
+                             progress_every=10)
+    assert type(late) is BudgetExceeded and str(late) == "time budget ran out after 3 of 5 steps"
+    assert isinstance(ok, Result) and ok.steps == 5
