@@ -760,27 +760,26 @@ def stylize_batch(
     def running(b: int, step: int) -> bool:
         return outcome[b] is None and step <= steps[b]
 
-    for b, r in enumerate(rows):
+    def hold_to_deadline(b: int, step: int, per_step: float | None = None) -> None:
         try:
-            check_deadline(r.deadline, first_step - 1, steps[b], time.monotonic())
+            check_deadline(rows[b].deadline, step, steps[b], time.monotonic(), per_step)
         except BudgetExceeded as e:
-            fail(b, e, first_step - 1)
+            fail(b, e, step)
+
+    for b in range(B):
+        hold_to_deadline(b, first_step - 1)
     with torch.enable_grad():
         for step in range(first_step, max(steps) + 1):
             if not any(running(b, step) for b in range(B)):
                 break
             runner.run(step_dtype(lowp, step))
             due = [b for b in range(B) if running(b, step) and (step % progress_every == 0 or step == steps[b])]
-            now = time.monotonic()
             for b in range(B):
                 if running(b, step) and b not in due:
                     # Between records too, on the host's clock alone (no device
                     # read): records may be minutes apart on a CPU, past
                     # responseTimeout, where TorchServe kills the worker.
-                    try:
-                        check_deadline(rows[b].deadline, step, steps[b], now)
-                    except BudgetExceeded as e:
-                        fail(b, e, step)
+                    hold_to_deadline(b, step)
             if not due:
                 continue
             losses = loss_buf.tolist()  # the one host sync of this stretch of steps
@@ -800,11 +799,8 @@ def stylize_batch(
                     continue
                 if step == steps[b]:
                     finished_ms[b] = (time.monotonic() - start) * 1e3
-                    continue
-                try:
-                    check_deadline(rows[b].deadline, step, steps[b], time.monotonic(), per_step)
-                except BudgetExceeded as e:
-                    fail(b, e, step)
+                else:
+                    hold_to_deadline(b, step, per_step)
 
     with torch.no_grad():
         delivered = quantize(to_pixels(x.detach()))
