@@ -1,6 +1,7 @@
-"""A running request stops as soon as its steps cannot finish before its
-deadline (config.DEADLINE_SLACK): the pace arithmetic, then both
-optimization loops on a fake clock that advances only when told to."""
+"""A running request stops after the first step past its deadline, and
+sooner, once its steps' pace shows they cannot finish before it
+(config.DEADLINE_SLACK): the pace arithmetic, then both optimization loops
+and a batch on a fake clock that advances only when told to."""
 from __future__ import annotations
 
 import dataclasses
@@ -95,6 +96,20 @@ def _seconds_per_record(clock: Clock, seconds: float):
     return callback, calls
 
 
+def _slow_steps(monkeypatch, clock: Clock, seconds_of) -> None:
+    """The n-th step's loss (from 1) advances the clock by seconds_of(n)."""
+    calls = []
+    for name in ("pixels_loss", "input_loss"):
+        real = getattr(optimize, name)
+
+        def slow(*args, real=real):
+            calls.append(None)
+            clock.now += seconds_of(len(calls))
+            return real(*args)
+
+        monkeypatch.setattr(optimize, name, slow)
+
+
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_a_request_that_cannot_finish_stops_at_the_second_record(vgg, clock, optimizer):
     """1 s per step, 40 steps, 25 s to the deadline: at step 20 the 20 steps
@@ -121,15 +136,7 @@ def test_a_slow_first_step_is_not_the_pace(vgg, clock, monkeypatch):
     then 1 s per step: at step 20 the 20 steps left need 20 s with 25 s left,
     so it runs on. Measured from the start, the pace would have been 10.5 s
     per step."""
-    real = optimize.pixels_loss
-    losses = []
-
-    def first_one_slow(*args):
-        losses.append(None)
-        clock.now += 200.0 if len(losses) == 1 else 0.0
-        return real(*args)
-
-    monkeypatch.setattr(optimize, "pixels_loss", first_one_slow)
+    _slow_steps(monkeypatch, clock, lambda n: 200.0 if n == 1 else 0.0)
     content, style = _images(3)
     callback, calls = _seconds_per_record(clock, 10.0)
     result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40),
@@ -148,18 +155,6 @@ def test_each_row_of_a_batch_is_held_to_its_own_deadline(vgg, clock):
     assert isinstance(ok, Result) and ok.steps == 40 and calls == [10, 20, 30, 40]
 
 
-def _slow_steps(monkeypatch, clock: Clock, seconds: float) -> None:
-    """Each step's loss advances the clock by `seconds`."""
-    for name in ("pixels_loss", "input_loss"):
-        real = getattr(optimize, name)
-
-        def slow(*args, real=real):
-            clock.now += seconds
-            return real(*args)
-
-        monkeypatch.setattr(optimize, name, slow)
-
-
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_the_deadline_is_checked_after_every_step_not_only_at_records(vgg, clock, monkeypatch, optimizer):
     """100 s steps, records every 10 steps, 250 s to the deadline: it ends
@@ -168,7 +163,7 @@ def test_the_deadline_is_checked_after_every_step_not_only_at_records(vgg, clock
     that answers past responseTimeout, only RESPONSE_MARGIN_S after the
     time budget."""
     content, style = _images(6)
-    _slow_steps(monkeypatch, clock, 100.0)
+    _slow_steps(monkeypatch, clock, lambda n: 100.0)
     seen = []
     with pytest.raises(BudgetExceeded) as e:
         stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40, optimizer=optimizer),
@@ -178,7 +173,7 @@ def test_the_deadline_is_checked_after_every_step_not_only_at_records(vgg, clock
 
 
 def test_each_row_of_a_batch_is_stopped_at_the_step_its_deadline_passes(vgg, clock, monkeypatch):
-    _slow_steps(monkeypatch, clock, 100.0)
+    _slow_steps(monkeypatch, clock, lambda n: 100.0)
     (c0, s0), (c1, s1) = _images(7), _images(8)
     five = dataclasses.replace(Params(), steps=5)
     late, ok = stylize_batch(vgg, [Row(c0, [s0], five, deadline=clock.now + 250), Row(c1, [s1], five)],
