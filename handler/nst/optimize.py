@@ -18,8 +18,8 @@ from . import lbfgs, memory
 from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE,
                      COMPILE_DYNAMIC, CUDA_GRAPHS, DEADLINE_SLACK, DEADLINE_SLACK_S, GRAD_SCALE_BACKOFF,
                      GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN, KEEP_PROGRAMS,
-                     KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LBFGS_COMPILE, LBFGS_MAX_MOVE,
-                     LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
+                     KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LAST_STEP_OVERRUN_S, LBFGS_COMPILE,
+                     LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -71,18 +71,30 @@ def _duration(seconds: float) -> str:
 
 
 def check_deadline(deadline: float | None, step: int, steps: int, now: float,
-                   per_step: float | None = None) -> None:
+                   per_step: float | None = None, shortest: float | None = None) -> None:
     """After `step` of `steps`, at `now`: raise BudgetExceeded where the
-    deadline has passed with steps left, and WouldExceedBudget where at
-    `per_step` seconds a step (`pace_at`) the steps left would end past it
-    by more than the slack (DEADLINE_SLACK, DEADLINE_SLACK_S)."""
+    deadline has passed with steps left. Raise WouldExceedBudget where the
+    next step, taking at least `shortest` seconds (the request's shortest
+    step so far), would end past the deadline with steps after it (they
+    would be cut there), or, being the last, more than LAST_STEP_OVERRUN_S
+    past it; and where at `per_step` seconds a step (`pace_at`) the steps
+    left would end past the deadline by more than the slack
+    (DEADLINE_SLACK, DEADLINE_SLACK_S)."""
     if deadline is None or step >= steps:
         return
     if now > deadline:
         raise BudgetExceeded(f"time budget ran out after {step} of {steps} steps")
+    left = deadline - now
+    if shortest is not None:
+        last = step + 1 == steps
+        if shortest > left + (LAST_STEP_OVERRUN_S if last else 0.0):
+            raise WouldExceedBudget(
+                f"stopped after {step} of {steps} steps: the {'last' if last else 'next'} step, at least "
+                f"{_duration(shortest)}, would end past the deadline "
+                + (f"by more than {LAST_STEP_OVERRUN_S:g} s" if last else f"({_duration(left)} away)"))
     if per_step is None:
         return
-    need, left = per_step * (steps - step), deadline - now
+    need = per_step * (steps - step)
     if need > max(DEADLINE_SLACK * left, left + DEADLINE_SLACK_S):
         fit = int(left / per_step)
         raise WouldExceedBudget(
@@ -392,6 +404,21 @@ def _mark_batch_dynamic(objective: Objective, x: Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+def _timed(run: Callable[[torch.dtype], None], dtype: torch.dtype, seen: dict, shortest: float | None) -> float | None:
+    """Run one step of `dtype` (`seen` counts them per dtype) and return the
+    shortest step so far, on the host's clock (on a GPU that is the launch,
+    which is never longer than the step). The first SETUP_STEPS of each
+    dtype do not count: they set up (oneDNN's or cuDNN's kernels, a CUDA
+    graph's capture), and a step bound from them would be too long."""
+    began = time.monotonic()
+    run(dtype)
+    took = time.monotonic() - began
+    seen[dtype] = seen.get(dtype, 0) + 1
+    if seen[dtype] <= SETUP_STEPS:
+        return shortest
+    return took if shortest is None else min(shortest, took)
+
+
 class _GraphRunner:
     """Runs `step_fn(dtype)` eagerly for WARMUP_STEPS calls per dtype (real
     optimization steps: cuDNN picks its kernels there), then captures it in a
@@ -445,6 +472,9 @@ class _GraphRunner:
     @property
     def captured(self) -> tuple[torch.dtype, ...]:
         return tuple(self.graphs)
+
+
+SETUP_STEPS = _GraphRunner.WARMUP_STEPS + 1  # a dtype's eager warm-up steps, then its capture
 
 
 def use_coarse_to_fine(content: Tensor, params: Params) -> bool:
@@ -760,9 +790,12 @@ def stylize_batch(
     def running(b: int, step: int) -> bool:
         return outcome[b] is None and step <= steps[b]
 
+    shortest: float | None = None  # the shortest step so far (_timed)
+    seen: dict = {}  # steps run per dtype
+
     def hold_to_deadline(b: int, step: int, per_step: float | None = None) -> None:
         try:
-            check_deadline(rows[b].deadline, step, steps[b], time.monotonic(), per_step)
+            check_deadline(rows[b].deadline, step, steps[b], time.monotonic(), per_step, shortest)
         except BudgetExceeded as e:
             fail(b, e, step)
 
@@ -772,7 +805,7 @@ def stylize_batch(
         for step in range(first_step, max(steps) + 1):
             if not any(running(b, step) for b in range(B)):
                 break
-            runner.run(step_dtype(lowp, step))
+            shortest = _timed(runner.run, step_dtype(lowp, step), seen, shortest)
             due = [b for b in range(B) if running(b, step) and (step % progress_every == 0 or step == steps[b])]
             for b in range(B):
                 if running(b, step) and b not in due:
@@ -880,6 +913,8 @@ def stylize(
     history: list[Progress] = []
     check_deadline(deadline, first_step - 1, params.steps, time.monotonic())
     pace: Pace | None = None
+    shortest: float | None = None  # the shortest step so far (_timed)
+    seen: dict = {}  # steps run per dtype
 
     def report(step: int, loss: Tensor) -> None:
         nonlocal pace
@@ -891,7 +926,7 @@ def stylize(
         history.append(p)
         if callback is not None:
             callback(p)
-        check_deadline(deadline, step, params.steps, time.monotonic(), per_step)
+        check_deadline(deadline, step, params.steps, time.monotonic(), per_step, shortest)
 
     def due(step: int) -> bool:
         return step % progress_every == 0 or step == params.steps
@@ -910,11 +945,11 @@ def stylize(
     runner = _GraphRunner(one_step, enabled=graphs)
     with torch.enable_grad():
         for step in range(first_step, params.steps + 1):
-            runner.run(step_dtype(lowp, step))
+            shortest = _timed(runner.run, step_dtype(lowp, step), seen, shortest)
             if due(step):
                 report(step, loss_buf)
             else:  # between records too, on the host's clock alone (see stylize_batch)
-                check_deadline(deadline, step, params.steps, time.monotonic())
+                check_deadline(deadline, step, params.steps, time.monotonic(), shortest=shortest)
 
     with torch.no_grad():
         delivered = quantize(to_pixels(var.detach()))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import nst.optimize as optimize
-from nst.config import DEADLINE_SLACK, DEADLINE_SLACK_S, Params
-from nst.optimize import (BudgetExceeded, Pace, Result, Row, WouldExceedBudget, check_deadline, pace_at, stylize,
-                          stylize_batch)
+from nst.config import DEADLINE_SLACK, DEADLINE_SLACK_S, LAST_STEP_OVERRUN_S, Params
+from nst.optimize import (SETUP_STEPS, BudgetExceeded, Pace, Result, Row, WouldExceedBudget, check_deadline, pace_at,
+                          stylize, stylize_batch)
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -157,13 +157,13 @@ def test_each_row_of_a_batch_is_held_to_its_own_deadline(vgg, clock):
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_the_deadline_is_checked_after_every_step_not_only_at_records(vgg, clock, monkeypatch, optimizer):
-    """100 s steps, records every 10 steps, 250 s to the deadline: it ends
-    after step 3, the first step past the deadline. Held only at records it
-    would run to step 10, 750 s past its deadline: TorchServe kills a worker
-    that answers past responseTimeout, only RESPONSE_MARGIN_S after the
-    time budget."""
+    """Two quick steps, then one of 300 s that nothing foresaw, records every
+    10 steps, 250 s to the deadline: it ends after step 3, the first step
+    past the deadline. Held only at records it would have run on to step 10:
+    on a CPU ten steps can take minutes, and TorchServe kills a worker that
+    answers past responseTimeout, only RESPONSE_MARGIN_S after the budget."""
     content, style = _images(6)
-    _slow_steps(monkeypatch, clock, lambda n: 100.0)
+    _slow_steps(monkeypatch, clock, lambda n: 300.0 if n == 3 else 0.0)
     seen = []
     with pytest.raises(BudgetExceeded) as e:
         stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40, optimizer=optimizer),
@@ -172,9 +172,43 @@ def test_the_deadline_is_checked_after_every_step_not_only_at_records(vgg, clock
     assert seen == [] and clock.now == 1000.0 + 300
 
 
-def test_each_row_of_a_batch_is_stopped_at_the_step_its_deadline_passes(vgg, clock, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_step_that_would_end_past_the_deadline_is_not_started(vgg, clock, monkeypatch, optimizer):
+    """100 s steps, 350 s to the deadline: after step 3 (the first that
+    counts: SETUP_STEPS) the next step would end 50 s past it, and more
+    steps would follow it, so it is not started: a step can outlast the
+    whole RESPONSE_MARGIN_S (a CPU batch at 1024 px)."""
+    assert SETUP_STEPS == 2
+    content, style = _images(7)
     _slow_steps(monkeypatch, clock, lambda n: 100.0)
-    (c0, s0), (c1, s1) = _images(7), _images(8)
+    with pytest.raises(WouldExceedBudget) as e:
+        stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40, optimizer=optimizer),
+                deadline=clock.now + 350, progress_every=10)
+    assert str(e.value) == ("stopped after 3 of 40 steps: the next step, at least 100 s, would end past the "
+                            "deadline (50 s away)")
+    assert clock.now == 1000.0 + 300
+
+
+@pytest.mark.parametrize("past, finishes", [(LAST_STEP_OVERRUN_S - 5, True), (LAST_STEP_OVERRUN_S + 5, False)])
+def test_the_last_step_may_end_a_little_past_the_deadline(vgg, clock, monkeypatch, past, finishes):
+    """The last step runs if it would end at most LAST_STEP_OVERRUN_S past
+    the deadline: its image is the answer, and it leaves the rest of
+    RESPONSE_MARGIN_S for scoring and encoding."""
+    content, style = _images(8)
+    _slow_steps(monkeypatch, clock, lambda n: 100.0)
+    run = lambda: stylize(vgg, content, [style], dataclasses.replace(Params(), steps=4),  # noqa: E731
+                          deadline=clock.now + 400 - past, progress_every=10)
+    if finishes:
+        assert run().steps == 4 and clock.now == 1000.0 + 400
+        return
+    with pytest.raises(WouldExceedBudget, match=f"stopped after 3 of 4 steps: the last step, at least 100 s, "
+                                                f"would end past the deadline by more than {LAST_STEP_OVERRUN_S:g} s"):
+        run()
+
+
+def test_each_row_of_a_batch_is_stopped_at_the_step_its_deadline_passes(vgg, clock, monkeypatch):
+    _slow_steps(monkeypatch, clock, lambda n: 300.0 if n == 3 else 0.0)
+    (c0, s0), (c1, s1) = _images(9), _images(10)
     five = dataclasses.replace(Params(), steps=5)
     late, ok = stylize_batch(vgg, [Row(c0, [s0], five, deadline=clock.now + 250), Row(c1, [s1], five)],
                              progress_every=10)
