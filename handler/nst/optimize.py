@@ -33,8 +33,10 @@ class BudgetExceeded(Exception):
 
 
 class WouldExceedBudget(BudgetExceeded):
-    """At the pace of its steps so far, the request cannot finish its steps
-    before its deadline: stopped early (DEADLINE_SLACK in config.py)."""
+    """Stopped before its deadline, which the request could not meet: at the
+    pace of its steps so far the steps left would end past it
+    (DEADLINE_SLACK in config.py), or its next step would
+    (LAST_STEP_OVERRUN_S; see `check_deadline`)."""
 
 
 class Diverged(Exception):
@@ -778,7 +780,10 @@ def stylize_batch(
     outcome: list = [None] * B
     history: list[list[Progress]] = [[] for _ in rows]
     finished_ms = [0.0] * B
-    pace: Pace | None = None  # one for all rows: they run the same steps
+    # One pace and one shortest step for all rows: they run the same steps.
+    pace: Pace | None = None
+    shortest: float | None = None  # the shortest step so far (_timed)
+    seen: dict = {}  # steps run per dtype
 
     def fail(b: int, exc: BaseException, step: int) -> None:
         outcome[b] = exc
@@ -789,9 +794,6 @@ def stylize_batch(
 
     def running(b: int, step: int) -> bool:
         return outcome[b] is None and step <= steps[b]
-
-    shortest: float | None = None  # the shortest step so far (_timed)
-    seen: dict = {}  # steps run per dtype
 
     def hold_to_deadline(b: int, step: int, per_step: float | None = None) -> None:
         try:
