@@ -5,9 +5,9 @@ its card (bench/gpu_results_<card>.json), from which `python bench/run.py
 GPU is given back.
 
 The new run's figures replace the stored ones of the same name; figures it
-did not measure (sections skipped for time, or not in its plan) stay as an
-earlier run left them, so `--provenance` must say which run each figure
-comes from: it is appended to the stored text. Section times are kept per
+did not measure (sections skipped for time, or not in its plan, or left
+empty) stay as an earlier run left them, so `--provenance` must say which
+run each figure comes from: it is appended to the stored text. Section times are kept per
 run; the failures listed are the new run's (a failed section's figures are
 an earlier run's).
 
@@ -31,7 +31,9 @@ def merge(stored: dict, new: dict, label: str, provenance: str) -> dict:
                          "each card has a file of its own")
     if not provenance.strip():
         raise ValueError("say which figures the new run measured (--provenance)")
-    merged = {**stored, **{k: v for k, v in new.items() if k not in BOOKKEEPING}}
+    # An empty container is a section the new run set up but did not reach
+    # (batching's tables with --only core, say): not a measurement of nothing.
+    merged = {**stored, **{k: v for k, v in new.items() if k not in BOOKKEEPING and v not in ({}, [])}}
     merged["section_s"] = {**stored.get("section_s", {}),
                            **{f"{name} ({label})": s for name, s in new.get("section_s", {}).items()}}
     merged["skipped"] = []  # what the new run skipped an earlier one measured, or nobody did: not a failure

@@ -421,7 +421,7 @@ def test_a_lent_gpu_runs_exactly_the_core_tests_that_skip_without_one():
     script = (ROOT / "bench" / "gpu_session.sh").read_text()
     assert "-m gpu $GPU_TESTS" in script
     # every file with such tests is in the session's list, in its own order of priority
-    listed = re.search(r'GPU_TESTS="([^"]*)"', script).group(1).split()
+    listed = re.search(r'GPU_TESTS=\$\{GPU_TESTS:-"([^"]*)"\}', script).group(1).split()  # a caller may name others
     assert sorted(listed) == sorted({i.split("::")[0] for i in ids})
     assert listed[0] == "tests/core/test_memory.py" and listed[-1] == "tests/core/test_compile.py"
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")]).returncode == 0
@@ -433,7 +433,8 @@ def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_pat
     provenance grows, and another card's results are refused."""
     stored = {"card": "H100", "square_ms_per_step_default": 2.53, "memory": [{"size": "512x512"}],
               "section_s": {"core": 100.0}, "skipped": [], "errors": {"old": "x"}, "provenance": "Run 1: all."}
-    new = {"card": "H100", "square_ms_per_step_default": 2.31, "profile": {"size": "512x512"},
+    stored["batching"] = {"256": {"warm_up_s": {"256x192": 30.0}}}
+    new = {"card": "H100", "square_ms_per_step_default": 2.31, "profile": {"size": "512x512"}, "batching": {},
            "section_s": {"core": 120.0, "profile": 20.0}, "skipped": ["batching_256"], "errors": {"memory": "tb"}}
     into, fresh = tmp_path / "gpu_results_h100.json", tmp_path / "new.json"
     into.write_text(json.dumps(stored))
@@ -445,6 +446,7 @@ def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_pat
     merged = json.loads(into.read_text())
     assert merged["square_ms_per_step_default"] == 2.31 and merged["profile"] == {"size": "512x512"}
     assert merged["memory"] == [{"size": "512x512"}]  # not measured by run 2: run 1's stays
+    assert merged["batching"] == stored["batching"]  # set up by run 2 but left empty: run 1's stays
     assert merged["section_s"] == {"core": 100.0, "core (run 2)": 120.0, "profile (run 2)": 20.0}
     assert merged["errors"] == {"memory (run 2)": "tb"} and merged["skipped"] == []
     assert merged["provenance"] == "Run 1: all. Run 2: the core and the profile."
