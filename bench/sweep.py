@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -44,7 +45,12 @@ TUNABLES = {
 
 
 def set_tunable(name: str, value) -> None:
+    """`value` where `name` is read; in a per-device mapping
+    (LBFGS_HISTORY_DTYPE), the CPU's entry: the sweep runs on the CPU."""
     for module in TUNABLES[name][1]:
+        current = getattr(module, name)
+        if isinstance(current, Mapping) and not isinstance(value, Mapping):
+            value = {**current, "cpu": value}
         setattr(module, name, value)
 
 

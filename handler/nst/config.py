@@ -228,18 +228,24 @@ GRAD_SCALE_MIN = 2.0 ** -64
 # give up the better images.
 LBFGS_HISTORY = 50
 LBFGS_MEMORY = 512 * 1024 * 1024
-# Experiment, off until measured on a GPU: the dtype the L-BFGS history (S and
-# Y, 2 x LBFGS_HISTORY image-sized vectors) is stored in, "float32" or
-# "bfloat16". A step reads the history twice (about 0.16 ms of an H100's
-# float32 step went with 30 of the 50 pairs, above); bf16 halves those bytes.
-# Its products are still accumulated in float32, and on a GPU float32 ones
+# The dtype the L-BFGS history (S and Y, 2 x LBFGS_HISTORY image-sized
+# vectors) is stored in, per device type ("float32" or "bfloat16"; absent:
+# float32). A step reads the history twice (about 0.16 ms of an H100's float32
+# step went with 30 of the 50 pairs, above); bf16 halves those bytes. Its
+# products are still accumulated in float32, and on a GPU float32 ones
 # already round their inputs to TF32's 10-bit mantissa; bf16 keeps 7 bits.
-# On the CPU corpus (bench/sweep_lbfgs_history_dtype.json; its times are not
-# comparable, other jobs ran beside it) bf16 reached the recipe's loss in the
-# same steps (183 for the 12 pairs, each pair within one step) and its
-# 100-step images were 0.83x-1.38x float32's loss (worst pair 0.227x the
-# recipe's against 0.231x). bench/gpu.py's engine_ablation measures its step.
-LBFGS_HISTORY_DTYPE = "float32"
+# - GPU, bf16: part of the engine that an H100 run nominated (bench/gpu.py
+#   engine_ablation and candidate, bench/gpu_results_h100.json run 3, with
+#   LBFGS_COMPILE, GRAM_LOWP_DEVICES and RGB_PAD_DEVICES below): alone it took
+#   the step at 512x512 from 2.53 to 2.50 ms (100-step loss 1.055x), with the
+#   update compiled to 2.18 ms (0.957x).
+# - CPU, float32: not measured for speed here. On the CPU corpus
+#   (bench/sweep_lbfgs_history_dtype.json) bf16 reached the recipe's loss in
+#   the same steps (183 for the 12 pairs, each pair within one step) and its
+#   100-step images were 0.83x-1.38x float32's loss (worst pair 0.227x the
+#   recipe's against 0.231x); the CPU's speed figures (make bench) are
+#   float32's.
+LBFGS_HISTORY_DTYPE: Mapping[str, str] = {"cuda": "bfloat16", "cpu": "float32"}
 # Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
 # weights the gradients are in the hundreds: an unbounded first step threw every
 # pixel out of range and the optimizer stalled there (issue #11). Chosen on the
@@ -257,11 +263,13 @@ LBFGS_MAX_MOVE = 0.35
 # per image shape and dtype, after a few eager steps, and replayed: a step is
 # hundreds of small kernels, which otherwise leave the GPU waiting on launches.
 CUDA_GRAPHS = True
-# Experiment, off until measured on a GPU: Adam's steps (preset=seed, and
-# optimizer=adam) captured in a CUDA graph as L-BFGS's are, with Adam's
-# capturable state. Eager, preset=seed took 0.85x and 1.01x the recipe's time
-# per step on two H100 machines (target 1.0x); bench/gpu.py measures both ways.
-ADAM_CUDA_GRAPHS = False
+# Adam's steps (preset=seed, and optimizer=adam) captured in a CUDA graph as
+# L-BFGS's are, with Adam's capturable state. On an H100 (run 3,
+# bench/gpu_engine_h100.md, 512x384) preset=seed took 0.89x the recipe's
+# time per step eager, 0.53x in a graph, 0.40x in a graph with its loss
+# compiled (WARM_UP_PRESETS), each 300-step image at the eager one's loss
+# (1.000x); shipped since, run 4 measured 0.35x (bench/gpu_results_h100.json).
+ADAM_CUDA_GRAPHS = True
 # On a GPU, the fast preset's loss (VGG pass, Grams, losses) and its backward
 # go through torch.compile: fused kernels instead of one per elementwise op.
 # Compiling takes seconds per image shape and dtype, so requests never compile
@@ -272,17 +280,19 @@ ADAM_CUDA_GRAPHS = False
 # 113-128 and float32 231 against 218-223, after 30 s and 18 s of compiling
 # (oneDNN runs the convolutions either way).
 COMPILE = True
-# Experiment, off until measured on a GPU: the L-BFGS update that follows
-# each backward pass (unscaling a float16 gradient, the history update, the
-# direction, the bounded step; about a hundred elementwise and small kernels
-# on the image-sized vectors) compiled by torch.compile as the loss is, under
-# the same policy: only `warm_up` compiles, a request runs compiled code where
-# its guards match and eager code otherwise. bench/gpu.py's profile section
-# measures the optimizer's share of a step; its engine_ablation the step with
-# this on.
-LBFGS_COMPILE = False
-# Experiment, off until measured on a GPU: on these device types, e.g.
-# ("cuda",), the Gram matrices of 16-bit features (every fast-preset step on
+# On a GPU, the L-BFGS update that follows each backward pass (unscaling a
+# float16 gradient, the history update, the direction, the bounded step;
+# about a hundred elementwise and small kernels on the image-sized vectors)
+# compiled by torch.compile as the loss is, under the same policy: only
+# `warm_up` compiles, a request runs compiled code where its guards match
+# and eager code otherwise. Part of the engine H100 run 3 nominated
+# (bench/gpu_engine_h100.md; with LBFGS_HISTORY_DTYPE's bf16, GRAM_LOWP_DEVICES
+# and RGB_PAD_DEVICES): the default step at 512x512 took 1.90 ms against 2.53
+# without the four, its 100-step loss 0.930x, the corpus' worst pair 1.004x.
+# Alone it took the step to 2.25 ms (loss 0.995x). Run 4 measured the four
+# shipped in a fresh process: 1.90 ms (bench/gpu_results_h100.json).
+LBFGS_COMPILE = True
+# On these device types the Gram matrices of 16-bit features (every fast-preset step on
 # a GPU, LOWP_DTYPE) by matmuls that read the features in their own dtype and
 # accumulate in float32 (nst.losses._LowpGram), where today each style
 # layer's features are first copied to float32. At 512x512 the five style
@@ -292,16 +302,17 @@ LBFGS_COMPILE = False
 # moves about 3 GB per ms). The forward's numbers are the same (16-bit values
 # are exact in float32, and TF32 keeps float16's bits); the backward rounds
 # dG + dG^T to 16 bits, scaled to its range. The float32 copies were also
-# kept for the backward: without them a step's peak memory falls, so if this
-# is turned on, the GPU memory test (tests/core/test_memory.py) must rerun to
-# keep the admission estimate within 1.3x of the peak. bench/gpu.py's
-# engine_ablation measures the step with it on. A CPU has no such matmul:
+# kept for the backward: without them the H100's float16 peaks grew about
+# 240 bytes per pixel less (nst.memory.float32_copies_per_pixel). On an H100
+# (run 3, bench/gpu_engine_h100.md) alone it took the step at 512x512 from
+# 2.53 to 2.25 ms, its 100-step loss 0.951x; it is part of the engine that
+# run nominated (see LBFGS_COMPILE). A CPU has no such matmul:
 # its stand-in makes the same float32 copy, so there it would only add the
 # backward's rounding. Quality, in a one-off CPU probe (not in the repo;
 # float16 forced on every step, as on a GPU, 100 steps, six corpus pairs at
 # half size and the tiny one): 0.955x-1.029x the default's delivered loss,
 # pair by pair.
-GRAM_LOWP_DEVICES: tuple[str, ...] = ()
+GRAM_LOWP_DEVICES: tuple[str, ...] = ("cuda",)
 # On these device types the Grams' backward is one matmul, F (dG + dG^T)
 # (nst.losses._Gram), where autograd's bmm backward takes one per operand
 # and adds them: half the Grams' backward work, and two fewer feature-sized
@@ -313,8 +324,8 @@ GRAM_LOWP_DEVICES: tuple[str, ...] = ()
 # elongated one (256x32), six runs each, and a 26-step request on the
 # 170x128 Tübingen pair 0.96x (four runs).
 # Not on a GPU, where nothing has measured it: there the fast preset's
-# float16 steps would get this backward with GRAM_LOWP_DEVICES' experiment
-# (its Function has it too), and preset=seed's float32 Grams would gain
+# float16 steps get this backward with GRAM_LOWP_DEVICES (its Function has
+# it too), and preset=seed's float32 Grams would gain
 # about 1.5% of a step by reckoning (0.3 GB less traffic at 512x384), below
 # what bench/gpu.py's candidate rule can tell from noise (3%).
 GRAM_ONE_PRODUCT_DEVICES: tuple[str, ...] = ("cpu",)
@@ -330,25 +341,29 @@ GRAM_ONE_PRODUCT_MIN_PIXELS = 128
 # Float32 VGG passes (preset=seed's steps; every request's targets and final
 # score) run channels-last on these device types, as low-precision ones
 # always do; elsewhere in PyTorch's default layout (NCHW), which the
-# tutorial's own loop uses. On a GPU TF32 convolutions run in both; which is
-# faster for preset=seed on a card, bench/gpu.py's engine_ablation measures
-# (its seed way "nchw", with this set to ()): the seed cost 1.01x and 0.85x
-# the recipe per step on two H100 machines (target 1.0x).
+# tutorial's own loop uses. On a GPU TF32 convolutions run in both; on an
+# H100 (run 3, bench/gpu_engine_h100.md) preset=seed's eager steps took
+# 1.30x the recipe's time in NCHW against 0.89x channels-last, 0.64x against
+# 0.53x in a CUDA graph; bench/gpu.py's engine_ablation measures it again
+# (its seed way "nchw", with this set to ()).
 FLOAT32_CHANNELS_LAST_DEVICES: tuple[str, ...] = ("cuda",)
-# Experiment, off until measured on a GPU: on these device types, e.g.
-# ("cuda",), the image enters conv1_1 padded with zero channels to
+# On these device types the image enters conv1_1 padded with zero channels to
 # RGB_PAD_CHANNELS, and conv1_1's weights with zero input channels to match:
 # the same convolution (every added product is zero), in a channel count
 # that float16 tensor-core kernels are built for (a multiple of 8), where
 # three channels may leave cuDNN a slower kernel for conv1_1's forward and
 # for its input gradient (64 channels down to 3), each over the whole
-# image. Whether they are slower is what bench/gpu.py's engine_ablation
-# measures. The padded image and its gradient are a few MB at 512x512 and
-# about 0.1 GB at 2048x1536, which the admission estimate (nst.memory) does
-# not count: turning this on means rerunning the GPU memory test. Quality, in
+# image. On an H100 (run 3, bench/gpu_engine_h100.md) alone it changed the
+# step at 512x512 by 0.2% (2.53 ms), its 100-step loss 1.107x (rounding).
+# It ships as part of the engine that run nominated as a whole (see
+# LBFGS_COMPILE), where its own share does not show: that engine's 0.63 ms
+# saving is the compiled update with the bf16 history's (0.35) plus the
+# float16 Grams' (0.28). bench/gpu.py's engine_ablation measures the step
+# without it (rgb_unpadded).
+# The padded image is in the admission estimate (nst.memory). Quality, in
 # the same CPU probe as GRAM_LOWP_DEVICES': 0.916x-1.023x the default's loss
 # (rounding only: the same convolution).
-RGB_PAD_DEVICES: tuple[str, ...] = ()
+RGB_PAD_DEVICES: tuple[str, ...] = ("cuda",)
 RGB_PAD_CHANNELS = 8
 # cuDNN autotuning (torch.backends.cudnn.benchmark) on a GPU worker: off.
 # Measured on an H200 (bench/gpu_results_h200.json): it makes a step about 4%
@@ -421,11 +436,12 @@ WARM_UP_SIZES = ((512, 512), (512, 384), (384, 512))
 # default) at the sizes as listed, another at each fit to its own max_size,
 # the shapes its requests come out at by default (preset=seed's 400 px:
 # 400x400, 400x300, 300x400). The model config's `warm_up_presets` replaces
-# the list. Only the fast preset by default: preset=seed's steps ran eager at
-# 0.85x and 1.01x the recipe's time on two H100s, and what compiling them
-# saves (and costs at start) is bench/gpu.py engine_ablation's
-# `seed_compiled`, not yet measured.
-WARM_UP_PRESETS = ("fast",)
+# the list. preset=seed too by default: on an H100 (run 3,
+# bench/gpu_engine_h100.md) compiling its loss took its steps (in a CUDA
+# graph, ADAM_CUDA_GRAPHS) from 0.53x to 0.40x the recipe's time, for 10.6 s
+# of compiling per shape at a worker's start (13.2 s at 512x384 in run 4,
+# a fresh process; the fast preset's shapes took 29.1 s and 19.4 s there).
+WARM_UP_PRESETS = ("fast", "seed")
 
 PRESETS = ("fast", "seed")
 SPACES = ("pixels", "normalized")

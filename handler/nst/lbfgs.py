@@ -40,26 +40,27 @@ from .losses import bmm_f32
 CURVATURE_EPS = 1e-10
 
 
-def history_dtype() -> torch.dtype:
-    """What S and Y are stored in (LBFGS_HISTORY_DTYPE)."""
-    return getattr(torch, LBFGS_HISTORY_DTYPE)
+def history_dtype(device_type: str) -> torch.dtype:
+    """What S and Y are stored in on a `device_type` ("cpu", "cuda") device
+    (LBFGS_HISTORY_DTYPE; float32 where it names none)."""
+    return getattr(torch, LBFGS_HISTORY_DTYPE.get(device_type, "float32"))
 
 
-def pair_bytes(pixels: int) -> int:
+def pair_bytes(pixels: int, device_type: str) -> int:
     """One history pair of an RGB image of `pixels` pixels: two vectors of 3 x pixels."""
-    return 2 * 3 * pixels * history_dtype().itemsize
+    return 2 * 3 * pixels * history_dtype(device_type).itemsize
 
 
-def history_pairs(pixels: int) -> int:
+def history_pairs(pixels: int, device_type: str) -> int:
     """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes (at least 5)."""
-    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // pair_bytes(pixels)))
+    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // pair_bytes(pixels, device_type)))
 
 
 @dataclass
 class State:
     """One batch's optimizer state; all tensors on the device."""
 
-    S: Tensor  # (B, m, n) steps x_{k+1} - x_k, ring buffer (history_dtype(); the rest float32)
+    S: Tensor  # (B, m, n) steps x_{k+1} - x_k, ring buffer (history_dtype(device.type); the rest float32)
     Y: Tensor  # (B, m, n) gradient changes
     SY: Tensor  # (B, m, m) SY[i, j] = s_i . y_j, in slot order
     YY: Tensor  # (B, m, m) y_i . y_j
@@ -79,7 +80,7 @@ def tensors(state: State) -> tuple[Tensor, ...]:
 
 def init_state(batch: int, n: int, history: int, device: torch.device) -> State:
     f32 = dict(device=device, dtype=torch.float32)
-    stored = dict(device=device, dtype=history_dtype())
+    stored = dict(device=device, dtype=history_dtype(device.type))
     state = State(
         S=torch.empty(batch, history, n, **stored),
         Y=torch.empty(batch, history, n, **stored),

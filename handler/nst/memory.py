@@ -17,7 +17,7 @@ from typing import Sequence
 import psutil
 import torch
 
-from .config import Params
+from .config import GRAM_LOWP_DEVICES, RGB_PAD_CHANNELS, RGB_PAD_DEVICES, Params
 from .lbfgs import history_pairs, pair_bytes
 from .vgg import CONVS
 
@@ -55,15 +55,31 @@ def saved_elements_per_pixel() -> float:
     return saved_bytes_per_pixel(FLOAT) / FLOAT
 
 
-def float32_copies_per_pixel() -> float:
+def float32_copies_per_pixel(device_type: str = "cpu") -> float:
     """Elements per input pixel of the float32 copies that the losses make
     of low-precision features and autograd saves (losses.gram,
-    losses.content_loss): every style layer's (conv1_1 .. conv5_1) and conv4_2's."""
+    losses.content_loss): conv4_2's, and every style layer's (conv1_1 ..
+    conv5_1). Where the Grams read the 16-bit features themselves
+    (GRAM_LOWP_DEVICES) there are no copies, but the backward of conv1_1's
+    Gram, the largest, writes a float32 product of its size (and the
+    features they save are the ReLU outputs already counted): conv1_1's
+    copy stays in the count, the deeper layers' go. On an H100 (bench/
+    gpu_results_h100.json, run 3) the float16 peaks grew by 1638 bytes per
+    pixel from 1024x768 to 2048x1536 beyond the history, where they grew by
+    about 1880 with the copies (run 2): about 240 less, those deeper
+    layers' 232."""
+    lowp_grams = device_type in GRAM_LOWP_DEVICES
     copies = 0.0
     for block, index, _, cout, _ in CONVS:
-        if index == 1 or (block, index) == (4, 2):
+        if (index == 1 and (block == 1 or not lowp_grams)) or (block, index) == (4, 2):
             copies += cout * 4.0 ** -(block - 1)
     return copies
+
+
+def padded_input_bytes_per_pixel(device_type: str, feature_bytes: int) -> float:
+    """conv1_1's saved input where the image is padded to RGB_PAD_CHANNELS
+    channels on this device type (RGB_PAD_DEVICES), in the steps' dtype."""
+    return RGB_PAD_CHANNELS * feature_bytes if device_type in RGB_PAD_DEVICES else 0.0
 
 
 def transient_elements_per_pixel(device_type: str = "cpu") -> float:
@@ -88,14 +104,15 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     # about 420 (210 half-size values) transient.
     if all(dtype.itemsize == 2 for dtype in step_dtypes):
         element = HALF
-        saved = saved_bytes_per_pixel(HALF) + float32_copies_per_pixel() * FLOAT
+        saved = saved_bytes_per_pixel(HALF) + float32_copies_per_pixel(device_type) * FLOAT
     else:
         element = FLOAT
         saved = saved_bytes_per_pixel(FLOAT)
+    saved += padded_input_bytes_per_pixel(device_type, element)
     step = (saved + transient_elements_per_pixel(device_type) * element) * pixels
     history = 0
     if params.optimizer == "lbfgs":
-        history = history_pairs(pixels) * pair_bytes(pixels)
+        history = history_pairs(pixels, device_type) * pair_bytes(pixels, device_type)
     styles = 2 * 64 * style_pixels * FLOAT  # target pass under no_grad: one layer pair at a time
     return int(SAFETY * max(step + history, styles) + (GPU_BASE if device_type == "cuda" else BASE))
 

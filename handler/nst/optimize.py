@@ -618,7 +618,7 @@ def program_key(vgg: VGGFeatures, shape: Sequence[int], params: Params, compile_
     device = vgg.mean.device
     one_state = device.type in LBFGS_ONE_STATE_DEVICES
     return (id(vgg), tuple(shape), _structure_of(tuple(shape[-2:]), device, params), one_state, LBFGS_MAX_MOVE,
-            lbfgs.history_pairs(shape[-2] * shape[-1]), lbfgs.history_dtype(), use_cuda_graphs(device),
+            lbfgs.history_pairs(shape[-2] * shape[-1], device.type), lbfgs.history_dtype(device.type), use_cuda_graphs(device),
             use_compile(device), compile_new, LBFGS_COMPILE)
 
 
@@ -667,7 +667,7 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
     B, n = x0.shape[0], x0[0].numel()
     x = x0.contiguous()  # updated in place, so a CUDA graph can hold it
     one_state = device.type in LBFGS_ONE_STATE_DEVICES
-    pairs = lbfgs.history_pairs(shape_pixels(x))
+    pairs = lbfgs.history_pairs(shape_pixels(x), device.type)
     # One single-image state per row, each stepped by the very code that steps
     # a request alone: a batched reduction (a B-row bmm or sum) orders its
     # additions differently from a one-row one, and the optimization amplified

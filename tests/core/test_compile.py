@@ -167,7 +167,7 @@ def test_compiled_lbfgs_update_is_the_eager_one_and_serves_every_program_of_its_
 
         n = 3 * h * w
         x, grad = torch.rand(1, 3, h, w), torch.randn(1, 3, h, w)
-        state = lbfgs.init_state(1, n, lbfgs.history_pairs(h * w), x.device)
+        state = lbfgs.init_state(1, n, lbfgs.history_pairs(h * w, "cpu"), x.device)
         scale = optimize_mod.scale_state(1, x.device)
         counter, last, loss_buf = torch.zeros((), dtype=torch.long), torch.full((1,), 5), torch.zeros(1)
         with torch.compiler.set_stance("fail_on_recompile"):
@@ -192,7 +192,7 @@ def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, history, 
     compiled function left the new image in x_prev too.)"""
     from nst import lbfgs
 
-    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", history)
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": history, "cuda": history})
 
     h, w, n = 8, 8, 3 * 8 * 8
     compiled = torch.compile(optimize_mod.lbfgs_update)

@@ -108,12 +108,12 @@ def test_products_of_a_bf16_history_are_float32_sums_of_rounded_numbers():
 
 @pytest.mark.parametrize("count", [3, 12], ids=["partly-full", "wrapped-twice"])
 def test_a_bf16_history_gives_the_two_loop_direction_to_its_precision(count, monkeypatch):
-    """nst.config.LBFGS_HISTORY_DTYPE "bfloat16" (an experiment): S and Y
+    """nst.config.LBFGS_HISTORY_DTYPE "bfloat16" (a GPU's default): S and Y
     stored in bf16, half the bytes per pair, and the direction still the
     two-loop recursion's over the exact pairs to within bf16's rounding
     (8 bits: a few parts in a thousand per number)."""
-    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", "bfloat16")
-    assert lbfgs.pair_bytes(100) == 2 * 3 * 100 * 2
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": "bfloat16"})
+    assert lbfgs.pair_bytes(100, "cpu") == 2 * 3 * 100 * 2
     gen = torch.Generator().manual_seed(count)
     n, m = 40, 5
     pairs = _random_pairs(n, count, gen)
@@ -243,8 +243,8 @@ def test_the_default_does_not_stall_on_a_near_black_style(vgg, history, monkeypa
     """Issue #11's report: a near-black style stalled torch.optim.LBFGS on the
     clamped objective (every pixel thrown out of range by its unscaled second
     step, where the clamp has no gradient). The default must keep improving,
-    also with the bf16 history of the LBFGS_HISTORY_DTYPE experiment."""
-    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", history)
+    also with the bf16 history that a GPU stores (LBFGS_HISTORY_DTYPE)."""
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": history, "cuda": history})
     gen = torch.Generator().manual_seed(0)
     content = torch.rand(1, 3, 24, 32, generator=gen) * 0.6 + 0.2
     style = (torch.randn(1, 3, 32, 32, generator=gen) * 0.015 + 0.03).clamp(0, 1)
@@ -266,17 +266,18 @@ def test_the_default_does_not_stall_on_a_near_black_style(vgg, history, monkeypa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: host syncs are a CUDA notion")
 @pytest.mark.parametrize("compiled, update, gram", [(False, False, False), (True, False, False),
-                                                    (True, True, False), (True, False, True)],
-                         ids=["uncompiled", "compiled", "compiled_update", "compiled_gram_lowp"])
+                                                    (True, True, False), (True, False, True), (True, True, True)],
+                         ids=["uncompiled", "compiled", "compiled_update", "compiled_gram_lowp", "shipped"])
 def test_no_host_sync_inside_the_step_loop(vgg_state, compiled, update, gram, monkeypatch):
     """Between progress points nothing reads the GPU back. With
     set_sync_debug_mode("warn") every synchronizing call warns; 20 more steps
     (2 more progress points) must add exactly 2 syncs, where a sync per step
     (torch.optim.LBFGS makes about 70) would add hundreds. Both for a shape
-    the worker warmed (the compiled loss, and the compiled L-BFGS update of
-    the LBFGS_COMPILE experiment, or the GRAM_LOWP_DEVICES experiment's Grams) and
-    one it did not. With a deadline, as the handler always gives: it is read
-    after every step, on the host's clock alone."""
+    the worker warmed (the compiled loss, with or without the compiled
+    L-BFGS update, LBFGS_COMPILE, and the float16 Grams, GRAM_LOWP_DEVICES;
+    "shipped" is nst.config's engine, both) and one it did not. With a deadline,
+    as the handler always gives: it is read after every step, on the host's
+    clock alone."""
     import time
     import warnings
 
@@ -338,7 +339,7 @@ def test_cuda_graph_replays_continue_the_same_optimization(vgg_state, monkeypatc
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: bmm's float32 out_dtype is CUDA's")
 def test_a_bf16_history_on_the_gpu_multiplies_as_on_the_cpu_and_optimizes_in_a_cuda_graph(vgg_state, monkeypatch):
-    """The LBFGS_HISTORY_DTYPE experiment on a GPU: its bf16 x bf16 -> float32
+    """LBFGS_HISTORY_DTYPE's bf16 on a GPU (its default): its bf16 x bf16 -> float32
     matmuls give the CPU stand-in's sums, and a request's captured steps with
     a bf16 history descend as far as with a float32 one."""
     import nst.optimize as optimize_mod
@@ -355,7 +356,7 @@ def test_a_bf16_history_on_the_gpu_multiplies_as_on_the_cpu_and_optimizes_in_a_c
     params = dataclasses.replace(Params(), steps=60)
     runs = {}
     for history in ("float32", "bfloat16"):
-        monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", history)
+        monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": history, "cuda": history})
         runs[history] = stylize(vgg, content, [style], params, progress_every=20)
     assert optimize_mod.use_cuda_graphs(content.device)
     losses = [p.loss for p in runs["bfloat16"].history]

@@ -62,9 +62,26 @@ def test_estimate_counts_half_size_activations_only_where_every_step_is_half():
     fp32 = estimate_bytes(512, 512, 512 * 512, p, "cuda")
     assert estimate_bytes(512, 512, 512 * 512, p, "cuda", (torch.bfloat16, torch.float32)) == fp32
     fp16 = estimate_bytes(512, 512, 512 * 512, p, "cuda", (torch.float16,))
-    history = history_pairs(512 * 512) * pair_bytes(512 * 512)
-    saved = (saved_bytes_per_pixel(2) + float32_copies_per_pixel() * 4) * 512 * 512
+    history = history_pairs(512 * 512, "cuda") * pair_bytes(512 * 512, "cuda")
+    saved = (saved_bytes_per_pixel(2) + float32_copies_per_pixel("cuda") * 4) * 512 * 512
     assert history + saved < fp16 < fp32
+
+
+def test_lowp_grams_drop_the_deeper_style_layers_copies_and_padding_adds_the_padded_input():
+    """Where the Grams read 16-bit features (GRAM_LOWP_DEVICES: a GPU) only
+    conv1_1's float32 copy stays in the count (its Gram's backward writes a
+    float32 product of that size) beside conv4_2's; elsewhere every style
+    layer's. The padded image (RGB_PAD_DEVICES) is saved for conv1_1."""
+    from nst.config import GRAM_LOWP_DEVICES, RGB_PAD_CHANNELS, RGB_PAD_DEVICES
+    from nst.memory import padded_input_bytes_per_pixel
+
+    every = 64 + 128 / 4 + 256 / 16 + 512 / 64 + 512 / 256 + 512 / 64  # conv1_1..conv5_1, conv4_2
+    assert float32_copies_per_pixel("cpu") == every
+    assert "cuda" in GRAM_LOWP_DEVICES and "cpu" not in GRAM_LOWP_DEVICES
+    assert float32_copies_per_pixel("cuda") == 64 + 512 / 64
+    assert "cuda" in RGB_PAD_DEVICES and "cpu" not in RGB_PAD_DEVICES
+    assert padded_input_bytes_per_pixel("cuda", 2) == RGB_PAD_CHANNELS * 2
+    assert padded_input_bytes_per_pixel("cpu", 4) == 0
 
 
 @pytest.mark.parametrize("lowp", ["bfloat16", "float16"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nst.optimize as optimize_mod
-from nst.config import FAST_ADAM_LR, LBFGS_HISTORY, LBFGS_MEMORY, Limits, Params
+from nst.config import FAST_ADAM_LR, LBFGS_HISTORY, LBFGS_HISTORY_DTYPE, LBFGS_MEMORY, Limits, Params
 from nst.request import build_params
 from nst.lbfgs import history_pairs
 from nst.optimize import compute_dtype, gradient, scale_state, step_dtype, step_dtypes, stylize
@@ -37,11 +37,14 @@ def test_bf16_features_approximate_float32(vgg):
         assert err < 0.05, name  # bf16 keeps 8 mantissa bits: ~1% per layer
 
 
-def test_lbfgs_history_is_capped_by_memory():
-    assert history_pairs(64 * 64) == LBFGS_HISTORY
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_lbfgs_history_is_capped_by_memory(device_type):
+    """Per device type: a bf16 history (a GPU's, LBFGS_HISTORY_DTYPE) fits twice the pixels."""
+    assert history_pairs(64 * 64, device_type) == LBFGS_HISTORY
     big = 4096 * 4096
-    assert history_pairs(big) == max(5, LBFGS_MEMORY // (2 * 3 * big * 4))
-    assert history_pairs(big) < LBFGS_HISTORY
+    itemsize = {"float32": 4, "bfloat16": 2}[LBFGS_HISTORY_DTYPE.get(device_type, "float32")]
+    assert history_pairs(big, device_type) == max(5, LBFGS_MEMORY // (2 * 3 * big * itemsize))
+    assert history_pairs(big, device_type) < LBFGS_HISTORY
 
 
 def test_switch_to_float32_after_lowp_steps(vgg, monkeypatch):
