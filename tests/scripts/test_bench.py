@@ -279,32 +279,34 @@ def test_gpu_bench_profile_section_runs_as_a_cpu_smoke_run(tmp_path):
 
 
 def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
-    """The rows a lent GPU's engine_ablation adds for nst.config.LBFGS_COMPILE,
-    the optimizer experiments stacked, and a compiled preset=seed render with their figures (here the stored H100
-    run plus made-up ones)."""
+    """The rows a lent GPU's engine_ablation adds for the alternatives to the
+    shipped engine (nst.config.LBFGS_COMPILE off, all four of run 3's parts
+    off) and preset=seed's eager steps render with their figures (here the
+    stored H100 run plus made-up ones)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
 
     r = json.loads((ROOT / "bench" / "gpu_results_h100.json").read_text())
-    r["square_ms_per_step_default_compiled_update"] = 2.345
-    r["compiled_update_100"] = {"steps": 100, "seconds": 0.2123, "loss": 7.25,
-                                "loss_vs_default": 7.25 / r["default"]["loss"]}
-    r["square_ms_per_step_default_stacked"] = 2.105
-    r["stacked_100"] = {"steps": 100, "seconds": 0.1987, "loss": 7.5}  # no default in that run: no ratio
-    r["seed_compiled_graphs"] = {"ms_per_step": 4.567, "loss": 812.5, "steps": 300,
-                                 "vs_recipe": 4.567 / r["recipe"]["ms_per_step"]}
+    r["square_ms_per_step_default_update_eager"] = 2.345
+    r["update_eager_100"] = {"steps": 100, "seconds": 0.2123, "loss": 7.25,
+                             "loss_vs_default": 7.25 / r["default"]["loss"]}
+    r["square_ms_per_step_default_before_run_3"] = 2.105
+    r["before_run_3_100"] = {"steps": 100, "seconds": 0.1987, "loss": 7.5}  # no default in that run: no ratio
+    r["seed_eager"] = {"ms_per_step": 4.567, "loss": 812.5, "steps": 300,
+                       "vs_recipe": 4.567 / r["recipe"]["ms_per_step"]}
     rows = [("sm90_xmma_dgrad_implicit_gemm_f16", 9.0, 130.0), ("triton_poi_fused_relu_0", 4.0, 170.0)]
     r["profile"] = {"size": "512x512", "dtype": "float16", "timer": "device", "graph_ms_per_step": 2.53,
                     "step": gpu.group_kernels(rows, 10), "objective": gpu.group_kernels(rows[:1], 10)}
     text = gpu.report(r)
     assert "Kernels kept the GPU busy 1.300 ms of the 2.530 ms" in text
     assert "| conv backward (dgrad) | 0.900 | 0.900 |" in text and "| fused (torch.compile) | 0.400 | 0.000 |" in text
-    assert f"its Adam steps in a CUDA graph (experiment), against the recipe; loss after 300 steps | " \
-           f"{4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
-    assert "L-BFGS update compiled too (experiment, off)" in text
-    assert ("the update compiled and a bf16 history (experiment, off); 100 steps at 512x384: s, loss | "
-            "2.10 ms; 0.199 s, 7.5 |") in text
-    assert "history stored in bf16" not in text  # not measured in this run: no row
+    assert f"its Adam steps eager, not in a CUDA graph (alternative, not shipped), against the recipe; loss after " \
+           f"300 steps | {4.567 / r['recipe']['ms_per_step']:.2f}x (4.57 ms); 812.5 |" in text
+    assert "L-BFGS update not compiled (alternative, not shipped)" in text
+    assert ("none of those four (the engine before H100 run 3) (alternative, not shipped); 100 steps at 512x384: "
+            "s, loss | 2.10 ms; 0.199 s, 7.5 |") in text
+    assert "history stored in float32" not in text  # not measured in this run: no row
+    assert "compiling preset=seed's loss (warm_up_presets) at 512x384 | 13.2 s |" in text
     # a run whose precisions section was skipped (float32 and bf16 steps) still renders its core
     for key in ("square_ms_per_step_fp32", "square_ms_per_step_bf16"):
         del r[key]
@@ -325,19 +327,19 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
     r = json.loads((ROOT / "bench" / "gpu_results_h100.json").read_text())
     base_ms, base_loss = r["square_ms_per_step_default"], r["default"]["loss"]
     assert (gpu.CANDIDATE_MIN_GAIN, gpu.CANDIDATE_MAX_LOSS) == (0.03, 1.05)
-    figures = {"history_bf16": (0.96, 1.02),  # 4% shorter, 2% worse: passes
-               "history_bf16_20": (0.99, 0.98),  # 1% shorter: too little
-               "compiled_update": (0.80, 1.20),  # the shortest, but 20% worse
-               "stacked": (0.85, 1.04)}  # passes, shorter than history_bf16
+    figures = {"history_float32": (0.96, 1.02),  # 4% shorter, 2% worse: passes
+               "history_20": (0.99, 0.98),  # 1% shorter: too little
+               "update_eager": (0.80, 1.20),  # the shortest, but 20% worse
+               "before_run_3": (0.85, 1.04)}  # passes, shorter than history_float32
     for key, (ms, loss) in figures.items():
         r[f"square_ms_per_step_default_{key}"] = ms * base_ms
         r[f"{key}_100"] = {"steps": 100, "seconds": 0.2, "loss": loss * base_loss}
     c = gpu.choose_engine(r)
-    assert c["pick"] == "stacked"
+    assert c["pick"] == "before_run_3"
     assert {k: t["passes"] for k, t in c["trials"].items()} == {
-        "history_bf16": True, "history_bf16_20": False, "compiled_update": False, "stacked": True}
-    assert abs(c["trials"]["stacked"]["gain"] - 0.15) < 1e-9
-    assert abs(c["trials"]["compiled_update"]["loss_vs_base"] - 1.20) < 1e-9
+        "history_float32": True, "history_20": False, "update_eager": False, "before_run_3": True}
+    assert abs(c["trials"]["before_run_3"]["gain"] - 0.15) < 1e-9
+    assert abs(c["trials"]["update_eager"]["loss_vs_base"] - 1.20) < 1e-9
     # The corpus check compares worst cases against the recipe's stored losses:
     # a pair far below the recipe may swing (dark: 2x) without failing it.
     targets = {"tiny@32x32": 100.0, "dark@96x72": 1000.0}
@@ -347,54 +349,48 @@ def test_gpu_bench_nominates_the_shortest_step_that_passes_the_rule_fixed_before
     assert abs(ok["pairs"]["dark@96x72"]["trial"] - 8e-5) < 1e-12
     bad = gpu.corpus_check(default, {"tiny@32x32": 23.2, "dark@96x72": 0.04}, targets)  # 0.232 > 1.05 x 0.22
     assert not bad["passes"]
-    # stacked fails its corpus check: history_bf16, the next shortest, is nominated;
+    # before_run_3 fails its corpus check: history_float32, the next shortest, is nominated;
     # an experiment whose corpus was not checked does not pass
-    c = gpu.choose_engine(r, {"stacked": bad, "history_bf16": ok})
-    assert c["pick"] == "history_bf16" and c["trials"]["stacked"]["corpus"] is bad
-    assert gpu.choose_engine(r, {"stacked": bad})["pick"] is None
+    c = gpu.choose_engine(r, {"before_run_3": bad, "history_float32": ok})
+    assert c["pick"] == "history_float32" and c["trials"]["before_run_3"]["corpus"] is bad
+    assert gpu.choose_engine(r, {"before_run_3": bad})["pick"] is None
     text = "\n".join(gpu.candidate_report({**r, "candidate": c}))
-    assert "| stacked | " in text and "| 1.055x | no |" in text and "| 1.045x | yes |" in text
+    assert "| before_run_3 | " in text and "| 1.055x | no |" in text and "| 1.045x | yes |" in text
     assert "| tiny@32x32 | 0.2200 | 0.2300 |" in text
     assert "Worst: the default 0.2200 (tiny@32x32), the nominee 0.2300 (tiny@32x32): 1.045x" in text
     # nothing passes: no nominee; no core section: none either
-    del r["square_ms_per_step_default_stacked"], r["square_ms_per_step_default_history_bf16"]
+    del r["square_ms_per_step_default_before_run_3"], r["square_ms_per_step_default_history_float32"]
     assert gpu.choose_engine(r)["pick"] is None
     assert gpu.choose_engine({k: v for k, v in r.items() if k != "default"})["pick"] is None
     text = "\n".join(gpu.candidate_report({**r, "candidate": gpu.choose_engine(r)}))
-    assert "| compiled_update | " in text and "| 20.0% | 1.200 | - | no |" in text
+    assert "| update_eager | " in text and "| 20.0% | 1.200 | - | no |" in text
     assert "No experiment passed: the default stays." in text
 
-    seed_ms, eager_loss = r["seed_ms_per_step"], 800.0
-    r.update(seed_eager_loss=eager_loss,
-             seed_graphs={"ms_per_step": 0.5 * seed_ms, "loss": 1.01 * eager_loss, "steps": 300},
-             seed_compiled={"ms_per_step": 0.98 * seed_ms, "loss": eager_loss, "steps": 300},
-             seed_compiled_graphs={"ms_per_step": 0.4 * seed_ms, "loss": 1.10 * eager_loss, "steps": 300},
-             seed_nchw={"ms_per_step": 0.9 * seed_ms, "loss": 1.02 * eager_loss, "steps": 300},
-             seed_nchw_graphs={"ms_per_step": 0.45 * seed_ms, "loss": 1.06 * eager_loss, "steps": 300})
+    seed_ms, shipped_loss = r["seed_ms_per_step"], 800.0
+    r.update(seed_loss=shipped_loss,
+             seed_eager={"ms_per_step": 0.5 * seed_ms, "loss": 1.06 * shipped_loss, "steps": 300},
+             seed_nchw={"ms_per_step": 0.9 * seed_ms, "loss": 1.02 * shipped_loss, "steps": 300})
     sc = gpu.choose_seed(r)
-    assert sc["pick"] == "graphs"  # nchw_graphs is shorter, but its loss is 6% worse
-    assert {k: t["passes"] for k, t in sc["trials"].items()} == {
-        "graphs": True, "compiled": False, "compiled_graphs": False, "nchw": True, "nchw_graphs": False}
-    assert abs(sc["trials"]["graphs"]["vs_recipe"] - 0.5 * seed_ms / r["recipe"]["ms_per_step"]) < 1e-9
+    assert sc["pick"] == "nchw"  # eager is shorter, but its loss is 6% worse
+    assert {k: t["passes"] for k, t in sc["trials"].items()} == {"eager": False, "nchw": True}
+    assert abs(sc["trials"]["nchw"]["vs_recipe"] - 0.9 * seed_ms / r["recipe"]["ms_per_step"]) < 1e-9
 
     # the nominee measured as the default (made-up figures): its rows render
-    r["candidate"] = {**gpu.choose_engine(r), "pick": "history_bf16_20", "forced": True,
+    r["candidate"] = {**gpu.choose_engine(r), "pick": "history_20", "forced": True,
                       "warm_up_s": {"512x384": 20.5, "512x512": 11.25}, "square_ms_per_step_default": 1.987,
                       "square_500_steps_s": 1.0123,
                       "to_recipe_loss": {"reached": True, "steps": 19, "seconds": 0.041, "loss": 630.0,
                                          "speedup": 287.6},
                       "default": {"steps": 100, "seconds": 0.2, "loss": 6.9, "speedup": 59.04, "loss_ratio": 0.01}}
     text = gpu.report(r)
-    assert "The nominee (named by --candidate), `history_bf16_20` (a bf16 L-BFGS history of 20 pairs)" in text
+    assert "The nominee (named by --candidate), `history_20` (an L-BFGS history of 20 pairs)" in text
     assert "| step at 512x512 | 1.99 ms | <= 2.0 ms |" in text
     assert "| 500 steps at 512x512 (whole run) | 1.01 s |" in text
     assert "| 288x (19 steps, 0.041 s, loss 630) | >= 150x |" in text and "59.0x faster, loss 0.010x" in text
     assert "compiling and capturing 512x384, 512x512 | 20.5 s, 11.2 s |" in text
-    assert f"| graphs | {0.5 * seed_ms:.2f} | " in text and "Nominated: `graphs`." in text
-    assert "Compiling its loss" not in text  # engine_ablation's seed warm-up did not run in the stored run
-    r["seed_compile_s"] = 17.25
-    assert "Compiling its loss at 512x384 (what a worker's start adds with warm_up_presets [\"fast\", \"seed\"], " \
-           "per shape) took 17.2 s." in gpu.report(r)
+    assert f"| nchw | {0.9 * seed_ms:.2f} | " in text and "Nominated: `nchw`." in text
+    del r["seed_nchw"]
+    assert "None passed: the shipped way stays." in gpu.report(r)
 
 
 def test_a_lent_gpu_runs_exactly_the_core_tests_that_skip_without_one():
@@ -489,8 +485,10 @@ def test_every_engine_experiment_sets_its_settings_where_the_engine_reads_them_a
         with gpu.engine_settings(**values):
             assert {n: getattr(readers[n], n) for n in values} == values, key
         assert {n: getattr(readers[n], n) for n in values} == {n: getattr(config, n) for n in values}, key
-    assert set(gpu.COMPILED_SETTINGS) == {"LBFGS_COMPILE", "GRAM_LOWP_DEVICES", "RGB_PAD_DEVICES"}
-    assert [k for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items() if v.get("GRAM_LOWP_DEVICES")] == ["gram_lowp", "all"]
+    # each undoes one of the shipped engine's settings, or all four
+    assert [k for k, (_, v) in gpu.ENGINE_EXPERIMENTS.items() if "GRAM_LOWP_DEVICES" in v] == [
+        "grams_float32", "before_run_3"]
+    assert all(v != {n: getattr(config, n) for n in v} for _, v in gpu.ENGINE_EXPERIMENTS.values())
 
 
 def test_gpu_bench_starts_a_section_only_where_its_estimate_ends_within_the_budget():

@@ -70,6 +70,16 @@ def test_warm_up_sizes_in_the_readme_are_the_code_default():
     assert [(int(w), int(h)) for w, h in documented] == list(WARM_UP_SIZES)
 
 
+def test_warm_up_presets_in_the_readme_and_the_model_config_are_the_code_default():
+    from nst.config import WARM_UP_PRESETS
+
+    said = README.split("`nst.config.WARM_UP_PRESETS`:", 1)[1].split("]", 1)[0] + "]"
+    assert yaml.safe_load(said.replace("`", "").replace("\n", " ")) == list(WARM_UP_PRESETS)
+    yaml_text = (ROOT / "handler" / "model-config.yaml").read_text()
+    said = yaml_text.split("# warm_up_presets:", 1)[1].split("default", 1)[1].split("]", 1)[0] + "]"
+    assert yaml.safe_load(said.replace("#", " ").replace("\n", " ")) == list(WARM_UP_PRESETS)
+
+
 def test_kept_optimizations_in_the_readme_are_the_code_default():
     from nst.config import KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY
 
