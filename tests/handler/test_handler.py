@@ -120,7 +120,15 @@ def test_warm_up_sizes_and_batch_size_from_the_model_config_reach_the_warm_up(ma
     ctx.model_yaml_config["warm_up_sizes"] = ["640x360", [360, 640]]
     StyleTransferHandler().initialize(ctx)
     StyleTransferHandler().initialize(make_context())
-    assert seen == [([(640, 360), (360, 640)], "fast", 8), (list(module.WARM_UP_SIZES), "fast", 1)]
+    # the default presets (WARM_UP_PRESETS): preset=seed's at those sizes fit to its 400 px, one row
+    assert module.WARM_UP_PRESETS == ("fast", "seed")
+    assert seen == [([(640, 360), (360, 640)], "fast", 8), ([(400, 225), (225, 400)], "seed", 1),
+                    (list(module.WARM_UP_SIZES), "fast", 1), ([(400, 400), (400, 300), (300, 400)], "seed", 1)]
+    seen.clear()
+    ctx = make_context()
+    ctx.model_yaml_config["warm_up_presets"] = ["fast"]  # the opt-out: a sooner start
+    StyleTransferHandler().initialize(ctx)
+    assert seen == [(list(module.WARM_UP_SIZES), "fast", 1)]
 
 
 def test_warm_up_presets_compile_the_seed_preset_at_the_sizes_its_requests_come_out_at(make_context, monkeypatch,
