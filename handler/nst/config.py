@@ -234,9 +234,9 @@ LBFGS_MEMORY = 512 * 1024 * 1024
 # step went with 30 of the 50 pairs, above); bf16 halves those bytes. Its
 # products are still accumulated in float32, and on a GPU float32 ones
 # already round their inputs to TF32's 10-bit mantissa; bf16 keeps 7 bits.
-# - GPU, bf16: part of the engine that an H100 run nominated (bench/gpu.py
-#   engine_ablation and candidate, bench/gpu_results_h100.json run 3, with
-#   LBFGS_COMPILE, GRAM_LOWP_DEVICES and RGB_PAD_DEVICES below): alone it took
+# - GPU, bf16: part of the engine that an H100 run nominated (run 3,
+#   bench/gpu_engine_h100.md, with LBFGS_COMPILE, GRAM_LOWP_DEVICES and
+#   RGB_PAD_DEVICES below): alone it took
 #   the step at 512x512 from 2.53 to 2.50 ms (100-step loss 1.055x), with the
 #   update compiled to 2.18 ms (0.957x).
 # - CPU, float32: not measured for speed here. On the CPU corpus
@@ -292,26 +292,25 @@ COMPILE = True
 # Alone it took the step to 2.25 ms (loss 0.995x). Run 4 measured the four
 # shipped in a fresh process: 1.90 ms (bench/gpu_results_h100.json).
 LBFGS_COMPILE = True
-# On these device types the Gram matrices of 16-bit features (every fast-preset step on
-# a GPU, LOWP_DTYPE) by matmuls that read the features in their own dtype and
-# accumulate in float32 (nst.losses._LowpGram), where today each style
-# layer's features are first copied to float32. At 512x512 the five style
-# layers hold 32M values, so the copy writes 128 MB that the matmul reads
-# back, and the backward reads that copy again: about 0.3 GB less memory
-# traffic per step (reckoned from the layer shapes, not measured; an H100
-# moves about 3 GB per ms). The forward's numbers are the same (16-bit values
-# are exact in float32, and TF32 keeps float16's bits); the backward rounds
-# dG + dG^T to 16 bits, scaled to its range. The float32 copies were also
-# kept for the backward: without them the H100's float16 peaks grew about
+# On these device types the Gram matrices of 16-bit features (every
+# fast-preset step on a GPU, LOWP_DTYPE) by matmuls that read the features in
+# their own dtype and accumulate in float32 (nst.losses._LowpGram), where
+# otherwise each style layer's features are first copied to float32. At 512x512
+# the five style layers hold 32M values, so the copy writes 128 MB that the
+# matmul reads back, and the backward reads that copy again: about 0.3 GB less
+# memory traffic per step (reckoned from the layer shapes, not measured; an
+# H100 moves about 3 GB per ms). The forward's numbers are the same (16-bit
+# values are exact in float32, and TF32 keeps float16's bits); the backward
+# rounds dG + dG^T to 16 bits, scaled to its range. The float32 copies were
+# also kept for the backward: without them the H100's float16 peaks grew about
 # 240 bytes per pixel less (nst.memory.float32_copies_per_pixel). On an H100
 # (run 3, bench/gpu_engine_h100.md) alone it took the step at 512x512 from
-# 2.53 to 2.25 ms, its 100-step loss 0.951x; it is part of the engine that
-# run nominated (see LBFGS_COMPILE). A CPU has no such matmul:
-# its stand-in makes the same float32 copy, so there it would only add the
-# backward's rounding. Quality, in a one-off CPU probe (not in the repo;
-# float16 forced on every step, as on a GPU, 100 steps, six corpus pairs at
-# half size and the tiny one): 0.955x-1.029x the default's delivered loss,
-# pair by pair.
+# 2.53 to 2.25 ms, its 100-step loss 0.951x; it is part of the engine that run
+# nominated (see LBFGS_COMPILE). A CPU has no such matmul: its stand-in makes
+# the same float32 copy, so there it would only add the backward's rounding.
+# Quality, in a one-off CPU probe (not in the repo; float16 forced on every
+# step, as on a GPU, 100 steps, six corpus pairs at half size and the tiny
+# one): 0.955x-1.029x the default's delivered loss, pair by pair.
 GRAM_LOWP_DEVICES: tuple[str, ...] = ("cuda",)
 # On these device types the Grams' backward is one matmul, F (dG + dG^T)
 # (nst.losses._Gram), where autograd's bmm backward takes one per operand
