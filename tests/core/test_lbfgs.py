@@ -366,7 +366,7 @@ def test_a_bf16_history_on_the_gpu_multiplies_as_on_the_cpu_and_optimizes_in_a_c
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs")
 def test_seed_preset_adam_in_a_cuda_graph_takes_the_eager_steps(vgg_state, monkeypatch):
-    """nst.config.ADAM_CUDA_GRAPHS (an experiment): the seed preset's Adam
+    """nst.config.ADAM_CUDA_GRAPHS (on for a GPU): the seed preset's Adam
     steps captured and replayed give the eager steps' losses, step by step,
     to rounding (capturable Adam keeps its step count on the device)."""
     import nst.optimize as optimize_mod

@@ -370,6 +370,30 @@ def test_loss_scaling_inside_cuda_graphs_survives_an_overflow(vgg_state, monkeyp
     assert result.loss < 1.5 * exact.loss
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: float16 Adam steps in CUDA graphs")
+def test_adam_float16_steps_in_a_cuda_graph_coast_over_an_overflow_as_eager_ones_do(vgg_state, monkeypatch):
+    """optimizer=adam on a GPU (ADAM_CUDA_GRAPHS): float16 steps, captured
+    and replayed, at style_weight 1e12. The overflowing steps are skipped and
+    reported inside the graph as outside it, and the image improves without
+    turning to NaN, near the eager steps' loss."""
+    from nst.vgg import VGGFeatures
+
+    vgg = VGGFeatures(vgg_state).to("cuda")
+    gen = torch.Generator().manual_seed(8)
+    content, style = (torch.rand(1, 3, 48, 64, generator=gen).cuda() for _ in range(2))
+    params = dataclasses.replace(Params(), steps=30, optimizer="adam", lr=FAST_ADAM_LR, style_weight=1e12)
+    assert compute_dtype(vgg.mean.device, params) == torch.float16
+    runs = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(optimize_mod, "ADAM_CUDA_GRAPHS", graphs)
+        runs[graphs] = stylize(vgg, content, [style], params, progress_every=10)
+    eager, graphed = runs[False], runs[True]
+    # the same steps overflow, up to one at the edge of float16's range (replayed kernels round apart)
+    assert 1 <= graphed.skipped_steps <= 10 and abs(graphed.skipped_steps - eager.skipped_steps) <= 1
+    assert torch.isfinite(graphed.image).all() and graphed.loss < 0.9 * graphed.history[0].loss
+    assert graphed.loss == pytest.approx(eager.loss, rel=0.1)
+
+
 def test_adam_with_float16_steps_coasts_over_an_overflow(vgg, monkeypatch):
     """optimizer=adam gets the same loss scaling: the overflowing steps are
     skipped (zero gradient: Adam moves on its moments) and reported, and the
