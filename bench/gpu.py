@@ -581,7 +581,8 @@ def main(argv=None) -> int:
 
     def engine_ablation() -> None:
         span = 40 if args.quick else 200
-        if args.all:  # measured before (bench/gpu_results_*.json): the step without graphs, without compile, with 20 pairs
+        if args.all:  # measured before (bench/gpu_results_*.json): the step without graphs, without compile
+            # (20 history pairs: the history_20 experiment below)
             nst_optimize.CUDA_GRAPHS = False
             try:
                 r["square_ms_per_step_default_eager"] = bench.per_step(square, 20, 20 + span // 2)
@@ -592,10 +593,6 @@ def main(argv=None) -> int:
                 r["square_ms_per_step_default_uncompiled"] = bench.per_step(square, 40, 40 + span)
             finally:
                 nst_optimize.COMPILE = compiled
-            # A shorter L-BFGS history (nst.config.LBFGS_HISTORY): the same steps
-            # to quality on the CPU corpus at 20 pairs; here, the cost of a step.
-            with engine_settings(LBFGS_HISTORY=20):
-                r["square_ms_per_step_default_history20"] = bench.per_step(square, 40, 40 + span)
         # The alternatives to the shipped engine (ENGINE_EXPERIMENTS), each
         # warmed up first. Per step at 512x512, and the 100-step image at
         # main_size against the default's.
@@ -879,9 +876,6 @@ def _core_report(r: dict) -> list[str]:
         *([("the same default step, CUDA graph but not compiled",
             f"{r[f'square_ms_per_step_{kind}_uncompiled']:.2f} ms", "-")]
           if f"square_ms_per_step_{kind}_uncompiled" in r else []),
-        *([("the same default step with an L-BFGS history of 20 pairs (50 shipped)",
-            f"{r[f'square_ms_per_step_{kind}_history20']:.2f} ms", "-")]
-          if f"square_ms_per_step_{kind}_history20" in r else []),
         ("500 default steps at 512x512 (whole run)", f"{r['square_500_steps_s']:.2f} s", "< 1.5 s"),
         (f"time to the recipe's {r['recipe']['steps']}-step loss", ttl_text, ">= 150x"),
         ("default (100 steps) against the recipe",

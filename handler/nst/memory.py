@@ -64,7 +64,7 @@ def float32_copies_per_pixel(device_type: str = "cpu") -> float:
     Gram, the largest, writes a float32 product of its size (and the
     features they save are the ReLU outputs already counted): conv1_1's
     copy stays in the count, the deeper layers' go. On an H100 (bench/
-    gpu_results_h100.json, run 3) the float16 peaks grew by 1638 bytes per
+    gpu_results_h100.json, run 4) the float16 peaks grew by 1638 bytes per
     pixel from 1024x768 to 2048x1536 beyond the history, where they grew by
     about 1880 with the copies (run 2): about 240 less, those deeper
     layers' 232."""
@@ -98,10 +98,11 @@ def estimate_bytes(height: int, width: int, style_pixels: int, params: Params, d
     pixels = height * width
     # Where every step is float16 the saved activations and the transients
     # are half the size, but the losses' float32 copies of the features are
-    # saved beside them. On an H100 (bench/gpu_results_h100.json) float16
-    # steps' peaks grew by about 1880 bytes per pixel from 1024x768 to
-    # 2048x1536 beyond the L-BFGS history: 1456 of them saved (this count),
-    # about 420 (210 half-size values) transient.
+    # saved beside them (fewer with GRAM_LOWP_DEVICES: float32_copies_per_pixel).
+    # On an H100 (bench/gpu_results_h100.json, run 2, float32 Gram copies)
+    # float16 steps' peaks grew by about 1880 bytes per pixel from 1024x768
+    # to 2048x1536 beyond the L-BFGS history: 1456 of them saved (this
+    # count), about 420 (210 half-size values) transient.
     if all(dtype.itemsize == 2 for dtype in step_dtypes):
         element = HALF
         saved = saved_bytes_per_pixel(HALF) + float32_copies_per_pixel(device_type) * FLOAT

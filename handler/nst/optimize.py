@@ -618,8 +618,8 @@ def program_key(vgg: VGGFeatures, shape: Sequence[int], params: Params, compile_
     device = vgg.mean.device
     one_state = device.type in LBFGS_ONE_STATE_DEVICES
     return (id(vgg), tuple(shape), _structure_of(tuple(shape[-2:]), device, params), one_state, LBFGS_MAX_MOVE,
-            lbfgs.history_pairs(shape[-2] * shape[-1], device.type), lbfgs.history_dtype(device.type), use_cuda_graphs(device),
-            use_compile(device), compile_new, LBFGS_COMPILE)
+            lbfgs.history_pairs(shape[-2] * shape[-1], device.type), lbfgs.history_dtype(device.type),
+            use_cuda_graphs(device), use_compile(device), compile_new, LBFGS_COMPILE)
 
 
 def held_bytes(except_key: tuple | None = None) -> int:
