@@ -256,7 +256,8 @@ LBFGS_HISTORY_DTYPE: Mapping[str, str] = {"cuda": "bfloat16", "cpu": "float32"}
 # recipe's loss; 0.35 is the middle of that plateau, median 274x. 0.25 (the
 # value chosen at 64x48) left the noise style at 86 steps (worst 31x) and its
 # 100-step image at 0.46x; 0.15 crawled on painting_painting (105 steps). On
-# the 170x128 Tübingen pair 0.35 needs 25 steps against 0.25's 24. A plain
+# the 170x128 Tübingen pair 0.35 needed 26 steps in the last make bench
+# (bench/results.json) against 0.25's 24 in an earlier one. A plain
 # bound on the first step only left the noise style's image at 0.51x.
 LBFGS_MAX_MOVE = 0.35
 # On a GPU, the fast preset's L-BFGS steps are captured in a CUDA graph once
@@ -412,8 +413,8 @@ COMPILE_DYNAMIC = False
 # state (a few batched kernels per step instead of a few per row). Per row is
 # bit for bit the row alone on the CPU, where a batched reduction rounded
 # differently and the optimization amplified that to 2.7/255. On an H100
-# (bench/gpu_results_h100.json, 8 rows against 1) one state served 1.45x at
-# 256 px against 1.75x per row and 0.90x against 1.22x at 512 px, 3.48x
+# (bench/gpu_results_h100.json, 8 rows against 1) one state served 1.25x at
+# 256 px against 1.32x per row and 0.90x against 1.22x at 512 px, 3.48x
 # against 2.24x only at 128 px: none listed.
 LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types, e.g. ("cuda",)
 # Smallest output (pixels) that shares a batched optimization, per device
