@@ -45,6 +45,58 @@ def test_parameter_table_lists_every_parameter_with_its_default():
             assert documented == str(value), name
 
 
+def _bound(text: str, limits: Limits) -> float:
+    """A bound as the parameter table writes it: a number, 2^63-1, or a
+    server limit's name in backticks."""
+    text = text.strip()
+    if text.startswith("`"):
+        return getattr(limits, text.strip("`"))
+    return 2**63 - 1 if text == "2^63-1" else float(text)
+
+
+def test_parameter_table_ranges_are_what_the_parsers_accept():
+    """Every numeric range the table states is the parser's, bound by bound:
+    a closed end is accepted, an open one refused, and just past either end
+    is refused (a 422 naming the field). The upper bounds were once left out
+    of the table, so a client read 'float > 0' and met a 422 at 1e13."""
+    from nst.request import InvalidParameter
+
+    limits = Limits()
+    rows = _table_rows("| name | type / range | default | meaning |")
+    checked = set()
+    for name, cells in rows.items():
+        m = re.match(r"(int|float) in ([\[(])([^,]+), ([^\]]+)\]", cells[1])
+        each = re.search(r"each weight in \[([^,]+), ([^\]]+)\]", cells[1])
+        if not (m or each):
+            continue
+        checked.add(name)
+        if m:
+            kind, bracket, lo, hi = m.group(1), m.group(2), _bound(m.group(3), limits), _bound(m.group(4), limits)
+            wrap = int if kind == "int" else float
+        else:  # a JSON collection: each of its weights has the range (beside a positive one: "one > 0")
+            bracket, lo, hi = "[", _bound(each.group(1), limits), _bound(each.group(2), limits)
+            wrap = ((lambda v: json.dumps({"conv1_1": v, "conv2_1": 1})) if name == "style_layer_weights"
+                    else (lambda v: json.dumps([v, 1])))
+        parse = PARSERS[name]
+
+        def accepts(value, name=name, parse=parse, wrap=wrap) -> bool:
+            try:
+                parse(wrap(value), limits)
+            except InvalidParameter as e:
+                assert name in str(e), (name, str(e))
+                return False
+            return True
+
+        past = (lambda v, d: v + d) if wrap is int else (lambda v, d: v + d * max(abs(v) * 1e-6, 1e-6))
+        assert accepts(hi), (name, hi)
+        assert not accepts(past(hi, 1)), (name, hi)
+        assert accepts(lo) == (bracket == "["), (name, lo)
+        assert not accepts(past(lo, -1)), (name, lo)
+    numeric = {"steps", "max_size", "lr", "content_weight", "style_weight", "style_layer_weights", "seed",
+               "style_blend", "style_scale", "tv_weight", "quality", "timeout_s", "deadline"}
+    assert numeric <= checked, numeric - checked
+
+
 def test_limits_table_matches_code_and_shipped_yaml():
     rows = _table_rows("| limit | default | meaning |")
     # One home per default: the shipped model config lists a limit only to change it.
