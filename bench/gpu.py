@@ -920,7 +920,7 @@ def _core_report(r: dict) -> list[str]:
              f"{r['first_request_cold_shape_s']:.2f} s, then {r['cold_shape_again_s']:.2f} s", "-"),
         ]
     return [
-        f"Written by `python bench/gpu.py` from one run"
+        "Written by `python bench/gpu.py` " + ("from the runs listed above" if r.get("provenance") else "from one run")
         + (" with cuDNN autotuning on (it is off now: see the comparison below)" if r.get("cudnn_benchmark") else "")
         + (f", L-BFGS step bound {r['lbfgs_max_move']}" if "lbfgs_max_move" in r else "")
         + f". Pair: tubingen / starry night at {r['size']}; "
