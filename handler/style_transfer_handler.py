@@ -147,7 +147,7 @@ class StyleTransferHandler:
     def _decode(self, row: "StyleTransferHandler._Row", raw: dict, context: Any) -> None:
         """Parse and validate the fields, set the row's deadline, decode and
         admit its images (URL downloads and decoding count against the budget)."""
-        request = parse_request(_fields(raw), self.limits, fetch=self._fetch)
+        request = parse_request(_fields(raw), self.limits, fetch=self._fetch, multipart=not _is_json_body(raw))
         row.deadline, row.deadline_field = _client_deadline(request.params, row.taken, row.deadline)
         if request.stream:
             context.set_response_content_type(row.idx, NDJSON)
@@ -342,13 +342,18 @@ def is_grpc(context: Any, idx: int) -> bool:
     return not any(isinstance(v, str) for v in context.get_all_request_header(idx).values())
 
 
+def _is_json_body(row: dict) -> bool:
+    """TorchServe's row for a body that is not multipart: one key, `body`."""
+    return set(row) == {"body"}
+
+
 def _fields(row: dict) -> dict:
     """A TorchServe row -> the request's fields. Multipart rows are the fields
-    themselves; a JSON body arrives under `body`, parsed or raw (see
-    `parse_json_body`)."""
-    if "body" not in row:
-        return row
-    return parse_json_body(row["body"])
+    themselves; a JSON body arrives as a row whose one key is `body`, parsed
+    or raw (see `parse_json_body`). A multipart field that happens to be named
+    `body` is a field like any other (an unknown one, 422), never a body that
+    would replace the uploaded images and parameters."""
+    return parse_json_body(row["body"]) if _is_json_body(row) else row
 
 
 def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float, str | None]:

@@ -30,8 +30,11 @@ def printable(text: str, limit: int) -> str:
 
 
 def quote_field(name: str) -> str:
-    """A client-chosen field name, short and printable, for a message."""
-    return printable(name, MAX_FIELD_CHARS)
+    """A client-chosen field name, short and printable, for a message: in
+    double quotes where it is empty or starts or ends with white space, which
+    would otherwise vanish from the message (`: unknown parameter`)."""
+    text = printable(name, MAX_FIELD_CHARS)
+    return f'"{text}"' if not text.strip() or text != text.strip() else text
 
 
 class RequestError(Exception):

@@ -83,7 +83,7 @@ def _describe_int(value: int | TooLongInteger) -> str:
 def parse_int(value: Any, name: str, lo: int, hi: int) -> int:
     if _is_textual(value):
         text = _text(value, name)
-        if not re.fullmatch(r"[+-]?\d{1,19}", text):
+        if not re.fullmatch(r"[+-]?[0-9]{1,19}", text):  # ASCII digits: int() also reads "١" and "1_0"
             raise InvalidParameter(name, f"{name}: expected an integer, got {text[:40]!r}")
         value = int(text)
     elif isinstance(value, TooLongInteger):
@@ -95,14 +95,18 @@ def parse_int(value: Any, name: str, lo: int, hi: int) -> int:
     return value
 
 
+# A number as JSON or a form field writes one, in ASCII; inf and nan too, so
+# that they are refused as not finite rather than as unreadable.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.I)
+
+
 def parse_float(value: Any, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
     bracket = "(" if lo_open else "["
     if _is_textual(value):
         text = _text(value, name)
-        try:
-            value = float(text)  # a decimal string too large for a float is inf, never an error
-        except ValueError:
-            raise InvalidParameter(name, f"{name}: expected a number, got {text[:40]!r}") from None
+        if not _DECIMAL.fullmatch(text):  # float() also reads "1_0", "١" and "１"
+            raise InvalidParameter(name, f"{name}: expected a number, got {text[:40]!r}")
+        value = float(text)  # a decimal string too large for a float is inf, never an error
     elif isinstance(value, TooLongInteger):
         raise InvalidParameter(name, f"{name}: {_describe_int(value)} is out of range {bracket}{lo}, {hi}]")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -324,19 +328,29 @@ def decode_base64(value: str, name: str, limits: Limits) -> bytes:
         raise BadRequest(name, f"{name}: not valid base64") from None
 
 
-def _image_bytes(value: Any, name: str, limits: Limits) -> bytes:
+def _image_bytes(value: Any, name: str, limits: Limits, multipart: bool = False) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        return decode_base64(value, name, limits)
+        try:
+            return decode_base64(value, name, limits)
+        except BadRequest:
+            if not multipart:
+                raise
+            # TorchServe hands over a file part sent as text/* (an SVG, an
+            # HTML page) as a str: it is the file, not base64, and the decoder
+            # refuses it as a format (415) rather than as bad base64 (400).
+            return value.encode("utf-8", "surrogatepass")
     raise BadRequest(name, f"{name}: expected an image file or a base64 string")
 
 
 Fetcher = Callable[[str, str], bytes]  # (url, field) -> the image bytes
 
 
-def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | None = None) -> Request:
-    """One request's fields (multipart parts or JSON keys) -> `Request`.
+def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | None = None, *,
+                  multipart: bool = False) -> Request:
+    """One request's fields (multipart parts or JSON keys; `multipart` says
+    which) -> `Request`.
 
     Images: `content`, `style`, `style_2` ... (or `style` as a JSON list), or
     `content_url` / `style_url` when the server allows URLs and a `fetch` is
@@ -357,7 +371,7 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         raise BadRequest("content", "content: required image missing")
     if "style" not in fields:
         raise BadRequest("style", "style: required image missing")
-    content = _image_bytes(fields.pop("content"), "content", limits)
+    content = _image_bytes(fields.pop("content"), "content", limits, multipart)
 
     style_value = fields.pop("style")
     style_values = list(style_value) if isinstance(style_value, list) else [style_value]
@@ -374,7 +388,7 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         names.append(k)
     if len(style_values) > limits.max_styles:
         raise InvalidParameter("style", f"style: {len(style_values)} style images, at most {limits.max_styles}")
-    styles = [_image_bytes(v, n, limits) for v, n in zip(style_values, names)]
+    styles = [_image_bytes(v, n, limits, multipart) for v, n in zip(style_values, names)]
 
     unknown = sorted(set(fields) - set(PARSERS))
     if unknown:

@@ -3,6 +3,7 @@ error messages are escaped and bounded, the client's deadlines are honoured,
 and the facts count decoding."""
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -140,3 +141,49 @@ def test_stream_final_record_counts_decode_and_total(handler, make_context, inpu
     [out] = handler.handle([multipart_row(inputs, steps=2, stream="true")], ctx)
     final = json.loads(out)
     assert final["done"] and final["total_ms"] >= final["elapsed_ms"] and final["decode_ms"] >= 0
+
+
+def test_a_multipart_field_named_body_is_an_unknown_parameter_not_a_replacement_body(
+    handler, make_context, inputs, images
+):
+    """TorchServe names a JSON body's row `body`; a multipart field of that
+    name once made the handler drop the uploaded images and parameters and
+    stylize whatever the field's JSON carried."""
+    other = images.png(images.content(32, 32))
+    smuggled = json.dumps({"content": base64.b64encode(other).decode(), "style": base64.b64encode(other).decode()})
+    for value in (b"{}", smuggled.encode(), b"x"):
+        ctx = make_context()
+        [out] = handler.handle([multipart_row(inputs, body=value)], ctx)
+        assert assert_error(ctx, 0, out, 422, "body")["message"] == "body: unknown parameter"
+
+
+def test_a_text_file_part_is_refused_as_a_format_not_as_base64(handler, make_context, inputs):
+    """A multipart file part sent as text/* (curl -F content=@x.svg;type=image/svg+xml
+    is bytes, but ;type=text/xml or an .html file is text) reaches the handler
+    as a str: 415 naming the field, as its bytes would get. In JSON a string
+    is base64, and bad base64 stays a 400."""
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"><rect width="32" height="32"/></svg>'
+    ctx = make_context()
+    [out] = handler.handle([{**multipart_row(inputs), "content": svg}], ctx)
+    assert_error(ctx, 0, out, 415, "content")
+    ctx = make_context()
+    [out] = handler.handle([{"body": {**json_fields(inputs), "content": svg}}], ctx)
+    assert assert_error(ctx, 0, out, 400, "content")["message"] == "content: not valid base64"
+
+
+@pytest.mark.parametrize("name", ["", " ", "steps "])
+def test_a_blank_or_padded_field_name_is_quoted_in_the_message(handler, make_context, inputs, name):
+    ctx = make_context()
+    [out] = handler.handle([{"body": json_fields(inputs, **{name: 1})}], ctx)
+    assert assert_error(ctx, 0, out, 422, None)["message"] == f'"{name}": unknown parameter'
+
+
+@pytest.mark.parametrize("field,value", [("steps", "١"), ("steps", "１"), ("steps", "1_0"),
+                                         ("lr", "1_0"), ("lr", "٠.٥"), ("deadline", "1_0")])
+def test_numbers_are_ascii_decimals_only(handler, make_context, inputs, field, value):
+    """int() and float() read Arabic-Indic and fullwidth digits and
+    underscores: `deadline=1_0` was Unix time 10, a 504."""
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, **{field: value})], ctx)
+    err = assert_error(ctx, 0, out, 422, field)
+    assert "expected" in err["message"]

@@ -82,7 +82,8 @@ def test_bad_base64_is_400_naming_the_field(server, style, code):
 @pytest.mark.parametrize(
     "field, value",
     [("steps", True), ("steps", 2.5), ("lr", "inf"), ("max_size", -1), ("style_blend", [1, 2]),
-     ("style_layer_weights", {"conv9_9": 1}), ("seed", "x"), ("quality", 0)],
+     ("style_layer_weights", {"conv9_9": 1}), ("seed", "x"), ("quality", 0),
+     ("steps", "\u0661"), ("deadline", "1_0")],  # int()/float() read Arabic-Indic digits and underscores
 )
 def test_wrong_typed_json_parameters_are_422(server, field, value):
     body = {"content": base64.b64encode(GOOD).decode(), "style": base64.b64encode(GOOD).decode(),

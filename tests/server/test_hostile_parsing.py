@@ -54,6 +54,17 @@ CASES = {
         {"files": {"content": CONTENT, "style": STYLE}, "data": {"style_blend": f"[{HUGE}]"}},
         422, "style_blend",
     ),
+    # a multipart field named like TorchServe's JSON-body key: once it replaced
+    # the uploads with the images its JSON carried
+    "multipart-field-named-body": (
+        {"files": {"content": CONTENT, "style": STYLE}, "data": {"body": "{" + IMAGES + "}"}}, 422, "body",
+    ),
+    # a file part sent as text/*, which TorchServe hands over as a str: once
+    # read as base64 (400 "not valid base64"), now refused as a format
+    "svg-file-part-as-text": (
+        {"files": {"content": ("x.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "text/xml"), "style": STYLE}},
+        415, "content",
+    ),
 }
 
 
