@@ -6,15 +6,22 @@ resolved IP), so DNS rebinding and redirects cannot reach loopback, private,
 link-local or metadata addresses; proxies from the environment are ignored
 for the same reason; every redirect hop is re-validated here
 (scheme, port, no userinfo) and counted; connect, read and total time and the
-bytes received are all capped.
+bytes received are all capped. The total time holds however a server
+trickles, headers included: at the deadline a timer shuts the download's
+sockets (a per-read timeout alone lets a byte every few seconds go on for
+ever). The bytes are counted as they are decoded, a chunk at a time, so a
+gzip bomb meets the cap before it is inflated.
 """
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from requests_hardened import Config, Manager
 from requests_hardened.ip_filter import InvalidIPAddress
 
@@ -32,6 +39,67 @@ _PUBLIC_ONLY = Manager(Config(
 ))
 ALLOWED_PORTS = (80, 443)
 _REDIRECTS = (301, 302, 303, 307, 308)
+# Bytes per read of the body, decoded: urllib3 (>= 2.6) inflates a gzip or
+# deflate body no further than this per read.
+_CHUNK = 64 * 1024
+
+
+class _Sockets:
+    """The sockets one download opens, shut at its deadline from a timer
+    thread. A read blocked on a socket then returns at once, whatever its
+    timeout, and the download fails (reported as timed out)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self.shut = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.append(sock)
+            if not self.shut:
+                return
+        _shut(sock)  # opened after the deadline
+
+    def shut_all(self) -> None:
+        with self._lock:
+            self.shut = True
+            opened = list(self._open)
+        for sock in opened:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def _watch(session: requests.Session, sockets: _Sockets) -> None:
+    """Make every connection `session` opens register its socket with
+    `sockets`. requests-hardened builds the connection pools (it pins the
+    checked IP there), so the hook goes on each pool it hands out: a
+    subclass of the pool's connection class whose connect() reports the
+    socket it made."""
+    for adapter in session.adapters.values():
+        get_pool = adapter.get_connection_with_tls_context
+
+        def watched_pool(*args, _get_pool=get_pool, **kwargs):
+            pool = _get_pool(*args, **kwargs)
+            base = pool.ConnectionCls
+            if getattr(base, "_watched_by", None) is not sockets:
+                class Watched(base):  # type: ignore[misc, valid-type]
+                    _watched_by = sockets
+
+                    def connect(self) -> None:
+                        super().connect()
+                        sockets.add(self.sock)
+
+                pool.ConnectionCls = Watched
+            return pool
+
+        adapter.get_connection_with_tls_context = watched_pool
 
 
 def _check_url(url: str, field: str, allowed_ports: tuple[int, ...] | None) -> None:
@@ -64,41 +132,65 @@ def fetch(
         raise BadRequest(field, f"{field}: expected a URL string of at most 2048 characters")
     deadline = time.monotonic() + limits.url_total_timeout_s
     timeout = (limits.url_connect_timeout_s, limits.url_read_timeout_s)
+    sockets = _Sockets()
+    timer = threading.Timer(limits.url_total_timeout_s, sockets.shut_all)
+    timer.daemon = True
     with session_factory() as session:
         # No *_PROXY variables and no ~/.netrc: a proxy would be the address
         # checked at connect time instead of the target's.
         session.trust_env = False
-        for _hop in range(limits.url_max_redirects + 1):
-            _check_url(url, field, allowed_ports)
-            try:
-                with session.get(url, stream=True, allow_redirects=False, timeout=timeout) as r:
-                    if r.status_code in _REDIRECTS and "Location" in r.headers:
-                        url = urljoin(url, r.headers["Location"])
-                        continue
-                    if r.status_code != 200:
-                        raise BadRequest(field, f"{field}: the URL answered HTTP {r.status_code}")
-                    return _read_capped(r, field, limits.max_input_bytes, deadline)
-            except InvalidIPAddress:
-                raise Forbidden(
-                    field, f"{field}: the address is not public (loopback, private, link-local...)") from None
-            except (requests.Timeout, TimeoutError):
+        _watch(session, sockets)
+        timer.start()
+        try:
+            return _follow(session, url, field, limits, timeout, allowed_ports, deadline)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            # a socket shut at the deadline fails whatever read it was in
+            if sockets.shut or time.monotonic() > deadline:
+                raise _too_long(field, limits) from None
+            if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
                 raise TimedOut(field, f"{field}: the download timed out") from None
-            except requests.RequestException as e:
-                raise BadRequest(field, f"{field}: could not fetch the URL ({type(e).__name__})") from None
-        raise BadRequest(field, f"{field}: more than {limits.url_max_redirects} redirects")
+            raise BadRequest(field, f"{field}: could not fetch the URL ({type(e).__name__})") from None
+        finally:
+            timer.cancel()
 
 
-def _read_capped(response: requests.Response, field: str, cap: int, deadline: float) -> bytes:
-    """Count the bytes actually received (Content-Length is only a hint)."""
+def _follow(session: requests.Session, url: str, field: str, limits: Limits, timeout: tuple[float, float],
+            allowed_ports: tuple[int, ...] | None, deadline: float) -> bytes:
+    for _hop in range(limits.url_max_redirects + 1):
+        _check_url(url, field, allowed_ports)
+        try:
+            with session.get(url, stream=True, allow_redirects=False, timeout=timeout) as r:
+                if r.status_code in _REDIRECTS and "Location" in r.headers:
+                    url = urljoin(url, r.headers["Location"])
+                    continue
+                if r.status_code != 200:
+                    raise BadRequest(field, f"{field}: the URL answered HTTP {r.status_code}")
+                return _read_capped(r, field, limits, deadline)
+        except InvalidIPAddress:
+            raise Forbidden(
+                field, f"{field}: the address is not public (loopback, private, link-local...)") from None
+    raise BadRequest(field, f"{field}: more than {limits.url_max_redirects} redirects")
+
+
+def _read_capped(response: requests.Response, field: str, limits: Limits, deadline: float) -> bytes:
+    """Count the bytes actually received, decoded (Content-Length is only a
+    hint, and a gzip body's says nothing of what it inflates to)."""
+    cap = limits.max_input_bytes
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > cap:
         raise TooLarge(field, f"{field}: {declared} bytes, more than the limit of {cap}")
     chunks, size = [], 0
-    for chunk in response.iter_content(None):  # as it arrives: a trickle cannot dodge the deadline
+    for chunk in response.iter_content(_CHUNK):
         size += len(chunk)
         if size > cap:
             raise TooLarge(field, f"{field}: more than the limit of {cap} bytes")
         if time.monotonic() > deadline:
-            raise TimedOut(field, f"{field}: the download took too long")
+            raise _too_long(field, limits)
         chunks.append(chunk)
+    if time.monotonic() > deadline:  # shut at the deadline: an end without a length reads as EOF
+        raise _too_long(field, limits)
     return b"".join(chunks)
+
+
+def _too_long(field: str, limits: Limits) -> TimedOut:
+    return TimedOut(field, f"{field}: the download took longer than {limits.url_total_timeout_s:g} s")

@@ -90,6 +90,35 @@ def test_bad_answers_get_their_status(site, path, code):
     assert e.value.message.startswith("content_url")
 
 
+def test_a_server_trickling_its_headers_is_cut_at_the_total_deadline(site):
+    """A header byte every 0.2 s never trips the 2 s read timeout; before the
+    deadline shut the sockets, this held the worker for the whole minute the
+    trickle lasts (for ever, from a server that wanted to) and then read as a
+    malformed answer (400)."""
+    with pytest.raises(RequestError) as e:
+        fetch(site.url("/trickle-headers"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None)
+    assert e.value.code == 504, e.value.message
+    assert e.value.message == "content_url: the download took longer than 1 s"
+
+
+def test_a_gzip_bomb_meets_the_cap_before_it_is_inflated(site):
+    """50 MB of zeros in a 50 kB gzip body (its Content-Length under the cap):
+    counted as it is inflated, 64 kB at a time, it stops at the 100 kB cap
+    instead of inflating whole (that took 50 MB here, 25 GB at the production
+    cap of 25 MB)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestError) as e:
+            fetch(site.url("/gzip-bomb"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.code == 413, e.value.message
+    assert peak < 5_000_000, peak
+
+
 def test_parse_request_fetches_only_when_allowed_and_after_validation(site):
     calls = []
 

@@ -28,7 +28,9 @@ EXPECTED = {
     "redirect-to-file": (400, "content_url: only http and https URLs are fetched"),
     "huge-body": (413, "content_url: more than the limit of 1000000 bytes"),
     "declared-huge": (413, "content_url: 1000000000000 bytes, more than the limit of 1000000"),
-    "trickle": (504, "content_url: the download took too long"),
+    "trickle": (504, "content_url: the download took longer than 2 s"),
+    "trickle-headers": (504, "content_url: the download took longer than 2 s"),
+    "gzip-bomb": (413, "content_url: more than the limit of 1000000 bytes"),
     "not-an-image": (415, "content_url: not an accepted image format (PNG, JPEG, WebP, GIF)"),
     "not-found": (400, "content_url: the URL answered HTTP 404"),
 }

@@ -3,6 +3,7 @@ an image, redirects, a huge body, a trickle, text, a 404. It counts every
 request it receives."""
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
 import threading
@@ -18,6 +19,8 @@ def _png() -> bytes:
 
 
 PNG = _png()
+# 50 MB of zeros, gzipped to about 50 kB: inflated whole, it would be the bomb
+GZIP_BOMB = gzip.compress(b"\0" * 50_000_000, 9)
 
 
 class ImageServer:
@@ -68,6 +71,18 @@ class ImageServer:
                         self.wfile.write(b"\0")
                         self.wfile.flush()
                         time.sleep(0.1)
+                elif path == "/trickle-headers":  # a header byte every 0.2 s: no read ever times out
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    try:
+                        for _ in range(300):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    except OSError:  # the client shut its socket
+                        pass
+                elif path == "/gzip-bomb":
+                    self._send(200, GZIP_BOMB, [("Content-Type", "image/png"), ("Content-Encoding", "gzip"),
+                                                ("Content-Length", str(len(GZIP_BOMB)))])
                 elif path == "/text":
                     self._send(200, b"hello, not an image", [("Content-Type", "text/plain")])
                 else:

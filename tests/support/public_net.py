@@ -38,6 +38,8 @@ CASES = [
     ("huge-body", "http://images.example/huge"),
     ("declared-huge", "http://images.example/declared-huge"),
     ("trickle", "http://images.example/slow"),
+    ("trickle-headers", "http://images.example/trickle-headers"),
+    ("gzip-bomb", "http://images.example/gzip-bomb"),
     ("not-an-image", "http://images.example/text"),
     ("not-found", "http://images.example/missing"),
 ]
