@@ -136,6 +136,28 @@ def test_rgba_is_composited_on_white():
     assert np.abs(out[0, 1] - expected).max() <= 1
 
 
+def test_sixteen_bit_levels_are_rounded_as_the_reference_formula_with_bounded_memory():
+    """Every 16-bit level, and 32-bit "I" levels out of that range, to 8 bits
+    as round(v / 257) clipped to [0, 255], without whole-image float copies
+    (they took 20 bytes a pixel: about 1 GB for a 7000x7000 grayscale PNG)."""
+    import tracemalloc
+
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = imageio._to_8_bits(every)
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, np.clip(np.rint(every / 257.0), 0, 255).astype(np.uint8))
+    wide = np.array([[-70000, -1, 0, 128, 129, 65535, 65536, 2**31 - 1]], np.int32)
+    assert imageio._to_8_bits(wide).tolist() == [[0, 0, 0, 0, 1, 255, 255, 255]]
+    big = np.zeros((3000, 3000), np.uint16)
+    tracemalloc.start()
+    try:
+        imageio._to_8_bits(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * big.size, peak  # the uint8 result and a block or two; a float64 copy alone is 8 bytes a pixel
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     values = np.zeros((16, 16), np.uint16)
     values[0, 0], values[0, 1], values[0, 2], values[0, 3] = 65535, 32896, 1000, 257
