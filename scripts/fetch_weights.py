@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import pickle
 import socket
 import sys
 from pathlib import Path
@@ -52,15 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random", action="store_true", help="write the deterministic random weights directly")
     ap.add_argument("--timeout", type=float, default=30.0, help="network timeout for the download, s")
     args = ap.parse_args(argv)
+    if args.random and (args.require_imagenet or args.weights):
+        ap.error("--random writes random weights: not with --require-imagenet or --weights")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     source = ""
     if args.weights:
         path = Path(args.weights)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            state = features_state_dict(raw)
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:
+            log.error("cannot use %s as VGG19 weights: %s", path, str(e).splitlines()[0][:200])
+            return 1
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         kind = "imagenet" if IMAGENET_FILE.split("-")[1].split(".")[0] == digest[:8] else "custom"
-        state, source = features_state_dict(raw), str(path)
+        if args.require_imagenet and kind != "imagenet":
+            log.error("%s is not torchvision's ImageNet VGG19 file and --require-imagenet given", path)
+            return 1
+        source = str(path)
     elif args.random:
         state, kind, source = random_features_state(0), "random", "torch.manual_seed(0); vgg19(weights=None)"
     else:

@@ -45,9 +45,16 @@ def canonical_layer(name: str) -> str:
 
 def features_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Accept a full torchvision VGG19 checkpoint (`features.N.weight`) or a
-    features-only one (`N.weight`); keep the convs up to conv5_1, keyed `N.weight`."""
+    features-only one (`N.weight`); keep the convs up to conv5_1, keyed `N.weight`.
+    ValueError where it is none of these: not a dict of tensors, a conv
+    missing, or one of another shape (another network's checkpoint would
+    otherwise fail only when a worker loads the archive)."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"weights file holds a {type(raw).__name__}, not a state dict")
     out: dict[str, Tensor] = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ValueError(f"weights file has a key {key!r}: not a state dict")
         key = key[len("features."):] if key.startswith("features.") else key
         idx, _, kind = key.partition(".")
         if idx.isdigit() and kind in ("weight", "bias") and int(idx) <= TORCHVISION_INDEX["conv5_1"]:
@@ -57,6 +64,11 @@ def features_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
     ]
     if missing:
         raise ValueError(f"weights file lacks VGG19 feature tensors: {', '.join(missing[:4])}...")
+    for _, _, cin, cout, idx in CONVS:
+        for name, shape in ((f"{idx}.weight", (cout, cin, 3, 3)), (f"{idx}.bias", (cout,))):
+            got = tuple(getattr(out[name], "shape", ()))
+            if got != shape:
+                raise ValueError(f"weights file's {name} has shape {got}, VGG19's is {shape}")
     return out
 
 

@@ -152,6 +152,17 @@ def test_unrelated_dict_raises():
         features_state_dict({"fc.weight": torch.zeros(1), "conv1.weight": torch.zeros(1)})
 
 
+def test_a_conv_of_another_shape_or_no_state_dict_raises_naming_it(vgg_state):
+    """Another network's checkpoint with VGG's keys (a grayscale first conv)
+    is refused where the weights are read, not when a worker builds VGG."""
+    with pytest.raises(ValueError, match=r"0\.weight has shape \(64, 1, 3, 3\), VGG19's is \(64, 3, 3, 3\)"):
+        features_state_dict({**vgg_state, "0.weight": torch.zeros(64, 1, 3, 3)})
+    with pytest.raises(ValueError, match="28.bias has shape"):
+        features_state_dict({**vgg_state, "28.bias": torch.zeros(256)})
+    with pytest.raises(ValueError, match="not a state dict"):
+        features_state_dict(torch.zeros(3))
+
+
 def test_extractor_from_full_checkpoint_equals_from_features_dict(torchvision_vgg19, vgg):
     from_full = VGGFeatures(torchvision_vgg19.state_dict())
     x = torch.rand(1, 3, 32, 32)
@@ -165,8 +176,15 @@ def test_extractor_from_full_checkpoint_equals_from_features_dict(torchvision_vg
 
 
 def tiny_state(prefix: str = "") -> dict[str, torch.Tensor]:
-    """Right keys, tiny tensors: enough for load(), which does not build the network."""
-    return {f"{prefix}{k}": torch.full((2,), float(i)) for i, k in enumerate(sorted(EXPECTED_KEYS))}
+    """Right keys and shapes, one stored value each (a stride-0 view saves
+    its one-element storage): enough for load(), which checks the shapes
+    but builds no network, without writing 52 MB a test."""
+    from nst.vgg import CONVS
+
+    shapes = {}
+    for _, _, cin, cout, idx in CONVS:
+        shapes[f"{idx}.weight"], shapes[f"{idx}.bias"] = (cout, cin, 3, 3), (cout,)
+    return {f"{prefix}{k}": torch.full((1,), float(i)).expand(shapes[k]) for i, k in enumerate(sorted(EXPECTED_KEYS))}
 
 
 @pytest.mark.parametrize(
