@@ -12,11 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# Java 17 runs TorchServe's frontend. Debian's point releases carry security
-# fixes, so the package is not pinned to one build.
+# Java 17 runs TorchServe's frontend; tini is PID 1 (below). Debian's point
+# releases carry security fixes, so the packages are not pinned to one build.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 model-server
@@ -43,8 +43,17 @@ RUN python scripts/fetch_weights.py --require-imagenet --out weights/vgg19_featu
 USER 10001
 EXPOSE 8080 8081 8082 7070 7071
 
-# /ping needs the inference key, which TorchServe writes to ./key_file.json at start.
+# /ping needs the inference key, which TorchServe writes to ./key_file.json at
+# start and which expires after token_expiration_min: the check renews an
+# expired one (with the API key, which never expires) before it pings.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-  CMD ["python", "scripts/manage.py", "--timeout", "8", "wait"]
+  CMD ["python", "scripts/manage.py", "--timeout", "8", "wait", "--renew-expired"]
 
+# `torchserve --foreground` is a Python launcher that waits on the Java
+# frontend and handles no signal: as PID 1 it ignored SIGTERM (the kernel
+# drops signals PID 1 has no handler for), so `docker stop` and every pod
+# stop waited out their grace period and then killed it. tini, as PID 1,
+# sends the signal to the whole process group (-g): the frontend runs its
+# shutdown and stops the workers, and tini reaps them.
+ENTRYPOINT ["/usr/bin/tini", "-g", "--"]
 CMD ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"]

@@ -21,7 +21,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "handler"))
-from manage import MODEL, read_key, wait_for  # noqa: E402  one key-file reader, one polling loop
+from manage import (MODEL, KeyFileError, properties, read_key,  # noqa: E402, F401  one key-file reader,
+                    renew_expired_key, wait_for)  # one polling loop, one config.properties reader
 from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,17 +73,14 @@ class Server:
         """/ping is healthy and every worker is READY with a PID (/ping turns
         healthy before a new worker reports its PID)."""
         try:
+            if self.token_auth:  # a test's short token_expiration_min may pass before the model loads
+                for kind in ("inference", "management"):
+                    renew_expired_key(self.key_file, self.management, kind)
             r = requests.get(f"{self.inference}/ping", headers=self.auth(), timeout=5)
             workers = self.describe()["workers"] if r.ok and r.json().get("status") == "Healthy" else []
-        except (OSError, ValueError, KeyError, requests.RequestException):
+        except (OSError, ValueError, KeyError, KeyFileError, requests.RequestException):
             return False  # not listening yet, or the key file is not written yet
         return bool(workers) and all(w["status"] == "READY" and w["pid"] > 0 for w in workers)
-
-
-def properties(text: str) -> dict[str, str]:
-    """A config.properties text's key=value lines (blank and # lines skipped)."""
-    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def _config(store: Path, ports: dict[str, int], overrides: dict[str, str]) -> str:

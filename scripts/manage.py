@@ -3,14 +3,19 @@
 
   manage.py describe          workers, their status and PIDs, queue
   manage.py scale N           set the worker count to N (waits until done)
-  manage.py wait              block until /ping is healthy (or --timeout s)
+  manage.py wait              block until /ping is healthy (or --timeout s);
+                              --renew-expired: renew an expired inference key first
   manage.py key inference|management   print a key from key_file.json
   manage.py k8s-secret        print a Kubernetes Secret with a new random
                               inference key for deploy/ (kubectl apply -f -)
+  manage.py ports-free FILE   fail, naming it, where a port FILE (config.properties)
+                              serves on is taken (scripts/serve.sh, before a start)
 
 Keys come from the key_file.json TorchServe writes at start (token
 authorization is on): the management key for management calls, the
-inference key for /ping and predictions.
+inference key for /ping and predictions. A failure is one line on stderr
+(exit 1; 2 for a key file that is missing or not TorchServe's), never a
+traceback.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -26,10 +32,36 @@ import requests
 MODEL = "style_transfer"
 
 
+class KeyFileError(Exception):
+    """The key file is missing or holds no such key: said in one line."""
+
+
+def _key_entry(key_file: str | Path, kind: str) -> dict:
+    path = Path(key_file)
+    try:
+        entry = json.loads(path.read_text())[kind]
+        entry["key"]
+        return entry
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"no key file at {path}: TorchServe writes key_file.json in the directory it was started "
+            "from (the repo root for make serve); pass --key-file") from None
+    except (ValueError, KeyError, TypeError):
+        raise KeyFileError(f"{path} holds no {kind} key: not a key file TorchServe wrote?") from None
+
+
 def read_key(key_file: str | Path, kind: str) -> str:
     """`kind` is inference, management or API."""
-    data = json.loads(Path(key_file).read_text())
-    return data[kind]["key"]
+    return _key_entry(key_file, kind)["key"]
+
+
+def key_expired(key_file: str | Path, kind: str) -> bool:
+    """Whether the key file says `kind`'s key has expired (token_expiration_min
+    after it was made; the API key never expires)."""
+    stamp = _key_entry(key_file, kind).get("expiration time")
+    if not stamp:
+        return False
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= datetime.now(timezone.utc)
 
 
 def auth(key_file: str | Path, kind: str) -> dict[str, str]:
@@ -38,7 +70,11 @@ def auth(key_file: str | Path, kind: str) -> dict[str, str]:
 
 def describe(args) -> int:
     r = requests.get(f"{args.management}/models/{MODEL}", headers=auth(args.key_file, "management"), timeout=30)
-    print(json.dumps(r.json(), indent=2))
+    try:
+        print(json.dumps(r.json(), indent=2))
+    except ValueError:  # not TorchServe answering (another service on the port, a gateway's page)
+        print(f"HTTP {r.status_code}, not JSON: {r.text.strip()[:200]}", file=sys.stderr)
+        return 1
     return 0 if r.ok else 1
 
 
@@ -54,14 +90,29 @@ def scale(args) -> int:
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    """Poll `condition` until it holds (True) or `timeout` seconds pass (False):
-    the scripts' and tests' one polling loop."""
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False),
+    trying at least once: the scripts' and tests' one polling loop."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         if condition():
             return True
+        if time.monotonic() + interval >= deadline:
+            return False
         time.sleep(interval)
-    return False
+
+
+def renew_expired_key(key_file: str | Path, management: str, kind: str = "inference") -> None:
+    """Where the key file's `kind` key (inference or management) has expired,
+    have TorchServe make a new one (it rewrites the key file) with the API
+    key, which never expires. Nobody holds a valid key of that kind then, so
+    no client loses one; without this a health check that pings with the key
+    file's key fails for good token_expiration_min after the start, on a
+    healthy server."""
+    if not key_expired(key_file, kind):
+        return
+    r = requests.get(f"{management}/token", params={"type": kind}, headers=auth(key_file, "API"), timeout=10)
+    if not r.ok:
+        raise KeyFileError(f"the {kind} key expired and renewing it failed: HTTP {r.status_code} {r.text[:200]}")
 
 
 def wait(args) -> int:
@@ -69,11 +120,13 @@ def wait(args) -> int:
 
     def healthy() -> bool:
         try:
+            if args.renew_expired:
+                renew_expired_key(args.key_file, args.management)
             r = requests.get(f"{args.inference}/ping", headers=auth(args.key_file, "inference"), timeout=5)
             if r.ok and r.json().get("status") == "Healthy":
                 return True
             last[0] = r.text.strip()
-        except (OSError, ValueError, KeyError, requests.RequestException) as e:
+        except (OSError, ValueError, KeyFileError, requests.RequestException) as e:
             last[0] = str(e)  # not started yet, or key file not written yet
         return False
 
@@ -86,6 +139,46 @@ def wait(args) -> int:
 def key(args) -> int:
     print(read_key(args.key_file, args.kind))
     return 0
+
+
+def properties(text: str) -> dict[str, str]:
+    """A config.properties text's key=value lines (blank and # lines skipped)."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def served_ports(props: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """config.properties' key -> the (host, port) TorchServe binds for it:
+    the HTTP addresses, and gRPC's address with its port (7070 and 7071 unless set)."""
+    out = {}
+    for key in ("inference_address", "management_address", "metrics_address"):
+        if key in props:
+            host, port = props[key].split("://", 1)[-1].rsplit(":", 1)
+            out[key] = (host, int(port))
+    for kind, default in (("inference", 7070), ("management", 7071)):
+        host = props.get(f"grpc_{kind}_address", "127.0.0.1")
+        out[f"grpc_{kind}_port"] = (host, int(props.get(f"grpc_{kind}_port", default)))
+    return out
+
+
+def ports_free(args) -> int:
+    """A detached `torchserve --start` whose port is taken exits at once, and
+    a wait for /ping would then poll for minutes (or find the other server):
+    say which port first."""
+    import socket
+
+    taken = []
+    for key, (host, port) in served_ports(properties(Path(args.config).read_text())).items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host.strip("[]"), port))
+            except OSError as e:
+                taken.append(f"{host}:{port} ({key}): {e.strerror}")
+    for line in taken:
+        print(f"error: port taken, {line}: another server holds it; stop it or change {args.config}",
+              file=sys.stderr)
+    return 1 if taken else 0
 
 
 K8S_SECRET = "style-transfer-keys"  # deploy/kubernetes/deployment.yaml reads it
@@ -115,15 +208,37 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("describe").set_defaults(fn=describe)
     s = sub.add_parser("scale")
-    s.add_argument("workers", type=int)
+    s.add_argument("workers", type=_workers, help="0 or more")
     s.set_defaults(fn=scale)
-    sub.add_parser("wait").set_defaults(fn=wait)
+    w = sub.add_parser("wait")
+    w.add_argument("--renew-expired", action="store_true",
+                   help="renew the inference key first where it has expired (the Docker HEALTHCHECK)")
+    w.set_defaults(fn=wait)
     k = sub.add_parser("key")
     k.add_argument("kind", choices=["inference", "management", "API"])
     k.set_defaults(fn=key)
     sub.add_parser("k8s-secret").set_defaults(fn=k8s_secret)
+    p = sub.add_parser("ports-free")
+    p.add_argument("config", help="a config.properties")
+    p.set_defaults(fn=ports_free)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except requests.RequestException as e:
+        print(f"error: no answer from TorchServe ({type(e).__name__}): is it running, at "
+              f"{args.management} / {args.inference}?", file=sys.stderr)
+        return 1
+
+
+def _workers(text: str) -> int:
+    """A worker count: TorchServe 0.12 takes a negative one and fails on it."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: a worker count is 0 or more")
+    return n
 
 
 if __name__ == "__main__":

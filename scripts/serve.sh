@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # start | stop | status: TorchServe with config.properties and the built archive.
-# Re-running start is safe: a running instance is stopped first, so there is
-# never a duplicate server and the archive loaded is the one on disk now.
+# Re-running start is safe: a running instance is stopped first (and waited
+# for, so its JVM and workers are gone), so there is never a duplicate server
+# and the archive loaded is the one on disk now. A start fails at once, naming
+# the port, where another process holds one of config.properties' ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-export PATH="$PWD/$VENV/bin:$PATH"   # workers run the venv's python
+case "$VENV" in
+  /*) VENV_BIN="$VENV/bin" ;;
+  *) VENV_BIN="$PWD/$VENV/bin" ;;
+esac
+export PATH="$VENV_BIN:$PATH"   # workers run the venv's python
 case "${1:-}" in
   start)
     [ -f model_store/style_transfer.mar ] || { echo "no archive: run 'make mar'" >&2; exit 1; }
-    torchserve --stop >/dev/null 2>&1 || true
+    # --foreground makes --stop wait (up to 60 s) until the old JVM has exited
+    torchserve --stop --foreground >/dev/null 2>&1 || true
+    python scripts/manage.py ports-free config.properties
     rm -f key_file.json
     mkdir -p workflow_store   # config.properties' workflow_store: stays empty
     torchserve --start --ts-config config.properties --ncs >/dev/null
-    python scripts/manage.py --timeout "${START_TIMEOUT:-300}" wait
+    python scripts/manage.py --timeout "${START_TIMEOUT:-300}" wait \
+      || { echo "see logs/ts_log.log and logs/model_log.log" >&2; exit 1; }
     echo "TorchServe is up: inference http://127.0.0.1:8080, management http://127.0.0.1:8081"
     echo "keys are in key_file.json; stop it with: make stop"
     ;;
   stop)
-    torchserve --stop
+    torchserve --stop --foreground
     ;;
   status)
     python scripts/manage.py describe

@@ -9,7 +9,8 @@ Every request parameter of the API is an option (--steps, --max-size,
 Server mode streams progress (stream=true): a progress bar when stdout is a
 terminal, a plain line per record otherwise (on stderr), nothing with
 --quiet. The token is read from TorchServe's key_file.json unless --token is
-given.
+given. A failure is one line on stderr and exit status 1 (2 for a bad
+command line), never a traceback.
 """
 from __future__ import annotations
 
@@ -70,12 +71,56 @@ def progress_display(quiet: bool):
     return _progress, (lambda: None)
 
 
+SUFFIX_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _is_bool(name: str) -> bool:
+    """Whether request parameter `name` is a boolean (its parser reads true and false)."""
+    from nst import Limits
+
+    try:
+        return {PARSERS[name]("true", Limits()), PARSERS[name]("false", Limits())} == {True, False}
+    except Exception:  # noqa: BLE001  any refusal: not a boolean
+        return False
+
+
+class Failed(Exception):
+    """What went wrong, said in one line."""
+
+
 def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
-    from manage import read_key  # scripts/ is this script's own directory
+    from manage import KeyFileError, read_key  # scripts/ is this script's own directory
 
-    token = args.token or read_key(args.key_file, "inference")
+    try:
+        token = args.token or read_key(args.key_file, "inference")
+    except KeyFileError as e:
+        raise Failed(f"{e}, or --token") from None
+    try:
+        return _call_server(args, token, content, styles, given)
+    except requests.Timeout:
+        raise Failed(f"no answer from {args.server} within --timeout {args.timeout:g} s") from None
+    except requests.RequestException as e:
+        raise Failed(f"the connection to {args.server} failed ({type(e).__name__}): is TorchServe running "
+                     "there (make serve)?") from None
+
+
+def _record(line: bytes) -> dict:
+    """One NDJSON record of the stream, or Failed where it is none (a proxy's
+    page, an image where a stream was asked for)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # UnicodeDecodeError included
+        raise Failed(f"the answer is not the NDJSON stream asked for: {line[:120]!r}") from None
+    if not isinstance(record, dict):
+        raise Failed(f"the answer is not the NDJSON stream asked for: {line[:120]!r}")
+    return record
+
+
+def _call_server(args, token: str, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
+    import requests
+
     files = {"content": ("content", content), "style": ("style", styles[0])}
     for i, data in enumerate(styles[1:], start=2):
         files[f"style_{i}"] = (f"style_{i}", data)
@@ -98,11 +143,14 @@ def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str])
             for line in r.iter_lines():
                 if not line:
                     continue
-                record = json.loads(line)
+                record = _record(line)
                 if record.get("done"):
                     final = record
-                else:
+                elif "step" in record:
                     show(record["step"], record["steps"], record["loss"], record["elapsed_ms"])
+                else:  # TorchServe's own error after the stream began, e.g. {"code": 500, "message": "Worker died."}
+                    final = {"error": {"code": record.get("code", "?"), "message": record.get("message", record)}}
+                    break
         finally:
             close()
     if final is None:
@@ -129,13 +177,22 @@ def run_local(args, content: bytes, styles: list[bytes], given: dict[str, str]) 
     from nst import weights as nst_weights
     from nst.optimize import BudgetExceeded, Diverged
 
-    limits = Limits().for_device(torch.device(args.device).type)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # a device this machine has
+    except (RuntimeError, AssertionError) as e:
+        raise Failed(f"--device {args.device}: {str(e).splitlines()[0][:120]}") from None
+    limits = Limits().for_device(device.type)
     fields = {"content": content, "style": styles[0], **given}
     fields.update({f"style_{i}": s for i, s in enumerate(styles[1:], start=2)})
     try:
         request = parse_request(fields, limits)  # before loading weights: fail fast
-        state, kind = nst_weights.load(args.weights)
-        vgg = VGGFeatures(state).to(torch.device(args.device))
+        try:
+            state, kind = nst_weights.load(args.weights)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise Failed(f"cannot load the weights {args.weights} ({type(e).__name__}: {str(e)[:120]}); "
+                         "make weights writes them") from None
+        vgg = VGGFeatures(state).to(device)
         show, close = progress_display(args.quiet)
         try:
             out = run(request, vgg, limits, callback=lambda p: show(p.step, p.steps, p.loss, p.elapsed_ms))
@@ -173,16 +230,34 @@ def main(argv: list[str] | None = None) -> int:
     for name in PARSERS:
         if name == "stream":
             continue  # server mode always streams, to show progress
+        flag = _is_bool(name)  # --preserve-color alone means true
         ap.add_argument(f"--{name.replace('_', '-')}", dest=f"param_{name}", metavar="VALUE",
+                        nargs="?" if flag else None, const="true" if flag else None,
                         help=f"request parameter `{name}` (see the API contract)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     given = {k[len("param_"):]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
-    content = Path(args.content).read_bytes()
-    styles = [Path(p).read_bytes() for p in [args.style, *args.extra_style]]
-    if args.local:
-        return run_local(args, content, styles, given)
-    return run_server(args, content, styles, given)
+    # The output's extension names its format unless --format does; both, disagreeing, is a mistake.
+    implied = SUFFIX_FORMAT.get(Path(args.output).suffix.lower())
+    if implied and "format" not in given:
+        given["format"] = implied
+    elif implied and given["format"].strip().lower() != implied:
+        ap.error(f"-o {args.output} names {implied}, --format {given['format']}")
+    # Before any work: a result with nowhere to go would be lost after the run.
+    if not Path(args.output).resolve().parent.is_dir():
+        ap.error(f"-o {args.output}: no directory {Path(args.output).parent}")
+    try:
+        content = Path(args.content).read_bytes()
+        styles = [Path(p).read_bytes() for p in [args.style, *args.extra_style]]
+    except OSError as e:
+        ap.error(f"{e.filename}: {e.strerror}")
+    try:
+        if args.local:
+            return run_local(args, content, styles, given)
+        return run_server(args, content, styles, given)
+    except Failed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,29 @@ def test_local_weights_file_is_custom(tmp_path):
     assert kind == "custom" and "0.weight" in state and "30.weight" not in state
 
 
+def test_weights_that_cannot_serve_are_refused_at_build_time(tmp_path, caplog):
+    """A file that is no VGG19 features checkpoint fails when the weights are
+    written, in one line naming it, not when a worker loads the archive; and
+    --random contradicts --require-imagenet."""
+    import pytest
+
+    good = random_features_state(0)
+    other = dict(good, **{"0.weight": torch.zeros(64, 1, 3, 3)})  # a grayscale network's first conv
+    torch.save(other, tmp_path / "other.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for name, says in (("missing.pth", "No such file"), ("text.pth", "cannot use"),
+                       ("tensor.pth", "holds a Tensor, not a state dict"),
+                       ("other.pth", "0.weight has shape (64, 1, 3, 3), VGG19's is (64, 3, 3, 3)")):
+        caplog.clear()
+        assert fetch_weights.main(["--out", str(tmp_path / "w.pth"), "--weights", str(tmp_path / name)]) == 1
+        assert says in caplog.text, (name, caplog.text)
+    assert not (tmp_path / "w.pth").exists()
+    with pytest.raises(SystemExit) as e:
+        fetch_weights.main(["--out", str(tmp_path / "w.pth"), "--random", "--require-imagenet"])
+    assert e.value.code == 2
+
+
 def test_stylize_local_mode(tmp_path):
     weights = tmp_path / "w.pth"
     assert fetch_weights.main(["--out", str(weights), "--random"]) == 0
@@ -84,6 +108,21 @@ def test_stylize_local_mode(tmp_path):
     assert img.format == "WEBP" and img.size == (48, 36)
 
 
+def test_stylize_output_extension_names_the_format_and_flags_stand_alone(tmp_path):
+    """-o out.jpg writes a JPEG (it wrote PNG bytes under a .jpg name), an
+    explicit --format that contradicts the extension is refused before any
+    work, and a boolean parameter given alone (--preserve-color) means true."""
+    stylize = str(ROOT / "scripts" / "stylize.py")
+    common = (str(ROOT / "examples" / "tubingen.jpg"), str(ROOT / "examples" / "starry_night.jpg"),
+              "--local", "--steps", "1", "--max-size", "32")
+    p = _cli(tmp_path, stylize, *common, "-o", "out.jpg", "--preserve-color")
+    assert p.returncode == 0, p.stderr
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"
+    p = _cli(tmp_path, stylize, *common, "-o", "out.png", "--format", "webp")
+    assert p.returncode == 2 and "names png, --format webp" in p.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_stylize_local_rejects_bad_parameter(tmp_path):
     p = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "stylize.py"), str(ROOT / "examples" / "tubingen.jpg"),
@@ -92,6 +131,117 @@ def test_stylize_local_rejects_bad_parameter(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 1 and "422" in p.stderr and "pooling" in p.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_cli_failures_are_one_line_never_a_traceback(tmp_path):
+    """What a user gets wrong, or a server that is not there, is said in one
+    line naming it, with a nonzero status: each of these was a traceback."""
+    stylize, manage = str(ROOT / "scripts" / "stylize.py"), str(ROOT / "scripts" / "manage.py")
+    content, style = str(ROOT / "examples" / "tubingen.jpg"), str(ROOT / "examples" / "starry_night.jpg")
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    (tmp_path / "not_keys.json").write_text('{"API": {"key": "x"}}')
+    out = str(tmp_path / "o.png")
+    cases = [
+        ((stylize, content, style, "-o", out, "--server", nobody, "--token", "x"),
+         1, f"the connection to {nobody} failed"),
+        ((stylize, content, style, "-o", out, "--key-file", "missing.json"), 1, "no key file at missing.json"),
+        ((stylize, content, style, "-o", out, "--key-file", "not_keys.json"), 1, "holds no inference key"),
+        ((stylize, "missing.jpg", style, "-o", out), 2, "missing.jpg: No such file or directory"),
+        ((stylize, content, style, "-o", str(tmp_path / "no" / "o.png"), "--local"), 2, "no directory"),
+        ((stylize, content, style, "-o", out, "--local", "--device", "nonsense"), 1, "--device nonsense"),
+        ((stylize, content, style, "-o", out, "--local", "--weights", "missing.pth"), 1,
+         "cannot load the weights missing.pth"),
+        ((manage, "--management", nobody, "--key-file", "not_keys.json", "describe"), 2, "holds no management key"),
+        ((manage, "--management", nobody, "--key-file", "missing.json", "scale", "2"), 2, "no key file"),
+        ((manage, "scale", "-1"), 2, "a worker count is 0 or more"),
+    ]
+    for args, code, says in cases:
+        p = _cli(tmp_path, *args)
+        assert (p.returncode, "Traceback" in p.stderr) == (code, False), (args, p.stderr)
+        assert says in p.stderr, (args, p.stderr)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_ports_free_names_a_taken_port_before_a_start(tmp_path):
+    """scripts/serve.sh runs it before `torchserve --start`, which detaches
+    and, on a taken port, exits unseen: the start then waited minutes for a
+    /ping that could not come (or answered from the other server)."""
+    import socket
+
+    from manage import properties, served_ports
+
+    shipped = served_ports(properties((ROOT / "config.properties").read_text()))
+    assert {port for _, port in shipped.values()} == {8080, 8081, 8082, 7070, 7071}
+    free, held = _free_port(), socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        text = (ROOT / "config.properties").read_text()
+        for key, port in (("inference_address", free), ("management_address", held.getsockname()[1])):
+            text = re.sub(rf"^{key}=.*$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
+        text = re.sub(r"^metrics_address=.*$", f"metrics_address=http://127.0.0.1:{_free_port()}", text, flags=re.M)
+        text = re.sub(r"^grpc_inference_port=.*$", f"grpc_inference_port={_free_port()}", text, flags=re.M)
+        text = re.sub(r"^grpc_management_port=.*$", f"grpc_management_port={_free_port()}", text, flags=re.M)
+        (tmp_path / "c.properties").write_text(text)
+        p = _cli(tmp_path, str(ROOT / "scripts" / "manage.py"), "ports-free", "c.properties")
+        assert p.returncode == 1, p.stderr
+        assert p.stderr.count("port taken") == 1 and f":{held.getsockname()[1]} (management_address)" in p.stderr
+    finally:
+        held.close()
+    p = _cli(tmp_path, str(ROOT / "scripts" / "manage.py"), "ports-free", "c.properties")
+    assert p.returncode == 0, p.stderr
+
+
+def test_stylize_reads_a_broken_stream_as_an_error(tmp_path):
+    """A stream that TorchServe itself ends with its own error record (a
+    worker that died mid-run) or that is not NDJSON at all (a proxy's page):
+    one line naming it, not a KeyError or a JSONDecodeError."""
+    import http.server
+    import threading
+
+    answers = {
+        "/died": b'{"step": 10, "steps": 100, "loss": 1.0, "elapsed_ms": 5}\n{"code": 500, "message": "Worker died."}\n',
+        "/html": b"<html><body>502 Bad Gateway</body></html>\n",
+    }
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            prefix = self.path.split("/predictions/")[0]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Content-Length", str(len(answers[prefix])))
+            self.end_headers()
+            self.wfile.write(answers[prefix])
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{site.server_address[1]}"
+        for path, says in (("/died", "error 500: Worker died."), ("/html", "not the NDJSON stream asked for")):
+            p = _cli(tmp_path, str(ROOT / "scripts" / "stylize.py"), str(ROOT / "examples" / "tubingen.jpg"),
+                     str(ROOT / "examples" / "starry_night.jpg"), "-o", str(tmp_path / "o.png"),
+                     "--server", base + path, "--token", "x")
+            assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+            assert says in p.stderr, p.stderr
+    finally:
+        site.shutdown()
+        site.server_close()
 
 
 def test_dockerfile_passes_hadolint():
@@ -123,8 +273,9 @@ def test_dockerfile_agrees_with_the_scripts_and_config_it_uses(tmp_path):
     # The healthcheck runs manage.py with arguments its parser accepts.
     health = json.loads(by_name["HEALTHCHECK"][0].split("CMD", 1)[1])
     assert health[:2] == ["python", "scripts/manage.py"]
-    assert health[-1] == "wait"  # tests/server/test_server.py runs that verb for real
-    args = health[2:-1]
+    # tests/server/test_server.py runs that verb for real, expired key included
+    assert health[-2:] == ["wait", "--renew-expired"]
+    args = health[2:-2]
     docker_timeout = int(re.search(r"--timeout=(\d+)s", by_name["HEALTHCHECK"][0]).group(1))
     assert args[0] == "--timeout" and float(args[1]) < docker_timeout  # answers before Docker gives up
     # The image's sed, run as the build runs it, leaves no address on the

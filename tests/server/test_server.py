@@ -268,6 +268,29 @@ def test_scale_workers_with_manage_script(server):
     assert len(server.describe()["workers"]) == 1
 
 
+def test_an_expired_inference_key_fails_the_health_check_unless_it_renews_it(tmp_path):
+    """Keys expire after token_expiration_min (60 in the shipped config; 0.05,
+    3 s, here), and the Docker HEALTHCHECK pings with the key file's
+    inference key: without renewal the image turned unhealthy an hour after
+    it started, on a healthy server. `wait --renew-expired` renews only an
+    expired key (TorchServe rewrites the key file) and then pings."""
+    from local_server import running_server
+    from manage import key_expired, read_key, wait_for
+
+    with running_server(tmp_path / "ts", config={"token_expiration_min": "0.05"}) as server:
+        common = ("--inference", server.inference, "--management", server.management,
+                  "--key-file", str(server.key_file))
+        assert wait_for(lambda: key_expired(server.key_file, "inference"), 30)
+        old = read_key(server.key_file, "inference")
+        refused = requests.get(f"{server.inference}/ping", headers={"Authorization": f"Bearer {old}"}, timeout=10)
+        assert refused.status_code != 200, refused.text  # an expired key is refused, however healthy the model
+        p = _script(server, "manage.py", *common, "--timeout", "2", "wait")
+        assert p.returncode == 1 and "not healthy" in p.stderr
+        p = _script(server, "manage.py", *common, "--timeout", "30", "wait", "--renew-expired")
+        assert p.returncode == 0, p.stderr
+        assert read_key(server.key_file, "inference") != old
+
+
 def test_manage_wait_returns_once_healthy_and_fails_naming_why(server):
     """`manage.py wait` (scripts/serve.sh, the Docker HEALTHCHECK): 0 at once
     on a healthy server; 1 after its timeout where nothing answers."""
