@@ -1,7 +1,7 @@
 # Style-transfer TorchServe image with the real ImageNet VGG19 weights baked in.
 #   docker build -t style-transfer .
-#   docker run --rm -p 127.0.0.1:8080-8082:8080-8082 -p 127.0.0.1:7070-7071:7070-7071 style-transfer          (CPU)
-#   docker run --rm --gpus all -p 127.0.0.1:8080-8082:8080-8082 -p 127.0.0.1:7070-7071:7070-7071 style-transfer  (GPU)
+#   docker run --rm -p 127.0.0.1:8080-8082:8080-8082 style-transfer          (CPU)
+#   docker run --rm --gpus all -p 127.0.0.1:8080-8082:8080-8082 style-transfer  (GPU)
 # torch 2.14.1 from PyPI is the CUDA build, so one image serves both; the GPU
 # run needs the NVIDIA Container Toolkit on the host.
 FROM python:3.11-slim-bookworm
@@ -32,16 +32,19 @@ COPY config.properties metrics.yaml ./
 # --require-imagenet: the build fails rather than ship random weights. The
 # download cache is dropped in the same layer; the archive keeps its own copy.
 # config.properties' workflow_store is made last, owned by root and read-only,
-# so the server's user can put nothing in it.
+# so the server's user can put nothing in it. HTTP binds 0.0.0.0 inside the
+# container; gRPC stays on its loopback: TorchServe cannot refuse
+# StreamPredictions2, one call of which leaves the model without a worker,
+# so gRPC goes out only through a gateway that filters methods (deploy/).
 RUN python scripts/fetch_weights.py --require-imagenet --out weights/vgg19_features.pth \
  && VENV=/usr/local scripts/build_mar.sh \
  && rm -rf weights /root/.cache \
- && sed -i -e 's#http://127.0.0.1:#http://0.0.0.0:#' -e 's#^\(grpc_[a-z]*_address\)=127.0.0.1$#\1=0.0.0.0#' config.properties \
+ && sed -i 's#http://127.0.0.1:#http://0.0.0.0:#' config.properties \
  && chown -R model-server:model-server /home/model-server \
  && mkdir -m 0555 workflow_store
 
 USER 10001
-EXPOSE 8080 8081 8082 7070 7071
+EXPOSE 8080 8081 8082
 
 # /ping needs the inference key, which TorchServe writes to ./key_file.json at
 # start and which expires after token_expiration_min: the check renews an
