@@ -115,9 +115,14 @@ class StyleTransferHandler:
         out: list[bytes | None] = [None] * len(data)
         rows: list[StyleTransferHandler._Row] = []
         every: list[StyleTransferHandler._Row] = []
+        # One clock for the whole call: TorchServe's responseTimeout runs from
+        # when the worker took the batch, not from when a row's turn to decode
+        # came (after its neighbours' decodes and URL downloads).
+        taken = time.monotonic()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # PeakDeviceMemoryMB: this call's
         for idx, raw in enumerate(data):
-            row = self._Row(idx, taken=time.monotonic(), deadline=time.monotonic() + self.limits.time_budget_s,
-                            grpc=is_grpc(context, idx))
+            row = self._Row(idx, taken=taken, deadline=taken + self.limits.time_budget_s, grpc=is_grpc(context, idx))
             every.append(row)
             try:
                 self._decode(row, raw, context)

@@ -840,12 +840,13 @@ def stylize_batch(
     with torch.no_grad():
         delivered = quantize(to_pixels(x.detach()))
         for b, r in enumerate(rows):
-            if r.params.preserve_color:
+            if r.params.preserve_color and outcome[b] is None:
                 delivered[b:b + 1] = quantize(transfer_luminance(delivered[b:b + 1], r.content))
         # Each image scored on its own: a batched pass reduces in another
         # order, and a row's loss would differ from its loss alone in the last bits.
+        # A row that failed is not scored: a float32 VGG pass nobody reads.
         finals = [row_objective(objective, b)(vgg.normalize(delivered[b:b + 1]), torch.float32).total.item()
-                  for b in range(B)]
+                  if outcome[b] is None else math.nan for b in range(B)]
     skipped = _skipped(program.scale, max(steps))
     _keep(program)  # only here: a program whose request raised is dropped, whatever state it was left in
     for b in range(B):
@@ -890,6 +891,9 @@ def stylize(
     config.py). `init` (pixels in [0,1]) replaces the initial image and
     `first_step` numbers the steps from there (both for the fine stage).
     """
+    # Before the targets' VGG passes (seconds on a CPU at 1024 px): a request
+    # whose deadline has passed costs nothing more.
+    check_deadline(deadline, first_step - 1, params.steps, time.monotonic())
     if use_coarse_to_fine(content, params) and init is None:
         return _coarse_to_fine(vgg, content, styles, params, callback=callback, deadline=deadline,
                                progress_every=progress_every, compile_new=compile_new)

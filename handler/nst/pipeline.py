@@ -12,7 +12,7 @@ from . import imageio, memory, optimize
 from .config import Limits
 from .errors import InvalidParameter, OutOfMemory
 from .request import Request
-from .optimize import BudgetExceeded, Callback, Result, Row, batch_key, stylize, stylize_batch
+from .optimize import BudgetExceeded, Callback, Result, Row, batch_key, check_deadline, stylize, stylize_batch
 from .vgg import VGGFeatures
 
 
@@ -175,6 +175,12 @@ def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
     device = vgg.mean.device
     outcomes: list = [None] * len(jobs)
     for group in groups(jobs, limits, device):
+        # Groups run one after another: a job whose deadline an earlier group
+        # used up ends here, before its targets' VGG passes (seconds on a
+        # CPU) would push the whole call toward responseTimeout.
+        group = [i for i in group if not _expired(jobs[i], outcomes, i)]
+        if not group:
+            continue
         rows = [Row(jobs[i].prepared.content, jobs[i].prepared.styles, jobs[i].prepared.request.params,
                     jobs[i].callback, jobs[i].deadline) for i in group]
         if len(group) > 1:
@@ -196,6 +202,16 @@ def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
     return outcomes
 
 
+def _expired(job: Job, outcomes: list, i: int) -> bool:
+    """Whether `job`'s deadline has passed before it started (its outcome is then set)."""
+    try:
+        check_deadline(job.deadline, 0, job.prepared.request.params.steps, time.monotonic())
+    except BudgetExceeded as e:
+        outcomes[i] = e.with_traceback(None)
+        return True
+    return False
+
+
 def _finish_or_error(prepared: Prepared, result: Result, batch: int, device):
     try:
         return finish(prepared, result, batch)
@@ -209,9 +225,13 @@ def _batch_or_none(vgg: VGGFeatures, rows: list[Row], limits: Limits) -> list | 
     """stylize_batch, or None if the batch ran out of memory (memory released).
     Any other failure of the batch as a whole is every row's outcome."""
     try:
-        return stylize_batch(vgg, rows, progress_every=limits.progress_every)
+        # A row's exception holds its traceback, whose frames hold the whole
+        # batch (images, every row's L-BFGS history) until the cycle
+        # collector runs: dropped here, as a lone row's is.
+        return [r.with_traceback(None) if isinstance(r, BaseException) else r
+                for r in stylize_batch(vgg, rows, progress_every=limits.progress_every)]
     except Exception as e:  # noqa: BLE001
         if not memory.is_out_of_memory(e):
-            return [e] * len(rows)
+            return [e.with_traceback(None)] * len(rows)
     free_memory(vgg.mean.device)  # outside the except block: its frames held the tensors
     return None

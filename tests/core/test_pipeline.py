@@ -241,3 +241,54 @@ def test_result_image_matches_encoded_png(vgg, images):
     out = stylize_bytes(vgg, {"content": images.png(images.content(32, 24)), "style": images.png(images.style()), "steps": 2})
     arr = np.asarray(open_image(out.data).convert("RGB"), np.float32) / 255
     torch.testing.assert_close(torch.from_numpy(arr).permute(2, 0, 1)[None], out.result.image, rtol=0, atol=0)
+
+
+def _jobs(vgg, images, n: int, job_kw: dict | None = None):
+    """n prepared requests of one shape (on a CPU they share an optimization);
+    `job_kw`: row index -> Job fields (callback, deadline)."""
+    from nst.pipeline import Job, prepare
+
+    out = []
+    for i in range(n):
+        fields = {"content": images.png(images.content(40, 32)), "style": images.png(images.style(32, 32)),
+                  "steps": "4", "seed": str(i)}
+        out.append(Job(prepare(parse_request(fields, LIMITS), vgg, LIMITS), **(job_kw or {}).get(i, {})))
+    return out
+
+
+def test_a_failed_batch_row_lets_go_of_the_batch(vgg, images):
+    """A row's exception is returned without its traceback: its frames held
+    the batch's images and every row's L-BFGS history until the cycle
+    collector ran (a lone row's always dropped it)."""
+    from nst.pipeline import run_batch
+
+    def gone(progress):
+        raise ConnectionError("the client went away")
+
+    jobs = _jobs(vgg, images, 2, {0: {"callback": gone}})
+    failed, ok = run_batch(jobs, vgg, LIMITS)
+    assert isinstance(failed, ConnectionError) and failed.__traceback__ is None
+    assert ok.result.steps == 4 and ok.batch == 2
+
+
+def test_a_request_past_its_deadline_before_it_starts_builds_nothing(vgg, images, monkeypatch):
+    """Whether its batch's earlier groups used its time up or it waited in
+    the queue: BudgetExceeded before its targets' VGG passes (seconds a
+    request on a CPU at 1024 px, toward responseTimeout), the others run."""
+    import time
+
+    import nst.optimize as nst_optimize
+    from nst.optimize import BudgetExceeded, stylize
+    from nst.pipeline import run_batch
+
+    built = []
+    real = nst_optimize.request_objective
+    monkeypatch.setattr(nst_optimize, "request_objective", lambda *a, **k: built.append(1) or real(*a, **k))
+    late, ok = run_batch(_jobs(vgg, images, 2, {0: {"deadline": time.monotonic() - 1}}), vgg, LIMITS)
+    assert isinstance(late, BudgetExceeded) and "after 0 of 4 steps" in str(late)
+    assert ok.result.steps == 4 and len(built) == 1  # the live request's targets only
+    job = _jobs(vgg, images, 1)[0]
+    with pytest.raises(BudgetExceeded):
+        stylize(vgg, job.prepared.content, job.prepared.styles, job.prepared.request.params,
+                deadline=time.monotonic() - 1)
+    assert len(built) == 1

@@ -359,6 +359,27 @@ def fail_every_optimization(monkeypatch, fn):
     monkeypatch.setattr(style_transfer_handler, "run_batch", fake_run_batch)
 
 
+def test_every_row_of_a_call_has_the_budget_from_when_the_worker_took_the_call(
+        make_handler, make_context, inputs, monkeypatch):
+    """TorchServe's responseTimeout runs from when the worker took the batch:
+    a row's budget once began when its own decode did, after its neighbours'
+    decodes (and URL downloads, up to 15 s each), and could end past it."""
+    handler = make_handler(rows=3)
+    seen = []
+
+    def slow_decode(real):
+        def decode(row, raw, context):
+            real(row, raw, context)
+            time.sleep(0.05)  # a neighbour's slow decode
+        return decode
+
+    monkeypatch.setattr(handler, "_decode", slow_decode(handler._decode))
+    fail_every_optimization(monkeypatch, lambda job: seen.append(job.deadline) or _raise(BudgetExceeded("x")))
+    ctx = make_context(rows=3)
+    handler.handle([multipart_row(inputs, steps=2) for _ in range(3)], ctx)
+    assert len(seen) == 3 and len(set(seen)) == 1
+
+
 def test_internal_error_is_500_without_details(handler, make_context, inputs, monkeypatch):
     def broken(job):
         raise RuntimeError("boom in /work/main/handler/nst/secret.py line 3")
