@@ -407,18 +407,24 @@ def _mark_batch_dynamic(objective: Objective, x: Tensor) -> None:
 
 
 def _timed(run: Callable[[torch.dtype], None], dtype: torch.dtype, seen: dict, shortest: float | None) -> float | None:
-    """Run one step of `dtype` (`seen` counts them per dtype) and return the
-    shortest step so far, on the host's clock (on a GPU that is the launch,
-    which is never longer than the step). The first SETUP_STEPS of each
-    dtype do not count: they set up (oneDNN's or cuDNN's kernels, a CUDA
-    graph's capture), and a step bound from them would be too long."""
+    """Run one step of `dtype` and return the bound on the steps after it:
+    the shortest step of `dtype` so far, on the host's clock (on a GPU that
+    is the launch, which is never longer than the step), or `shortest` as it
+    was until `dtype` has one. Each dtype has its own (`seen`: dtype -> steps
+    run, shortest): after a CPU's bf16 steps, float32 ones take about twice
+    as long, and a bound from the bf16 ones let a float32 step start that
+    ended past the deadline. The first SETUP_STEPS of each dtype do not
+    count: they set up (oneDNN's or cuDNN's kernels, a CUDA graph's
+    capture), and a step bound from them would be too long."""
     began = time.monotonic()
     run(dtype)
     took = time.monotonic() - began
-    seen[dtype] = seen.get(dtype, 0) + 1
-    if seen[dtype] <= SETUP_STEPS:
-        return shortest
-    return took if shortest is None else min(shortest, took)
+    count, fastest = seen.get(dtype, (0, None))
+    count += 1
+    if count > SETUP_STEPS:
+        fastest = took if fastest is None else min(fastest, took)
+    seen[dtype] = (count, fastest)
+    return shortest if fastest is None else fastest
 
 
 class _GraphRunner:
@@ -780,10 +786,10 @@ def stylize_batch(
     outcome: list = [None] * B
     history: list[list[Progress]] = [[] for _ in rows]
     finished_ms = [0.0] * B
-    # One pace and one shortest step for all rows: they run the same steps.
+    # One pace and one step bound for all rows: they run the same steps.
     pace: Pace | None = None
-    shortest: float | None = None  # the shortest step so far (_timed)
-    seen: dict = {}  # steps run per dtype
+    shortest: float | None = None  # the bound on the next step (_timed)
+    seen: dict = {}  # per dtype: steps run, the shortest (_timed)
 
     def fail(b: int, exc: BaseException, step: int) -> None:
         outcome[b] = exc
@@ -919,8 +925,8 @@ def stylize(
     history: list[Progress] = []
     check_deadline(deadline, first_step - 1, params.steps, time.monotonic())
     pace: Pace | None = None
-    shortest: float | None = None  # the shortest step so far (_timed)
-    seen: dict = {}  # steps run per dtype
+    shortest: float | None = None  # the bound on the next step (_timed)
+    seen: dict = {}  # per dtype: steps run, the shortest (_timed)
 
     def report(step: int, loss: Tensor) -> None:
         nonlocal pace

@@ -189,6 +189,27 @@ def test_a_step_that_would_end_past_the_deadline_is_not_started(vgg, clock, monk
     assert clock.now == 1000.0 + 300
 
 
+def test_the_step_bound_is_the_current_dtypes_not_the_faster_ones(vgg, clock, monkeypatch):
+    """On a CPU the first LOWP_STEPS run in bf16 (10 s here), the rest in
+    float32 (100 s). Once float32 steps count (SETUP_STEPS of them set up),
+    the next step is bounded by theirs: after step 8, 50 s before the
+    deadline, step 9 is not started. A bound kept across dtypes stayed at the
+    bf16 10 s, so step 9 started and ended 50 s past the deadline."""
+    from nst.optimize import compute_dtype
+
+    if compute_dtype(torch.device("cpu"), Params()) != torch.bfloat16:
+        pytest.skip("this CPU runs no bf16 steps")
+    monkeypatch.setattr(optimize, "LOWP_STEPS", 5)
+    content, style = _images(11)
+    _slow_steps(monkeypatch, clock, lambda n: 10.0 if n <= 5 else 100.0)
+    with pytest.raises(WouldExceedBudget) as e:
+        stylize(vgg, content, [style], dataclasses.replace(Params(), steps=40),
+                deadline=clock.now + 400, progress_every=10)
+    assert str(e.value) == ("stopped after 8 of 40 steps: the next step, at least 100 s, would end past the "
+                            "deadline (50 s away)")
+    assert clock.now == 1000.0 + 350
+
+
 @pytest.mark.parametrize("past, finishes", [(LAST_STEP_OVERRUN_S - 5, True), (LAST_STEP_OVERRUN_S + 5, False)])
 def test_the_last_step_may_end_a_little_past_the_deadline(vgg, clock, monkeypatch, past, finishes):
     """The last step runs if it would end at most LAST_STEP_OVERRUN_S past
