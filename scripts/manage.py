@@ -40,7 +40,8 @@ def _key_entry(key_file: str | Path, kind: str) -> dict:
     path = Path(key_file)
     try:
         entry = json.loads(path.read_text())[kind]
-        entry["key"]
+        if not isinstance(entry, dict) or "key" not in entry:
+            raise KeyError(kind)
         return entry
     except FileNotFoundError:
         raise KeyFileError(
@@ -96,9 +97,10 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
     while True:
         if condition():
             return True
-        if time.monotonic() + interval >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return False
-        time.sleep(interval)
+        time.sleep(min(interval, left))  # the last try at the deadline
 
 
 def renew_expired_key(key_file: str | Path, management: str, kind: str = "inference") -> None:
