@@ -1055,7 +1055,8 @@ def report(r: dict) -> str:
     if r.get("variants"):
         v = r["variants"]
         lines += ["", f"Engine variants at {v['size']}, ms per step, each measured after its own warm-up "
-                  "(`bench/gpu_variants.py`, same run):", "",
+                  "(bench/gpu_variants.py, same run; removed since: the engine it measured is gone, and the "
+                  "engine_ablation section measures the shipped engine's alternatives):", "",
                   "| variant | float32 step | bf16 step | 500 default steps |", "|---|---|---|---|"]
         for key, label in (("graph", "CUDA graph, not compiled"), ("compile_static", "torch.compile per shape + graph"),
                            ("compile_static_no_autotune", "the same, cuDNN autotuning turned off in-process"),
@@ -1075,7 +1076,8 @@ def report(r: dict) -> str:
     a = r.get("autotune_off")
     if a:
         on = "the run above" if r.get("cudnn_benchmark") else "-"
-        lines += ["", "cuDNN autotuning, on in the run above, off in a fresh process (`bench/gpu_autotune.py`, "
+        lines += ["", "cuDNN autotuning, on in the run above, off in a fresh process (bench/gpu_autotune.py, "
+                  "removed since with the engine it measured; "
                   f"{a['card']}, the shipped setting, nst.config.CUDNN_AUTOTUNE):", "",
                   "| measure at 512x512 unless said | autotuning on (" + on + ") | off (shipped) |", "|---|---|---|",
                   f"| float32 step, compiled | {r['square_ms_per_step_fp32']:.2f} ms | {a['fp32_ms']:.2f} ms |",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Why a batched row's image differs from the same request alone on a GPU
 (issue #12 allows 2/255): the same 3 rows batched and alone under engine
-settings that change the rounding (bf16 first steps, TF32 convolutions,
+settings that change the rounding (the default's low-precision steps, TF32 convolutions,
 convolving the batch whole or image by image), plus each setting's batched
 throughput at 256 px. Uncompiled (CUDA graphs on), so no compile time.
 Prints a table and writes JSON."""
@@ -82,10 +82,10 @@ def main() -> int:
     opt.COMPILE = False
     vgg = VGGFeatures(random_features_state(0)).to(DEV)
     settings = {
-        "shipped (bf16 first steps, TF32)": (True, True, False),
+        "the default's precision (LOWP_DTYPE), TF32": (True, True, False),
         "float32 steps, TF32": (False, True, False),
         "float32 steps, no TF32": (False, False, False),
-        "shipped, batch convolved image by image": (True, True, True),
+        "the default's precision, batch convolved image by image": (True, True, True),
         "float32, no TF32, image by image": (False, False, True),
     }
     res = {"card": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "settings": {}}

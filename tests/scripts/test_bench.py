@@ -192,6 +192,22 @@ def test_stored_gpu_results_render_with_their_figures():
             assert f"{max(e['256x192']['batched_vs_alone_255']):.2f}" in text
 
 
+def test_batch_equality_script_runs_on_a_cpu_where_rows_are_bit_for_bit_alone(tmp_path):
+    """bench/gpu_batch_equality.py --smoke (the README's CPU check of the
+    script): every engine setting's batched rows are their images alone to
+    the bit on a CPU, and alone twice agree; its report renders."""
+    out = tmp_path / "eq.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_batch_equality.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["card"] == "cpu" and len(r["settings"]) == 5
+    for name, e in r["settings"].items():
+        assert max(e["40x32"]["batched_vs_alone_255"]) == 0.0, name
+        assert max(e["40x32"]["alone_twice_255"]) == 0.0, name
+        assert e["throughput_256_b8_vs_b1"] > 0 and f"| {name} | 0.00, 0.00 |" in p.stdout
+
+
 def test_a_tunable_sweep_reproduces_make_bench_at_the_shipped_value(tmp_path):
     """bench/sweep.py on the tiny pair: at the shipped step bound it finds the
     steps to the recipe's loss that `make bench` stored in bench/results.json
