@@ -72,6 +72,12 @@ class Limits:
     # at least RESPONSE_MARGIN_S below responseTimeout (600 s) so no worker is killed.
     time_budget_s: float = 540.0
     progress_every: int = 10  # steps between streamed progress records
+    # On a CPU also a record once this many seconds have passed since the last
+    # (by steps alone where it is larger than any step): at 1024 px ten float32 steps take about 100 s there, longer
+    # than the idle timeout of many proxies and load balancers (often 60 s),
+    # which would cut a stream that is working. Reading the loss costs a CPU
+    # nothing; on a GPU it is a host sync, so records go by steps alone there.
+    progress_every_s: float = 15.0
     # Below config.properties' max_response_size (64 MiB): TorchServe kills a
     # worker whose response is larger, so the handler refuses first.
     max_response_bytes: int = 60 * 1024 * 1024

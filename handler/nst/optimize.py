@@ -406,6 +406,24 @@ def _mark_batch_dynamic(objective: Objective, x: Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+class _Heartbeat:
+    """Whether a progress record is due by time: on a CPU, once `every_s`
+    seconds have passed since the last record (Limits.progress_every_s), so a
+    stream whose records come by steps minutes apart still shows it is alive.
+    Never on a GPU, where reading the loss is a host sync: records come by
+    steps alone there (and its steps take milliseconds)."""
+
+    def __init__(self, device: torch.device, every_s: float | None, start: float):
+        self.every_s = every_s if device.type == "cpu" and every_s else None
+        self.last = start
+
+    def due(self) -> bool:
+        return self.every_s is not None and time.monotonic() - self.last >= self.every_s
+
+    def recorded(self, now: float) -> None:
+        self.last = now
+
+
 def _timed(run: Callable[[torch.dtype], None], dtype: torch.dtype, seen: dict, shortest: float | None) -> float | None:
     """Run one step of `dtype` and return the bound on the steps after it:
     the shortest step of `dtype` so far, on the host's clock (on a GPU that
@@ -497,7 +515,8 @@ def _half(images: Tensor) -> Tensor:
                          align_corners=False)
 
 
-def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progress_every, compile_new) -> Result:
+def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progress_every, progress_every_s,
+                    compile_new) -> Result:
     """The first COARSE_FRACTION of the steps at half size, the rest at full
     size from the coarse result's stylization carried onto the content. Steps
     are numbered across both stages, so progress runs 1..steps once."""
@@ -506,7 +525,8 @@ def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progres
     coarse = stylize(vgg, small, [_half(s) for s in styles], dataclasses.replace(params, steps=coarse_steps,
                      preserve_color=False), callback=None if callback is None else
                      (lambda p: callback(Progress(p.step, params.steps, p.loss, p.elapsed_ms))),
-                     deadline=deadline, progress_every=progress_every, compile_new=compile_new, init=small)
+                     deadline=deadline, progress_every=progress_every, progress_every_s=progress_every_s,
+                     compile_new=compile_new, init=small)
     # The coarse stage changed the image by (coarse - small); upsampled, that
     # change lands on the full-size content, whose detail a plain upsampling
     # of the coarse image would have blurred away.
@@ -514,7 +534,7 @@ def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progres
     init = (content + delta).clamp(0, 1)
     offset = coarse.elapsed_ms  # the fine stage's clock starts at 0: report time since the request began
     fine = stylize(vgg, content, styles, params, deadline=deadline, progress_every=progress_every,
-                   callback=None if callback is None else
+                   progress_every_s=progress_every_s, callback=None if callback is None else
                    (lambda p: callback(dataclasses.replace(p, elapsed_ms=p.elapsed_ms + offset))),
                    compile_new=compile_new, init=init, first_step=coarse_steps + 1)
     history = [dataclasses.replace(p, steps=params.steps) for p in coarse.history] + [
@@ -745,6 +765,7 @@ def stylize_batch(
     rows: Sequence[Row],
     *,
     progress_every: int = 1,
+    progress_every_s: float | None = None,
     compile_new: bool = False,
     init: Sequence[Tensor] | None = None,
     first_step: int = 1,
@@ -759,7 +780,8 @@ def stylize_batch(
     A row that has run its steps stays in the batch, frozen (its update is
     masked), so the shapes, and a captured CUDA graph, never change. The host
     reads the device only when some row is due a progress record (every
-    `progress_every` steps, and each row's last step)."""
+    `progress_every` steps, and each row's last step; on a CPU also once
+    `progress_every_s` seconds have passed since the last record)."""
     start = time.monotonic()
     B = len(rows)
     p0 = rows[0].params
@@ -809,12 +831,15 @@ def stylize_batch(
 
     for b in range(B):
         hold_to_deadline(b, first_step - 1)
+    beat = _Heartbeat(device, progress_every_s, start)
     with torch.enable_grad():
         for step in range(first_step, max(steps) + 1):
             if not any(running(b, step) for b in range(B)):
                 break
             shortest = _timed(runner.run, step_dtype(lowp, step), seen, shortest)
-            due = [b for b in range(B) if running(b, step) and (step % progress_every == 0 or step == steps[b])]
+            due_now = beat.due()
+            due = [b for b in range(B)
+                   if running(b, step) and (due_now or step % progress_every == 0 or step == steps[b])]
             for b in range(B):
                 if running(b, step) and b not in due:
                     # Between records too, on the host's clock alone (no device
@@ -825,6 +850,7 @@ def stylize_batch(
                 continue
             losses = loss_buf.tolist()  # the one host sync of this stretch of steps
             now = time.monotonic()
+            beat.recorded(now)
             pace, per_step = pace_at(pace, step_dtype(lowp, step), step, now)
             for b in due:
                 if not math.isfinite(losses[b]):
@@ -874,6 +900,7 @@ def stylize(
     callback: Callback | None = None,
     deadline: float | None = None,
     progress_every: int = 1,
+    progress_every_s: float | None = None,
     compile_new: bool = False,
     init: Tensor | None = None,
     first_step: int = 1,
@@ -889,8 +916,9 @@ def stylize(
     clamped, so the image it scores is the image it delivers.
 
     The host reads the device only every `progress_every` steps (the loss for
-    progress, the NaN check, the deadline) and at the end: between those the
-    GPU runs unattended. `deadline` is a `time.monotonic()` value; past it,
+    progress, the NaN check, the deadline; on a CPU also once
+    `progress_every_s` seconds have passed since the last record) and at the
+    end: between those the GPU runs unattended. `deadline` is a `time.monotonic()` value; past it,
     `BudgetExceeded` is raised. `compile_new`: see `loss_function`.
 
     Outputs of COARSE_TO_FINE_FROM px and more run coarse-to-fine (see
@@ -902,10 +930,12 @@ def stylize(
     check_deadline(deadline, first_step - 1, params.steps, time.monotonic())
     if use_coarse_to_fine(content, params) and init is None:
         return _coarse_to_fine(vgg, content, styles, params, callback=callback, deadline=deadline,
-                               progress_every=progress_every, compile_new=compile_new)
+                               progress_every=progress_every, progress_every_s=progress_every_s,
+                               compile_new=compile_new)
     if params.optimizer == "lbfgs":
         (outcome,) = stylize_batch(vgg, [Row(content, styles, params, callback, deadline)],
-                                   progress_every=progress_every, compile_new=compile_new,
+                                   progress_every=progress_every, progress_every_s=progress_every_s,
+                                   compile_new=compile_new,
                                    init=None if init is None else [init], first_step=first_step)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -928,10 +958,13 @@ def stylize(
     shortest: float | None = None  # the bound on the next step (_timed)
     seen: dict = {}  # per dtype: steps run, the shortest (_timed)
 
+    beat = _Heartbeat(content.device, progress_every_s, start)
+
     def report(step: int, loss: Tensor) -> None:
         nonlocal pace
         value = loss.item()  # the one host sync of this stretch of steps
         now = time.monotonic()
+        beat.recorded(now)
         pace, per_step = pace_at(pace, step_dtype(lowp, step), step, now)
         _finite_or_raise(value, step)
         p = Progress(step, params.steps, value, (now - start) * 1e3)
@@ -941,7 +974,7 @@ def stylize(
         check_deadline(deadline, step, params.steps, time.monotonic(), per_step, shortest)
 
     def due(step: int) -> bool:
-        return step % progress_every == 0 or step == params.steps
+        return beat.due() or step % progress_every == 0 or step == params.steps
 
     graphs = ADAM_CUDA_GRAPHS and use_cuda_graphs(content.device)
     opt = torch.optim.Adam([var], lr=params.lr, capturable=graphs)  # capturable: its step count on the device

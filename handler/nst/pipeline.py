@@ -132,7 +132,8 @@ def run(
 ) -> Output:
     prepared = prepare(request, vgg, limits, deadline=deadline)
     result = stylize(vgg, prepared.content, prepared.styles, prepared.request.params, callback=callback,
-                     deadline=deadline, progress_every=limits.progress_every)
+                     deadline=deadline, progress_every=limits.progress_every,
+                     progress_every_s=limits.progress_every_s)
     return finish(prepared, result)
 
 
@@ -193,7 +194,8 @@ def run_batch(jobs: Sequence[Job], vgg: VGGFeatures, limits: Limits) -> list:
         for i, row in zip(group, rows):  # alone: a group of one, or a group that ran out of memory
             try:
                 result = stylize(vgg, row.content, row.styles, row.params, callback=row.callback,
-                                 deadline=row.deadline, progress_every=limits.progress_every)
+                                 deadline=row.deadline, progress_every=limits.progress_every,
+                                 progress_every_s=limits.progress_every_s)
                 outcomes[i] = finish(jobs[i].prepared, result)
             except Exception as e:  # noqa: BLE001  the job's own failure, mapped by the caller
                 outcomes[i] = e.with_traceback(None)  # its frames hold tensors: let them go
@@ -229,7 +231,8 @@ def _batch_or_none(vgg: VGGFeatures, rows: list[Row], limits: Limits) -> list | 
         # batch (images, every row's L-BFGS history) until the cycle
         # collector runs: dropped here, as a lone row's is.
         return [r.with_traceback(None) if isinstance(r, BaseException) else r
-                for r in stylize_batch(vgg, rows, progress_every=limits.progress_every)]
+                for r in stylize_batch(vgg, rows, progress_every=limits.progress_every,
+                                       progress_every_s=limits.progress_every_s)]
     except Exception as e:  # noqa: BLE001
         if not memory.is_out_of_memory(e):
             return [e.with_traceback(None)] * len(rows)

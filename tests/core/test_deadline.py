@@ -189,6 +189,29 @@ def test_a_step_that_would_end_past_the_deadline_is_not_started(vgg, clock, monk
     assert clock.now == 1000.0 + 300
 
 
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_on_a_cpu_a_record_comes_by_time_too(vgg, clock, monkeypatch, optimizer):
+    """30 s steps, a record every 10 steps (300 s apart: past a proxy's idle
+    timeout) or once 60 s passed since the last: records at steps 2, 4, 6,
+    ... and the last, each row its own (a batch's rows record together)."""
+    content, style = _images(12)
+    _slow_steps(monkeypatch, clock, lambda n: 30.0)
+    seen = []
+    stylize(vgg, content, [style], dataclasses.replace(Params(), steps=11, optimizer=optimizer),
+            callback=seen.append, progress_every=10, progress_every_s=60.0)
+    assert [p.step for p in seen] == [2, 4, 6, 8, 10, 11]
+    seen.clear()
+    (c1, s1) = _images(13)
+    rows = [Row(content, [style], dataclasses.replace(Params(), steps=5), callback=seen.append),
+            Row(c1, [s1], dataclasses.replace(Params(), steps=5), callback=seen.append)]
+    stylize_batch(vgg, rows, progress_every=10, progress_every_s=60.0)
+    assert [p.step for p in seen] == [2, 2, 4, 4, 5, 5]
+    seen.clear()
+    stylize(vgg, content, [style], dataclasses.replace(Params(), steps=11, optimizer=optimizer),
+            callback=seen.append, progress_every=10)  # no time: by steps alone
+    assert [p.step for p in seen] == [10, 11]
+
+
 def test_the_step_bound_is_the_current_dtypes_not_the_faster_ones(vgg, clock, monkeypatch):
     """On a CPU the first LOWP_STEPS run in bf16 (10 s here), the rest in
     float32 (100 s). Once float32 steps count (SETUP_STEPS of them set up),

@@ -504,6 +504,18 @@ def test_stream_progress_every_from_limits(make_handler, make_context, inputs, m
     assert json.loads(out)["done"] is True
 
 
+def test_stream_progress_every_s_from_limits_records_by_time_on_a_cpu(make_handler, make_context, inputs, monkeypatch):
+    """limits.progress_every_s: steps far apart in time still send records
+    (here a microsecond: every step), whatever progress_every says."""
+    handler = make_handler({"progress_every": 1000, "progress_every_s": 1e-6})
+    lines = []
+    monkeypatch.setattr(handler, "send_intermediate", lambda line, idx, context: lines.append(line))
+    ctx = make_context()
+    [out] = handler.handle([multipart_row(inputs, steps=4, max_size=32, stream=1)], ctx)
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert json.loads(out)["done"] is True
+
+
 @pytest.mark.parametrize(
     "exc, code",
     [(Diverged("loss became inf at step 2"), 422), (BudgetExceeded("after 1 of 3 steps"), 504), (RuntimeError("bug at /x.py"), 500)],
