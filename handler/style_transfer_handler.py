@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ class StyleTransferHandler:
         taken = time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # PeakDeviceMemoryMB: this call's
+        else:
+            _share_cpu(self.limits)
         for idx, raw in enumerate(data):
             row = self._Row(idx, taken=taken, deadline=taken + self.limits.time_budget_s, grpc=is_grpc(context, idx))
             every.append(row)
@@ -345,6 +348,38 @@ def is_grpc(context: Any, idx: int) -> bool:
     named. The two gRPC calls look the same: the frontend sends the worker the
     same command byte for both."""
     return not any(isinstance(v, str) for v in context.get_all_request_header(idx).values())
+
+
+def _share_cpu(limits: Limits) -> None:
+    """Set this CPU worker's intra-op threads (Limits.cpu_threads): where it
+    is 0, the cores this process may run on divided among TorchServe's worker
+    processes now. Logged when it changes."""
+    threads = limits.cpu_threads
+    if not threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // _worker_processes())
+    if threads != torch.get_num_threads():
+        log.info("intra-op threads: %d, were %d (cpu_threads %d)", threads, torch.get_num_threads(), limits.cpu_threads)
+        torch.set_num_threads(threads)
+
+
+def _worker_processes() -> int:
+    """TorchServe's Python workers: the frontend's children that run
+    ts/model_service_worker.py (this one among them); 1 where this process
+    is no such worker (the handler's tests)."""
+    import psutil
+
+    try:
+        siblings = psutil.Process().parent().children()
+    except (psutil.Error, AttributeError):  # no parent left
+        return 1
+    count = 0
+    for proc in siblings:
+        try:
+            count += any(arg.endswith("model_service_worker.py") for arg in proc.cmdline())
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return max(1, count)
 
 
 def _is_json_body(row: dict) -> bool:

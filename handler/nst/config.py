@@ -78,6 +78,13 @@ class Limits:
     # which would cut a stream that is working. Reading the loss costs a CPU
     # nothing; on a GPU it is a host sync, so records go by steps alone there.
     progress_every_s: float = 15.0
+    # Intra-op threads of a CPU worker; 0: the cores this process may run on,
+    # shared among TorchServe's worker processes (counted at each call, so a
+    # scale up or down is followed). Each of N workers running as many threads
+    # as there are cores oversubscribes the machine, and their OpenMP threads
+    # spin against each other: with 2 workers on 2 cores, 4 requests (96 px,
+    # 60 steps) took 28 s against 5.6 s at one thread each (one run).
+    cpu_threads: int = 0
     # Below config.properties' max_response_size (64 MiB): TorchServe kills a
     # worker whose response is larger, so the handler refuses first.
     max_response_bytes: int = 60 * 1024 * 1024

@@ -504,6 +504,34 @@ def test_stream_progress_every_from_limits(make_handler, make_context, inputs, m
     assert json.loads(out)["done"] is True
 
 
+@pytest.fixture
+def torch_threads():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_a_cpu_worker_shares_the_cores_among_the_workers(make_handler, make_context, inputs, monkeypatch,
+                                                        torch_threads):
+    """limits.cpu_threads 0: the cores this process may use divided among
+    TorchServe's worker processes, counted at each call; or the number given."""
+    monkeypatch.setattr(style_transfer_handler.os, "sched_getaffinity", lambda pid: set(range(8)))
+    workers = [3]
+    monkeypatch.setattr(style_transfer_handler, "_worker_processes", lambda: workers[0])
+    handler = make_handler()
+    handler.handle([multipart_row(inputs, steps=1, max_size=32)], make_context())
+    assert torch.get_num_threads() == 2  # 8 cores, 3 workers
+    workers[0] = 1  # scaled down: this one alone
+    handler.handle([multipart_row(inputs, steps=1, max_size=32)], make_context())
+    assert torch.get_num_threads() == 8
+    make_handler({"cpu_threads": 1}).handle([multipart_row(inputs, steps=1, max_size=32)], make_context())
+    assert torch.get_num_threads() == 1
+
+
+def test_a_handler_outside_torchserve_counts_itself_as_the_one_worker():
+    assert style_transfer_handler._worker_processes() == 1  # pytest's parent runs no model_service_worker.py
+
+
 def test_stream_progress_every_s_from_limits_records_by_time_on_a_cpu(make_handler, make_context, inputs, monkeypatch):
     """limits.progress_every_s: steps far apart in time still send records
     (here a microsecond: every step), whatever progress_every says."""

@@ -251,8 +251,14 @@ def test_readme_curl_example(server, tmp_path):
 
 
 def test_scale_workers_with_manage_script(server):
+    """Two workers after `scale 2`, and the CPU's cores shared between them
+    (limits.cpu_threads 0): the worker that serves the next request logs its
+    intra-op threads, half the cores each."""
+    import os
+
     common = ["--management", server.management, "--inference", server.inference,
               "--key-file", str(server.key_file)]
+    log = server.workdir / "logs" / "model_log.log"
     try:
         p = _script(server, "manage.py", *common, "scale", "2")
         assert p.returncode == 0, p.stdout + p.stderr
@@ -263,6 +269,9 @@ def test_scale_workers_with_manage_script(server):
         assert len(described["workers"]) == 2
         r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "1", "max_size": "32"})
         assert r.status_code == 200
+        cores = len(os.sched_getaffinity(0))
+        if cores > 1:  # one core: one thread each, as before, and nothing to log
+            assert f"intra-op threads: {max(1, cores // 2)}, were {cores}" in log.read_text()
     finally:
         _script(server, "manage.py", *common, "scale", "1")
     assert len(server.describe()["workers"]) == 1
