@@ -21,8 +21,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "handler"))
-from manage import (MODEL, KeyFileError, properties, read_key,  # noqa: E402, F401  one key-file reader,
-                    renew_expired_key, wait_for)  # one polling loop, one config.properties reader
+# one key-file reader, one polling loop
+from manage import MODEL, KeyFileError, read_key, renew_expired_key, wait_for  # noqa: E402
 from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from local_server import properties
+from manage import properties
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -212,7 +212,8 @@ def test_stylize_reads_a_broken_stream_as_an_error(tmp_path):
     import threading
 
     answers = {
-        "/died": b'{"step": 10, "steps": 100, "loss": 1.0, "elapsed_ms": 5}\n{"code": 500, "message": "Worker died."}\n',
+        "/died": (b'{"step": 10, "steps": 100, "loss": 1.0, "elapsed_ms": 5}\n'
+                  b'{"code": 500, "message": "Worker died."}\n'),
         "/html": b"<html><body>502 Bad Gateway</body></html>\n",
     }
 
@@ -284,17 +285,17 @@ def test_dockerfile_agrees_with_the_scripts_and_config_it_uses(tmp_path):
     # and leaves gRPC on the loopback on purpose (StreamPredictions2 cannot be
     # refused by TorchServe: gRPC goes out through deploy/'s filtering
     # gateway); EXPOSE lists the HTTP ports.
-    from local_server import properties
+    from manage import properties, served_ports
 
     [edit] = re.findall(r"(sed -i .*? config\.properties)", next(r for r in by_name["RUN"] if "sed -i" in r))
     (tmp_path / "config.properties").write_text((ROOT / "config.properties").read_text())
     subprocess.run(["sh", "-c", edit], cwd=tmp_path, check=True)
-    props = properties((tmp_path / "config.properties").read_text())
-    http = ("inference_address", "management_address", "metrics_address")
-    assert {props[k].split("://")[1].rsplit(":", 1)[0] for k in http} == {"0.0.0.0"}
-    assert {props[k] for k in ("grpc_inference_address", "grpc_management_address")} == {"127.0.0.1"}
-    ports = {int(props[k].rsplit(":", 1)[1]) for k in http}
-    assert {int(p) for p in shlex.split(by_name["EXPOSE"][0])} == ports
+    served = served_ports(properties((tmp_path / "config.properties").read_text()))
+    http = {key: bound for key, bound in served.items() if key.endswith("_address")}
+    grpc = {key: bound for key, bound in served.items() if key.startswith("grpc_")}
+    assert len(http) == 3 and {host for host, _ in http.values()} == {"0.0.0.0"}
+    assert len(grpc) == 2 and {host for host, _ in grpc.values()} == {"127.0.0.1"}
+    assert {int(p) for p in shlex.split(by_name["EXPOSE"][0])} == {port for _, port in http.values()}
     # Unprivileged, and the same user deploy/ runs the image as.
     user = int(by_name["USER"][-1])
     assert user != 0

@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from example_images import thumbnail
-from local_server import ROOT, properties, running_server
+from local_server import ROOT, running_server
+from manage import properties
 
 
 def test_torchserve_with_the_pods_config_serves_probes_and_predictions_without_keys(tmp_path):
