@@ -260,9 +260,9 @@ def _raise_for_grpc(rows: list) -> None:
     """Make gRPC errors gRPC errors. TorchServe 0.12.0's GRPCJob ignores a
     row's status (set_response_status) and sends any answer as OK; only a
     failure of the whole batch reaches its sendError, which maps the code to
-    a gRPC status (400 INVALID_ARGUMENT, 413 RESOURCE_EXHAUSTED, 503
-    UNAVAILABLE, 504 DEADLINE_EXCEEDED, other 4xx FAILED_PRECONDITION, 5xx
-    INTERNAL) with the message as its details. So when every row of the
+    a gRPC status (400 INVALID_ARGUMENT, 403 PERMISSION_DENIED, 413
+    RESOURCE_EXHAUSTED, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED, other 4xx
+    FAILED_PRECONDITION, 5xx INTERNAL) with the message as its details. So when every row of the
     batch is a failed gRPC call with the same code and message (a batch of
     one, as a rule), the batch fails with them. A failed call batched with
     other rows keeps the OK answer carrying its JSON error: failing the batch

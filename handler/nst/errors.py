@@ -67,7 +67,7 @@ class RequestError(Exception):
 # reads off the class; TorchServe maps the status to gRPC's.
 class BadRequest(RequestError):  # the body or a field cannot be read as a request at all
     status, type, reason = 400, "BadRequest", "Bad Request"
-class Forbidden(RequestError):  # a URL input this server may not fetch (private address, URLs off)  # noqa: E302
+class Forbidden(RequestError):  # a URL input this server may not fetch (a non-public address, a port other than 80/443)  # noqa: E302
     status, type, reason = 403, "Forbidden", "Forbidden"
 class TooLarge(RequestError):  # an input or the answer is over a size limit  # noqa: E302
     status, type, reason = 413, "PayloadTooLarge", "Payload Too Large"

@@ -311,7 +311,9 @@ class Request:
 
 
 _STYLE_N = re.compile(r"^style_([2-9]|[1-9]\d)$")
-_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+# RFC 2397: data:[<mediatype>][;<attribute>=<value>]*;base64, (each part
+# ends at the next ";" or ",", so matching is linear in the prefix)
+_DATA_URL = re.compile(r"^data:[^,;]*(?:;[^,;=]+=[^,;]*)*;base64,", re.IGNORECASE)
 
 
 def decode_base64(value: str, name: str, limits: Limits) -> bytes:
@@ -365,7 +367,9 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
             raise InvalidParameter(url_field, f"{url_field}: URL inputs are disabled on this server")
         if image_field in fields:
             raise BadRequest(url_field, f"{url_field}: give {image_field} or {url_field}, not both")
-        urls[image_field] = fields.pop(url_field)
+        url = fields.pop(url_field)
+        # A form field or a gRPC input is bytes: the URL is its text.
+        urls[image_field] = _text(url, url_field) if isinstance(url, (bytes, bytearray)) else url
         fields[image_field] = b""  # placeholder until the parameters are known to be valid
     if "content" not in fields:
         raise BadRequest("content", "content: required image missing")

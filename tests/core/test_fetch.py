@@ -141,6 +141,26 @@ def test_parse_request_fetches_only_when_allowed_and_after_validation(site):
     assert e.value.code == 400 and "not both" in e.value.message
 
 
+def test_a_url_sent_as_a_form_field_or_grpc_input_is_its_text():
+    """Multipart fields and gRPC inputs arrive as bytes: the URL fetched is
+    their text, as a JSON string would give it; bytes that are not UTF-8
+    are refused by name before anything is fetched."""
+    calls = []
+
+    def fake_fetch(url, field):
+        calls.append((url, field))
+        return PNG
+
+    form = {"style_url": bytearray(b" https://example.com/s.png\r\n"), "content": PNG, "steps": b"3"}
+    request = parse_request(form, LIMITS, fetch=fake_fetch, multipart=True)
+    assert request.styles == [PNG] and request.style_fields == ("style_url",)
+    assert calls == [("https://example.com/s.png", "style_url")]
+    with pytest.raises(RequestError) as e:
+        parse_request({**form, "style_url": b"https://example.com/\xff.png"}, LIMITS, fetch=fake_fetch,
+                      multipart=True)
+    assert e.value.code == 422 and e.value.message == "style_url: not valid UTF-8 text" and len(calls) == 1
+
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

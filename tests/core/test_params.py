@@ -123,11 +123,17 @@ def test_bool_falsy_spellings(value):
 def test_base64_padding_optional_and_data_prefix_tolerated():
     data = b"abcd-xyz"  # 8 bytes: padded base64 ends in '='
     assert b64(data).endswith("=")
-    for text in (b64(data), b64(data, pad=False), "data:image/png;base64," + b64(data), " " + b64(data)[:4] + "\n" + b64(data)[4:]):
+    prefixes = ("data:image/png;base64,", "DATA:;base64,", "data:image/png;name=a.png;base64,",  # RFC 2397
+                "data:image/jpeg;charset=x;name=b;base64,")
+    for text in (b64(data), b64(data, pad=False), *(p + b64(data) for p in prefixes),
+                 " " + b64(data)[:4] + "\n" + b64(data)[4:]):
         assert parse_request({"content": text, "style": b64(STYLE)}, LIMITS).content == data
 
 
-@pytest.mark.parametrize("text", ["not base64!!", "abc$", "data:image/png;base64,@@@@"])
+# The last two: a data: URL that is not base64 (RFC 2397's percent-encoded
+# form), and a parameter with no value: not skipped, so not valid base64.
+@pytest.mark.parametrize("text", ["not base64!!", "abc$", "data:image/png;base64,@@@@", "data:image/png,QUJD",
+                                  "data:image/png;x;base64,QUJD"])
 def test_bad_base64_is_400(text):
     fails({"content": b64(CONTENT), "style": text}, 400, "style")
 

@@ -22,6 +22,15 @@ from example_images import thumbnail  # noqa: E402
 from image_server import ImageServer  # noqa: E402
 from local_server import running_server  # noqa: E402
 
+# The same fetch, the URL sent as a multipart form field and as a gRPC
+# input (both arrive as bytes): (case, URL, how it is sent)
+SENT_AS_BYTES = [
+    ("form-by-name", "http://images.example/img.png", "form"),
+    ("form-name-resolving-to-loopback", "http://internal.example/img.png", "form"),
+    ("grpc-by-name", "http://images.example/img.png", "grpc"),
+    ("grpc-name-resolving-to-loopback", "http://internal.example/img.png", "grpc"),
+]
+
 PUBLIC = "1.2.3.4"  # a global address: in this namespace it is ours
 HOSTS = f"127.0.0.1 localhost\n{PUBLIC} images.example\n127.0.0.1 internal.example\n"
 LIMITS = {"allow_urls": True, "url_total_timeout_s": 2, "max_input_bytes": 1_000_000}
@@ -68,7 +77,31 @@ def main(workdir: Path) -> dict:
             body = r.json() if kind.startswith("application/json") else {}
             results[case] = {"status": r.status_code, "content_type": kind, "message": body.get("message", ""),
                              "internal_hits": internal.hits}
+        for case, url, how in SENT_AS_BYTES:
+            results[case] = _sent_as_bytes(server, url, base64.b64decode(style), how) | {
+                "internal_hits": internal.hits}
         return {"cases": results, "pids_before": pids, "pids_after": server.worker_pids(), "public_hits": site.hits}
+
+
+def _sent_as_bytes(server, url: str, style: bytes, how: str) -> dict:
+    """status (an HTTP code, or a gRPC status's name), content type (HTTP) and message."""
+    if how == "form":
+        r = server.predict(files={"style": ("s.png", style, "image/png")},
+                           data={"content_url": url, "steps": "1", "max_size": "32"}, timeout=120)
+        kind = r.headers.get("content-type", "")
+        body = r.json() if kind.startswith("application/json") else {}
+        return {"status": r.status_code, "content_type": kind, "message": body.get("message", "")}
+    import grpc
+    from grpc_client import InferenceClient
+
+    with InferenceClient(server.grpc_inference, deadline_s=120) as client:
+        reply = client.predict({"content_url": url.encode(), "style": style, "steps": b"1", "max_size": b"32"},
+                               server.key("inference"))
+    if isinstance(reply, grpc.RpcError):  # TorchServe appends a line naming its own exception class
+        return {"status": reply.code().name, "content_type": "", "message": (reply.details() or "").split("\n")[0]}
+    png = reply.prediction.startswith(b"\x89PNG\r\n\x1a\n")
+    return {"status": "OK", "content_type": "image/png" if png else "", "message": "" if png else
+            reply.prediction[:200].decode("utf-8", "replace")}
 
 
 if __name__ == "__main__":
