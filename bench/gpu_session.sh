@@ -24,7 +24,10 @@ left() { echo $(( SESSION_S - ($(date +%s) - began) )); }
 budget=$(( $(left) - TESTS_S ))
 # SECTIONS: a comma-separated subset of the bench's sections (bench/gpu.py --only), e.g. core
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  $PY bench/gpu.py --out "$OUT/gpu_results.json" --budget-s $(( budget > 0 ? budget : 0 )) \
+  # a hard stop a minute past its budget: a section that hangs or overruns
+  # its estimate must not take the tests' time (SIGINT: what has finished
+  # is already in the JSON)
+  timeout -s INT -k 15 $(( (budget > 0 ? budget : 0) + 60 )) $PY bench/gpu.py --out "$OUT/gpu_results.json" --budget-s $(( budget > 0 ? budget : 0 )) \
       ${SECTIONS:+--only "$SECTIONS"} "$@" 2>&1 \
       | tee "$OUT/gpu_bench.md" | tail -80
 fi
@@ -36,8 +39,14 @@ GPU_TESTS=${GPU_TESTS:-"tests/core/test_memory.py tests/core/test_precision.py t
            tests/core/test_kept_programs.py tests/core/test_batch.py tests/core/test_compile.py"}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t=$(( $(left) - 10 ))
+  per_test=""  # pytest-timeout's flag only where it is installed: an unknown flag would run nothing
+  $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=150"
   if [ "$t" -gt 30 ]; then
-    timeout "$t" $PY -m pytest -q -p no:cacheprovider -p no:logging -s -rs --durations=15 -m gpu $GPU_TESTS 2>&1 \
+    # SIGINT, not SIGTERM: a cut-off pytest still prints which tests passed,
+    # failed or did not run; -v names each in the log as it ends; no test
+    # may hang for more than 150 s (pytest.ini's 600 would eat the call)
+    timeout -s INT -k 15 "$t" $PY -m pytest -v -p no:cacheprovider -p no:logging -s -rs --durations=15 \
+        $per_test -m gpu $GPU_TESTS 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|peak|batched|compiled vs|update vs|float16 at|FAILED|Error" \
         | tail -40
   else

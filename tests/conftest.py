@@ -16,7 +16,9 @@ from nst.vgg import VGGFeatures, random_features_state
 def pytest_collection_modifyitems(config, items):
     """Mark `gpu` the tests that skip without a GPU (their skipif's reason
     starts "needs a GPU"), so that a lent GPU's short session runs just
-    those: `pytest -m gpu tests/core` (bench/gpu_session.sh)."""
+    those: bench/gpu_session.sh runs `pytest -m gpu` over the core's files
+    that have them. (Not over all of tests/core: test_fetch.py imports
+    requests_hardened, which a GPU machine's own Python may not have.)"""
     for item in items:
         if any(str(m.kwargs.get("reason", "")).startswith("needs a GPU") for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
