@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,10 +47,15 @@ def test_any_parameter_value_parses_or_names_the_field(name, value):
 def test_any_request_shape_is_accepted_or_refused_cleanly(fields):
     fields = {"content": b"x", "style": b"y", **fields}
     try:
-        parse_request(fields, LIMITS)
+        request = parse_request(fields, LIMITS)
     except RequestError as e:
         assert e.code in CODES
         assert e.field is None or e.message.startswith(e.field.split("[")[0].split(".")[0])
+    else:  # accepted: no name was ignored, and what was parsed is in range
+        numbered = {k for k in fields if re.fullmatch(r"style_[1-9][0-9]*", k)}
+        assert set(fields) <= {"content", "style"} | set(PARSERS) | numbered
+        assert len(request.styles) == (len(fields["style"]) if isinstance(fields["style"], list) else 1) + len(numbered)
+        assert 1 <= request.params.steps <= LIMITS.max_steps
 
 
 @SETTINGS

@@ -322,7 +322,8 @@ def test_gpu_report_shows_the_engine_experiments_beside_the_default_step():
     assert ("none of those four (the engine before H100 run 3) (alternative, not shipped); 100 steps at 512x384: "
             "s, loss | 2.10 ms; 0.199 s, 7.5 |") in text
     assert "history stored in float32" not in text  # not measured in this run: no row
-    assert "compiling preset=seed's loss (warm_up_presets) at 512x384 | 13.2 s |" in text
+    (size, seconds), = r["seed_warm_up_s"].items()  # the stored H100 run's
+    assert f"compiling preset=seed's loss (warm_up_presets) at {size} | {seconds:.1f} s |" in text
     # a run whose precisions section was skipped (float32 and bf16 steps) still renders its core
     for key in ("square_ms_per_step_fp32", "square_ms_per_step_bf16"):
         del r[key]

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import manage
 from manage import properties
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,8 +55,6 @@ def test_a_misspelt_field_fails_strict_validation():
 
 
 def test_k8s_secret_command_prints_a_valid_secret_with_a_fresh_key():
-    import manage
-
     def run() -> dict:
         out = subprocess.run([sys.executable, str(ROOT / "scripts" / "manage.py"), "k8s-secret"],
                              capture_output=True, text=True, check=True).stdout
@@ -69,6 +68,9 @@ def test_k8s_secret_command_prints_a_valid_secret_with_a_fresh_key():
     gateway = container(pod_spec(), "gateway")
     ref = next(e for e in gateway["env"] if e["name"] == "INFERENCE_KEY")["valueFrom"]["secretKeyRef"]
     assert ref == {"name": manage.K8S_SECRET, "key": "inference-key"} and a["metadata"]["name"] == manage.K8S_SECRET
+    # the README's line that reads the key back names that Secret and that key
+    readme = (ROOT / "README.md").read_text()
+    assert f"kubectl get secret {manage.K8S_SECRET} -o jsonpath='{{.data.inference-key}}' | base64 -d" in readme
 
 
 def test_pod_config_is_the_repos_config_but_for_the_pod_keys():
@@ -274,5 +276,5 @@ def test_each_kubectl_apply_in_the_readme_brings_what_its_pods_read():
         files = [f for p in paths for f in (sorted(p.glob("*.yaml")) if p.is_dir() else [p])]
         assert files and all(f.exists() for f in files), line
         docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d]
-        applied = {(d["kind"], d["metadata"]["name"]) for d in docs} | {("Secret", "style-transfer-keys")}
+        applied = {(d["kind"], d["metadata"]["name"]) for d in docs} | {("Secret", manage.K8S_SECRET)}
         assert _references(docs) <= applied, (line, _references(docs) - applied)

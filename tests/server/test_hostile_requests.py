@@ -5,7 +5,6 @@ served right after."""
 from __future__ import annotations
 
 import base64
-import concurrent.futures as cf
 import io
 import json
 import time
@@ -156,15 +155,18 @@ def test_decode_time_is_reported_in_the_facts(server):
 
 def test_queued_work_past_the_clients_deadline_is_dropped_unstarted(server):
     """One worker: a long request holds it while a second request, whose client
-    gives up after 1 s, waits in the queue. When the worker takes the second
-    one its deadline has passed: 504 naming `deadline`, and no work is done."""
-    with cf.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(server.predict, files={"content": GOOD, "style": GOOD},
-                           data={"steps": "150", "max_size": "48", "optimizer": "adam"})
-        time.sleep(0.5)  # the long request reaches the worker first
-        short = server.predict(json={"content": GOOD_B64, "style": GOOD_B64, "steps": 1, "max_size": 32,
-                                     "deadline": time.time() + 1.0})
-        assert long.result().status_code == 200
+    gives up 0.3 s later, waits in the queue. When the worker takes the second
+    one its deadline has passed: 504 naming `deadline`, and no work is done.
+    The long request streams: its first record (step 10 of 300) shows the
+    worker is on it before the second is sent, with no sleep to guess that."""
+    long = server.predict(files={"content": GOOD, "style": GOOD}, stream=True,
+                          data={"steps": "300", "max_size": "48", "optimizer": "adam", "stream": "true"})
+    assert long.status_code == 200
+    records = (json.loads(line) for line in long.iter_lines() if line)
+    assert next(records)["step"] == 10
+    short = server.predict(json={"content": GOOD_B64, "style": GOOD_B64, "steps": 1, "max_size": 32,
+                                 "deadline": time.time() + 0.3})
+    assert "image" in list(records)[-1]
     err = _assert_refused(short, 504, "deadline")
     assert "not started" in err["message"]
 
