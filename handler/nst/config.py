@@ -152,7 +152,7 @@ class Params:
     # throughout, the style resized to the content's exact shape at
     # style_scale 1 (the recipe's pipeline; its pixels clip on delivery).
     space: str = "pixels"  # pixels | normalized
-    steps: int = 100  # L-BFGS iterations; each is one forward+backward
+    steps: int = 100  # optimizer steps (L-BFGS or Adam); each is one forward+backward
     max_size: int = 512  # longest output side, px (never upscales)
     optimizer: str = "lbfgs"  # lbfgs | adam
     lr: float = 1.0  # L-BFGS step scale; Adam's default is FAST_ADAM_LR (below)
@@ -162,7 +162,7 @@ class Params:
         default_factory=lambda: dict(RECIPE_STYLE_LAYERS)
     )
     init: str = "content"  # content | noise
-    seed: int | None = None  # noise init and any other randomness
+    seed: int | None = None  # the noise of init=noise (the only randomness)
     preserve_color: bool = False  # keep the content image's colors (luminance transfer)
     style_blend: tuple[float, ...] | None = None  # weights of the style images, in order
     style_scale: float = 1.0  # style size relative to the content's longest side
@@ -421,6 +421,12 @@ COARSE_TO_FINE_FROM: int | None = None
 COARSE_FRACTION = 0.5
 # False: one compiled program per image shape (each warmed up at worker start).
 COMPILE_DYNAMIC = False
+# How many compiled programs torch.compile keeps per function (its
+# cache_size_limit, 8 by default; raised, never lowered): one per warmed-up
+# shape, dtype and batch structure, so WARM_UP_SIZES x dtypes x presets, and
+# past the limit a shape would silently run eager. Process-wide: it is
+# torch._dynamo's own setting.
+COMPILE_CACHE_SIZE = 64
 # A batched optimization (TorchServe batching) steps each row's L-BFGS state
 # on its own, or, on the device types listed here, all rows as one batched
 # state (a few batched kernels per step instead of a few per row). Per row is

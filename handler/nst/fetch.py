@@ -34,7 +34,7 @@ _PUBLIC_ONLY = Manager(Config(
     ip_filter_enable=True,
     ip_filter_allow_loopback_ips=False,
     never_redirect=True,  # redirects are followed below, one checked hop at a time
-    default_timeout=(3, 5),
+    default_timeout=(3, 5),  # a floor for any call without one: fetch() passes Limits' own
     user_agent_override="style-transfer-fetch",
 ))
 ALLOWED_PORTS = (80, 443)
@@ -115,7 +115,7 @@ def _check_url(url: str, field: str, allowed_ports: tuple[int, ...] | None) -> N
     if not parts.hostname:
         raise BadRequest(field, f"{field}: the URL has no host")
     if allowed_ports is not None and port is not None and port not in allowed_ports:
-        raise Forbidden(field, f"{field}: port {port} is not allowed (80 and 443 only)")
+        raise Forbidden(field, f"{field}: port {port} is not allowed ({' and '.join(map(str, allowed_ports))} only)")
 
 
 def fetch(

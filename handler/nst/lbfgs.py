@@ -139,11 +139,11 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
     sy, yy = _bdot(s, y), _bdot(y, y)
     ok = (sy > CURVATURE_EPS * yy) & (yy > 0) & state.started  # (B,)
     m = state.S.shape[1]
-    idx = state.slot.view(1)
+    idx = state.slot.view(1)  # (1,): the slot as an index, for index_select / index_copy_ without a host read
     new, advance = ok, 1  # this pair's gamma is taken, and the slot moves on
     if usable is not None:
-        keep = usable.view(-1, 1)
-        s = torch.where(keep, s, state.S.index_select(1, idx).squeeze(1))  # the pair already there
+        keep = usable.view(-1, 1)  # (B, 1): one flag per image, across its n values
+        s = torch.where(keep, s, state.S.index_select(1, idx).squeeze(1))  # (B, n): the pair already there
         y = torch.where(keep, y, state.Y.index_select(1, idx).squeeze(1))
         kept_ok = state.valid.index_select(1, idx).squeeze(1) > 0
         ok, new, advance = torch.where(usable, ok, kept_ok), ok & usable, usable.any().long()
@@ -226,7 +226,7 @@ def step(
     x, g = x.detach(), g.detach()
     x_in = x
     if usable is not None:
-        keep = usable.view(-1, 1)
+        keep = usable.view(-1, 1)  # (B, 1), as in `update_history`
         # Stand-ins that are finite and leave x_prev / g_prev as they are.
         x = torch.where(keep, x, state.x_prev)
         g = torch.where(keep, g, state.g_prev)

@@ -16,10 +16,10 @@ from torch import Tensor
 
 from . import lbfgs, memory
 from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE,
-                     COMPILE_DYNAMIC, CUDA_GRAPHS, DEADLINE_SLACK, DEADLINE_SLACK_S, GRAD_SCALE_BACKOFF,
-                     GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN, KEEP_PROGRAMS,
-                     KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LAST_STEP_OVERRUN_S, LBFGS_COMPILE,
-                     LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
+                     COMPILE_CACHE_SIZE, COMPILE_DYNAMIC, CUDA_GRAPHS, DEADLINE_SLACK, DEADLINE_SLACK_S,
+                     GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN,
+                     KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LAST_STEP_OVERRUN_S,
+                     LBFGS_COMPILE, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -168,6 +168,18 @@ def _initial_image(content: Tensor, params: Params) -> Tensor:
     return torch.rand(content.shape, generator=gen).to(content.device)
 
 
+def _start(vgg: VGGFeatures, contents: Sequence[Tensor], params: Sequence[Params],
+           init: Sequence[Tensor] | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The optimization variable's first value, (B, 3, H, W) for B images
+    (`init`, pixels in [0,1], replaces their start images in space=pixels),
+    and the map from the variable to pixels: the recipe's denormalization
+    (unclamped: delivery rounds and clips), or the clamp the objective sees."""
+    if params[0].normalized_space:
+        return vgg.normalize(torch.cat([_initial_image(c, p) for c, p in zip(contents, params)])), vgg.denormalize
+    starts = list(init) if init is not None else [_initial_image(c, p) for c, p in zip(contents, params)]
+    return torch.cat(starts), lambda v: v.clamp(0, 1)
+
+
 def compute_dtype(device: torch.device, params: Params) -> torch.dtype:
     """The low-precision dtype of the VGG passes in `space=pixels`
     (LOWP_DTYPE) where the hardware does it (Grams and losses stay float32:
@@ -304,6 +316,9 @@ def input_loss(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
     return objective(x, dtype).total
 
 
+# The loss functions (and the L-BFGS update) through torch.compile, keyed by
+# the Python function: one each for the process's life, like the kept
+# programs (_KEPT), since its compiled code is what warm-up paid for.
 _COMPILED: dict = {}
 
 
@@ -323,7 +338,7 @@ def _compiled(fn: Callable, compile_new: bool) -> Callable:
     `loss_function` for `compile_new`."""
     compiled = _COMPILED.get(fn)
     if compiled is None:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
         compiled = _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC)
     if compile_new:
         return compiled
@@ -389,7 +404,7 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
         if capturing and keeps(device, (h, w)):
             content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
             # through the eager and captured step of each dtype (LOWP_STEPS of bf16 first)
-            steps = (LOWP_STEPS if len(step_dtypes(device, params)) > 1 else 0) + _GraphRunner.WARMUP_STEPS + 1
+            steps = (LOWP_STEPS if len(step_dtypes(device, params)) > 1 else 0) + SETUP_STEPS
             stylize(vgg, content, [style], dataclasses.replace(params, steps=steps), progress_every=steps)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -402,7 +417,7 @@ def _mark_batch_dynamic(objective: Objective, x: Tensor) -> None:
     one variable (any batch of 2 or more rows; 1 gets its own program, since
     torch.compile always specializes a dimension of size 1). "maybe": the
     dimensions are all the same variable, which strict marks would refuse."""
-    for t in (x, objective.content_target, objective.style_layer_weights, objective.weights, *objective.grams):
+    for t in (x, *_objective_tensors(objective)):
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
@@ -447,7 +462,8 @@ def _timed(run: Callable[[torch.dtype], None], dtype: torch.dtype, seen: dict, s
 
 class _GraphRunner:
     """Runs `step_fn(dtype)` eagerly for WARMUP_STEPS calls per dtype (real
-    optimization steps: cuDNN picks its kernels there), then captures it in a
+    optimization steps, where the lazy setup that capture cannot record is
+    done: cuBLAS and cuDNN handles and workspaces, Adam's state), then captures it in a
     CUDA graph and replays that: one launch per step instead of hundreds.
     Every tensor the step touches lives in place (the image, the L-BFGS
     state, the loss), so the replays continue the same optimization.
@@ -457,7 +473,7 @@ class _GraphRunner:
     the pool (it writes only into tensors allocated outside), and the graphs
     never run at the same time, so they can share it."""
 
-    WARMUP_STEPS = 1  # cuDNN autotunes in the first; later ones only delay the graph
+    WARMUP_STEPS = 1  # the lazy setup is done in the first; later ones only delay the graph
 
     def __init__(self, step_fn: Callable[[torch.dtype], None], enabled: bool, keep: bool = False):
         self.step_fn = step_fn
@@ -515,8 +531,8 @@ def _half(images: Tensor) -> Tensor:
                          align_corners=False)
 
 
-def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progress_every, progress_every_s,
-                    compile_new) -> Result:
+def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progress_every,
+                    progress_every_s) -> Result:
     """The first COARSE_FRACTION of the steps at half size, the rest at full
     size from the coarse result's stylization carried onto the content. Steps
     are numbered across both stages, so progress runs 1..steps once."""
@@ -526,7 +542,7 @@ def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progres
                      preserve_color=False), callback=None if callback is None else
                      (lambda p: callback(Progress(p.step, params.steps, p.loss, p.elapsed_ms))),
                      deadline=deadline, progress_every=progress_every, progress_every_s=progress_every_s,
-                     compile_new=compile_new, init=small)
+                     init=small)
     # The coarse stage changed the image by (coarse - small); upsampled, that
     # change lands on the full-size content, whose detail a plain upsampling
     # of the coarse image would have blurred away.
@@ -536,7 +552,7 @@ def _coarse_to_fine(vgg, content, styles, params, *, callback, deadline, progres
     fine = stylize(vgg, content, styles, params, deadline=deadline, progress_every=progress_every,
                    progress_every_s=progress_every_s, callback=None if callback is None else
                    (lambda p: callback(dataclasses.replace(p, elapsed_ms=p.elapsed_ms + offset))),
-                   compile_new=compile_new, init=init, first_step=coarse_steps + 1)
+                   init=init, first_step=coarse_steps + 1)
     history = [dataclasses.replace(p, steps=params.steps) for p in coarse.history] + [
         dataclasses.replace(p, elapsed_ms=p.elapsed_ms + offset) for p in fine.history]
     return dataclasses.replace(fine, elapsed_ms=offset + fine.elapsed_ms, history=history,
@@ -766,7 +782,6 @@ def stylize_batch(
     *,
     progress_every: int = 1,
     progress_every_s: float | None = None,
-    compile_new: bool = False,
     init: Sequence[Tensor] | None = None,
     first_step: int = 1,
 ) -> list:
@@ -790,15 +805,10 @@ def stylize_batch(
     device = rows[0].content.device
     lowp = compute_dtype(device, p0)
     content = torch.cat([r.content for r in rows])  # (B, 3, H, W)
-    if p0.normalized_space:
-        x0 = vgg.normalize(torch.cat([_initial_image(r.content, r.params) for r in rows]))
-        to_pixels = vgg.denormalize
-    else:
-        x0 = torch.cat(list(init) if init is not None else [_initial_image(r.content, r.params) for r in rows])
-        to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
+    x0, to_pixels = _start(vgg, [r.content for r in rows], [r.params for r in rows], init)
     steps = [r.params.steps for r in rows]
     program = _program(vgg, stack_objectives([request_objective(vgg, r.content, r.styles, r.params) for r in rows]),
-                       x0, p0, compile_new)
+                       x0, p0, compile_new=False)
     x, objective, counter, last, loss_buf, runner = (program.x, program.objective, program.counter, program.last,
                                                      program.loss_buf, program.runner)
     # Device-side step counter and per-row last step: a row updates while
@@ -901,7 +911,6 @@ def stylize(
     deadline: float | None = None,
     progress_every: int = 1,
     progress_every_s: float | None = None,
-    compile_new: bool = False,
     init: Tensor | None = None,
     first_step: int = 1,
 ) -> Result:
@@ -919,7 +928,7 @@ def stylize(
     progress, the NaN check, the deadline; on a CPU also once
     `progress_every_s` seconds have passed since the last record) and at the
     end: between those the GPU runs unattended. `deadline` is a `time.monotonic()` value; past it,
-    `BudgetExceeded` is raised. `compile_new`: see `loss_function`.
+    `BudgetExceeded` is raised. A request never compiles (see `loss_function`).
 
     Outputs of COARSE_TO_FINE_FROM px and more run coarse-to-fine (see
     config.py). `init` (pixels in [0,1]) replaces the initial image and
@@ -930,12 +939,10 @@ def stylize(
     check_deadline(deadline, first_step - 1, params.steps, time.monotonic())
     if use_coarse_to_fine(content, params) and init is None:
         return _coarse_to_fine(vgg, content, styles, params, callback=callback, deadline=deadline,
-                               progress_every=progress_every, progress_every_s=progress_every_s,
-                               compile_new=compile_new)
+                               progress_every=progress_every, progress_every_s=progress_every_s)
     if params.optimizer == "lbfgs":
         (outcome,) = stylize_batch(vgg, [Row(content, styles, params, callback, deadline)],
                                    progress_every=progress_every, progress_every_s=progress_every_s,
-                                   compile_new=compile_new,
                                    init=None if init is None else [init], first_step=first_step)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -943,13 +950,8 @@ def stylize(
     start = time.monotonic()
     lowp = compute_dtype(content.device, params)
     objective = request_objective(vgg, content, styles, params)
-    if params.normalized_space:
-        var = vgg.normalize(_initial_image(content, params))
-        to_pixels = vgg.denormalize
-    else:
-        var = _initial_image(content, params) if init is None else init.clone()
-        to_pixels = lambda v: v.clamp(0, 1)  # noqa: E731
-    loss_of = loss_function(params.normalized_space, content.device, compile_new)
+    var, to_pixels = _start(vgg, [content], [params], None if init is None else [init])
+    loss_of = loss_function(params.normalized_space, content.device)
     var = var.contiguous().requires_grad_(True)
 
     history: list[Progress] = []
