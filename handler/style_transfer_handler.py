@@ -176,32 +176,14 @@ class StyleTransferHandler:
         idx, stream = row.idx, row.prepared.request.stream
         result = output.result
         total_ms = (time.monotonic() - row.taken) * 1e3
-        facts = {
-            "X-Steps": str(result.steps),
-            "X-Loss": f"{result.loss:.6g}",
-            "X-Elapsed-Ms": f"{result.elapsed_ms:.0f}",
-            "X-Decode-Ms": f"{output.decode_ms:.0f}",
-            "X-Encode-Ms": f"{output.encode_ms:.0f}",
-            "X-Total-Ms": f"{total_ms:.0f}",
-            "X-Batch": str(output.batch),
-            "X-Weights": self.weights_kind,
-            "X-Skipped-Steps": str(result.skipped_steps),
-        }
+        # The run's facts, once: the headers (X-Steps ...) or the stream's final record carry them.
+        facts = {"steps": result.steps, "loss": result.loss, "elapsed_ms": result.elapsed_ms,
+                 "decode_ms": output.decode_ms, "encode_ms": output.encode_ms, "total_ms": total_ms,
+                 "batch": output.batch, "weights": self.weights_kind, "skipped_steps": result.skipped_steps}
         if stream:
-            record = {
-                "done": True,
-                "image": base64.b64encode(output.data).decode("ascii"),
-                "content_type": output.content_type,
-                "steps": result.steps,
-                "loss": result.loss,
-                "elapsed_ms": round(result.elapsed_ms, 1),
-                "decode_ms": round(output.decode_ms, 1),
-                "encode_ms": round(output.encode_ms, 1),
-                "total_ms": round(total_ms, 1),
-                "batch": output.batch,
-                "weights": self.weights_kind,
-                "skipped_steps": result.skipped_steps,
-            }
+            record = {"done": True, "image": base64.b64encode(output.data).decode("ascii"),
+                      "content_type": output.content_type,
+                      **{k: round(v, 1) if k.endswith("_ms") else v for k, v in facts.items()}}
             body = (json.dumps(record) + "\n").encode()
         else:
             body = output.data
@@ -216,7 +198,7 @@ class StyleTransferHandler:
             # have been sent: TorchServe sends later headers nowhere, so the
             # facts travel in the final record instead (issue #8).
             for key, value in facts.items():
-                context.set_response_header(idx, key, value)
+                context.set_response_header(idx, _fact_header(key), _fact_text(key, value))
         if not stream:
             context.set_response_content_type(idx, output.content_type)
         return body
@@ -254,6 +236,19 @@ class StyleTransferHandler:
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors
         context.set_response_content_type(idx, JSON)
         return json.dumps(err.as_dict()).encode()
+
+
+def _fact_header(key: str) -> str:
+    """A fact's header: "elapsed_ms" -> "X-Elapsed-Ms"."""
+    return "X-" + "-".join(word.capitalize() for word in key.split("_"))
+
+
+def _fact_text(key: str, value: Any) -> str:
+    """A fact as its header's text: the loss to 6 significant digits, times
+    in whole milliseconds."""
+    if key == "loss":
+        return f"{value:.6g}"
+    return f"{value:.0f}" if key.endswith("_ms") else str(value)
 
 
 def _raise_for_grpc(rows: list) -> None:

@@ -227,6 +227,11 @@ def test_multipart_row_returns_png_with_facts(handler, make_context, inputs):
     assert int(headers["X-Elapsed-Ms"]) >= 0
     assert headers["X-Weights"] == "random"
     assert headers["X-Skipped-Steps"] == "0"
+    # the README's list of facts, exactly, and times in whole milliseconds
+    assert sorted(k for k in headers if k.startswith("X-")) == sorted(
+        ["X-Steps", "X-Loss", "X-Elapsed-Ms", "X-Decode-Ms", "X-Encode-Ms", "X-Total-Ms", "X-Batch", "X-Weights",
+         "X-Skipped-Steps"])
+    assert all(headers[k].isdigit() for k in ("X-Elapsed-Ms", "X-Decode-Ms", "X-Encode-Ms", "X-Total-Ms", "X-Batch"))
 
 
 def test_json_row_returns_png(handler, make_context, inputs):
@@ -484,7 +489,8 @@ def test_stream_sends_progress_then_final_record(handler, make_context, inputs, 
     assert png_of(base64.b64decode(final["image"])).size == (48, 36)
     # Headers set after the first chunk never reach the client: none are set.
     assert not any(k.startswith("X-") for k in ctx.get_response_headers(0))
-    assert {"loss", "steps", "elapsed_ms", "decode_ms", "encode_ms", "total_ms", "batch", "weights"} <= set(final)
+    assert list(final) == ["done", "image", "content_type", "steps", "loss", "elapsed_ms", "decode_ms", "encode_ms",
+                           "total_ms", "batch", "weights", "skipped_steps"]  # the README's record, in its order
 
 
 def test_stream_json_row(handler, make_context, inputs, sent):
