@@ -54,6 +54,7 @@ class StyleTransferHandler:
         requires exactly one class at the module level)."""
 
         idx: int
+        request_id: str  # TorchServe's, which the client gets as x-request-id: logs name the row by it
         taken: float  # time.monotonic() when the worker took it
         deadline: float  # the server's budget or the client's earlier deadline
         grpc: bool
@@ -125,7 +126,8 @@ class StyleTransferHandler:
         else:
             _share_cpu(self.limits)
         for idx, raw in enumerate(data):
-            row = self._Row(idx, taken=taken, deadline=taken + self.limits.time_budget_s, grpc=is_grpc(context, idx))
+            row = self._Row(idx, str(context.get_request_id(idx)), taken=taken,
+                            deadline=taken + self.limits.time_budget_s, grpc=is_grpc(context, idx))
             every.append(row)
             try:
                 self._decode(row, raw, context)
@@ -218,19 +220,20 @@ class StyleTransferHandler:
         elif isinstance(exc, Diverged):
             err = InvalidParameter("lr", f"lr: the optimization diverged ({exc}); use a smaller lr")
         elif is_out_of_memory(exc):
-            log.warning("request %d ran out of memory: %s", row.idx, exc)
+            log.warning("request %s ran out of memory: %s", row.request_id, exc)
             free_memory(self.device)
             err = OutOfMemory(None, "out of memory: try a smaller max_size")
         else:  # a bug, not the client's fault: log it, never leak it
-            log.error("request %d failed", row.idx, exc_info=(type(exc), exc, exc.__traceback__))
+            log.error("request %s failed", row.request_id, exc_info=(type(exc), exc, exc.__traceback__))
             err = InternalError(None, "internal error while stylizing; see the server log")
         _record(context, "RejectedRequests", 1, extra=(str(err.code),))
         row.error = err
-        return self._error(row.idx, err, context, row.streaming)
+        return self._error(row, err, context)
 
-    def _error(self, idx: int, err: RequestError, context: Any, streaming: bool) -> bytes:
-        log.info("request %d rejected: %d %s", idx, err.code, err.message)
-        if streaming:
+    def _error(self, row: "StyleTransferHandler._Row", err: RequestError, context: Any) -> bytes:
+        idx = row.idx
+        log.info("request %s rejected: %d %s", row.request_id, err.code, err.message)
+        if row.streaming:
             # The 200 status went out with the first chunk: report in-band.
             return (json.dumps({"done": True, "error": {"code": err.code, "message": err.message}}) + "\n").encode()
         context.set_response_status(err.code, err.reason, idx)  # fixed ASCII: see nst.errors

@@ -5,6 +5,7 @@ import base64
 import dataclasses
 import io
 import json
+import logging
 import math
 import re
 import time
@@ -394,6 +395,23 @@ def test_internal_error_is_500_without_details(handler, make_context, inputs, mo
     [out] = handler.handle([multipart_row(inputs, steps=2)], ctx)
     err = assert_error(ctx, 0, out, 500, None)
     assert "boom" not in err["message"] and "secret" not in err["message"]
+
+
+def test_the_log_names_each_failed_row_by_its_request_id(handler, make_context, inputs, monkeypatch, caplog):
+    """TorchServe's request id (the client's x-request-id): the row index
+    that the log gave before is the same 0 for every request alone."""
+    def broken(job):
+        raise RuntimeError("boom")
+
+    fail_every_optimization(monkeypatch, broken)
+    ctx = make_context(rows=2)
+    ctx.request_ids = {0: "3f0c-bad-params", 1: "9a1e-internal"}
+    with caplog.at_level(logging.INFO, logger="style_transfer_handler"):
+        handler.handle([multipart_row(inputs, steps=0), multipart_row(inputs, steps=2)], ctx)
+    assert "request 3f0c-bad-params rejected: 422 steps: 0 is out of range" in caplog.text
+    failed = next(r for r in caplog.records if r.levelno == logging.ERROR)
+    assert failed.getMessage() == "request 9a1e-internal failed" and failed.exc_info[1].args == ("boom",)
+    assert "request 9a1e-internal rejected: 500" in caplog.text
 
 
 def _raise(exc):

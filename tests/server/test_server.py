@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -88,6 +89,23 @@ def test_bad_requests_get_contract_errors_and_worker_survives(server, files, dat
     assert body["message"].startswith(field)
     assert "Traceback" not in r.text and "/" not in body["message"]
     assert server.worker_pids() == pids
+
+
+def test_the_worker_log_names_a_refused_request_by_the_clients_x_request_id(server):
+    """TorchServe answers every HTTP request with its id (x-request-id); the
+    worker logs a refused or failed request by that id, so an operator can
+    find a client's complaint in the model log."""
+    ok = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "1", "max_size": "32"})
+    refused = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "0"})
+    assert ok.status_code == 200 and refused.status_code == 422
+    ids = ok.headers["x-request-id"], refused.headers["x-request-id"]
+    assert len(set(ids)) == 2 and all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)  # UUIDs
+    line = f"request {ids[1]} rejected: 422 steps: 0 is out of range"
+    log = server.workdir / "logs" / "model_log.log"
+    waited = time.monotonic() + 30  # the frontend copies the worker's output into the log
+    while line not in log.read_text() and time.monotonic() < waited:
+        time.sleep(0.2)
+    assert line in log.read_text()
 
 
 def test_malformed_json_body_is_400(server):
