@@ -136,6 +136,7 @@ def test_body_over_max_request_size_is_413_from_the_frontend(strict_server):
     pids = strict_server.worker_pids()
     r = strict_server.predict(files={"content": b"\0" * 3_000_000, "style": GOOD})
     assert r.status_code == 413
+    assert r.content == b""  # TorchServe's own answer, as the README says: no JSON error body
     assert strict_server.worker_pids() == pids
 
 
