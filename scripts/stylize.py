@@ -118,6 +118,22 @@ def _record(line: bytes) -> dict:
     return record
 
 
+def _error_line(code: object, message: object, request_id: str | None) -> str:
+    """One line for stderr: the code, the server's message (its JSON error's
+    `message`, else the answer's text) and TorchServe's request id, which
+    the model log names the request by."""
+    text = " ".join(str(message).split())[:500] or "(an empty answer)"
+    return f"error {code}: {text}" + (f" (request {request_id})" if request_id else "")
+
+
+def _message(body: str) -> object:
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return body
+    return error["message"] if isinstance(error, dict) and "message" in error else body
+
+
 def _call_server(args, token: str, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
@@ -134,8 +150,9 @@ def _call_server(args, token: str, content: bytes, styles: list[bytes], given: d
         stream=True,
         timeout=(10, args.timeout),
     ) as r:
+        request_id = r.headers.get("x-request-id")
         if r.headers.get("Content-Type", "").startswith("application/json") or not r.ok:
-            print(f"error {r.status_code}: {r.text.strip()}", file=sys.stderr)
+            print(_error_line(r.status_code, _message(r.text), request_id), file=sys.stderr)
             return 1
         final = None
         show, close = progress_display(args.quiet)
@@ -154,10 +171,11 @@ def _call_server(args, token: str, content: bytes, styles: list[bytes], given: d
         finally:
             close()
     if final is None:
-        print("error: the stream ended without a result", file=sys.stderr)
+        print("error: the stream ended without a result" + (f" (request {request_id})" if request_id else ""),
+              file=sys.stderr)
         return 1
     if "error" in final:
-        print(f"error {final['error']['code']}: {final['error']['message']}", file=sys.stderr)
+        print(_error_line(final["error"]["code"], final["error"]["message"], request_id), file=sys.stderr)
         return 1
     Path(args.output).write_bytes(base64.b64decode(final["image"]))
     if not args.quiet:
