@@ -124,13 +124,14 @@ class Limits:
         if unknown:
             raise ValueError(f"unknown limits in model config: {', '.join(unknown)}")
         values = {}
+        defaults = cls()
         for key, value in raw.items():
-            kind = type(getattr(cls(), key))
+            kind = type(getattr(defaults, key))
             if kind is bool:
                 if not isinstance(value, bool):
                     raise ValueError(f"limits.{key} must be true or false")
             elif kind is int:
-                lowest = 0 if getattr(cls(), key) == 0 else 1  # 0 means "automatic" where it is the default
+                lowest = 0 if getattr(defaults, key) == 0 else 1  # 0 means "automatic" where it is the default
                 if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                     raise ValueError(f"limits.{key} must be an integer >= {lowest}")
             else:
@@ -240,7 +241,11 @@ GRAD_SCALE_MIN = 2.0 ** -64
 # at 512x512 took 3.25 ms with 20 pairs against 3.41 with 50, too little to
 # give up the better images.
 LBFGS_HISTORY = 50
+# The history's bytes per image: a larger image keeps fewer pairs, but never
+# fewer than LBFGS_MIN_HISTORY (with a handful, L-BFGS comes close to plain
+# gradient descent; at 2048x2048, the largest output, 5 float32 pairs take 503 MB).
 LBFGS_MEMORY = 512 * 1024 * 1024
+LBFGS_MIN_HISTORY = 5
 # The dtype the L-BFGS history (S and Y, 2 x LBFGS_HISTORY image-sized
 # vectors) is stored in, per device type ("float32" or "bfloat16"; absent:
 # float32). A step reads the history twice (about 0.16 ms of an H100's float32

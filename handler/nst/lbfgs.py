@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .config import LBFGS_HISTORY, LBFGS_HISTORY_DTYPE, LBFGS_MEMORY
+from .config import LBFGS_HISTORY, LBFGS_HISTORY_DTYPE, LBFGS_MEMORY, LBFGS_MIN_HISTORY
 from .losses import bmm_f32
 
 # A pair (s, y) enters the history only if s.y > CURVATURE_EPS * y.y: the
@@ -52,8 +52,8 @@ def pair_bytes(pixels: int, device_type: str) -> int:
 
 
 def history_pairs(pixels: int, device_type: str) -> int:
-    """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes (at least 5)."""
-    return max(5, min(LBFGS_HISTORY, LBFGS_MEMORY // pair_bytes(pixels, device_type)))
+    """LBFGS_HISTORY pairs, fewer where they would pass LBFGS_MEMORY bytes (at least LBFGS_MIN_HISTORY)."""
+    return max(LBFGS_MIN_HISTORY, min(LBFGS_HISTORY, LBFGS_MEMORY // pair_bytes(pixels, device_type)))
 
 
 @dataclass

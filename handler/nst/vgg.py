@@ -86,6 +86,8 @@ class VGGFeatures(nn.Module):
             self.convs.append(conv)
         self.requires_grad_(False)
         self.eval()
+        # (dtype, channels_last, pad_rgb, device) -> the convs' weights cast once (_params)
+        self._cast_cache: dict = {}
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -104,7 +106,7 @@ class VGGFeatures(nn.Module):
         if dtype == torch.float32 and not channels_last and not pad_rgb:
             return [(c.weight, c.bias) for c in self.convs]
         key = (dtype, channels_last, pad_rgb, self.mean.device)
-        cache = self.__dict__.setdefault("_cast_cache", {})
+        cache = self._cast_cache
         if key not in cache:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             weights = [c.weight for c in self.convs]
