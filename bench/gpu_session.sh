@@ -8,6 +8,14 @@
 # tests that need a GPU (`pytest -m gpu`: the CPU runs the rest in CI), cut
 # off before the call's limit, most wanted first (GPU_TESTS). Everything lands under $OUT (default out/gpu);
 # the bench rewrites its JSON after every section.
+#
+# One call does one run of this script: each run takes SESSION_S from its own
+# start and rewrites $OUT's logs, so two runs chained in one call would pass
+# the call's 600 s. The tests alone: SKIP_BENCH=1; tests and the shipped
+# engine's figures in one call:
+#   SECTIONS=core,profile,memory,precisions,batching_256 TESTS_S=300 OUT=$OUT bash bench/gpu_session.sh
+# With less device time left than a whole call, set SESSION_S to the call's
+# limit_s minus 20. On an H200 the results merge into gpu_results_h200.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 began=$(date +%s)
