@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -481,7 +482,10 @@ def main(argv=None) -> int:
             print(f"[{name}] FAILED: {e!r}", flush=True)
         r["section_s"][name] = time.monotonic() - t0
         print(f"[{name}] {r['section_s'][name]:.1f} s", flush=True)
-        args.out.write_text(json.dumps(r, indent=2))
+        # whole or not at all: gpu_session.sh stops the bench with SIGINT, which may land mid-write
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(r, indent=2))
+        os.replace(tmp, args.out)
 
     seed = {k: v for k, v in SEED_PRESET.items() if k != "steps"}  # preset=seed's params but its step count
     seed_a, seed_b = (20, 60) if args.quick else (100, 300)

@@ -13,9 +13,12 @@
 # start and rewrites $OUT's logs, so two runs chained in one call would pass
 # the call's 600 s. The tests alone: SKIP_BENCH=1; tests and the shipped
 # engine's figures in one call:
-#   SECTIONS=core,profile,memory,precisions,batching_256 TESTS_S=300 OUT=$OUT bash bench/gpu_session.sh
+#   SECTIONS=core,profile,memory,precisions TESTS_S=290 OUT=$OUT bash bench/gpu_session.sh
+# (those sections' estimates, SECTION_ESTIMATE_S in bench/gpu.py, add up to
+# 270 s: batching_256's 70 more would not fit beside 290 s of tests)
 # With less device time left than a whole call, set SESSION_S to the call's
-# limit_s minus 20. On an H200 the results merge into gpu_results_h200.json.
+# limit_s minus 20. Then bench/gpu_merge.py merges the results into
+# bench/gpu_results_<card>.json (h100 or h200: it refuses to mix cards).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 began=$(date +%s)
@@ -33,8 +36,8 @@ budget=$(( $(left) - TESTS_S ))
 # SECTIONS: a comma-separated subset of the bench's sections (bench/gpu.py --only), e.g. core
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # a hard stop a minute past its budget: a section that hangs or overruns
-  # its estimate must not take the tests' time (SIGINT: what has finished
-  # is already in the JSON)
+  # its estimate takes at most that minute (and 15 s to die) of the tests'
+  # time (SIGINT: what has finished is already in the JSON)
   timeout -s INT -k 15 $(( (budget > 0 ? budget : 0) + 60 )) $PY bench/gpu.py --out "$OUT/gpu_results.json" --budget-s $(( budget > 0 ? budget : 0 )) \
       ${SECTIONS:+--only "$SECTIONS"} "$@" 2>&1 \
       | tee "$OUT/gpu_bench.md" | tail -80
