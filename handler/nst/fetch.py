@@ -34,7 +34,7 @@ _PUBLIC_ONLY = Manager(Config(
     ip_filter_enable=True,
     ip_filter_allow_loopback_ips=False,
     never_redirect=True,  # redirects are followed below, one checked hop at a time
-    default_timeout=(3, 5),  # a floor for any call without one: fetch() passes Limits' own
+    default_timeout=(3, 5),  # for a call that passes none; fetch() passes Limits' own
     user_agent_override="style-transfer-fetch",
 ))
 ALLOWED_PORTS = (80, 443)

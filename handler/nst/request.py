@@ -368,8 +368,12 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         if image_field in fields:
             raise BadRequest(url_field, f"{url_field}: give {image_field} or {url_field}, not both")
         url = fields.pop(url_field)
-        # A form field or a gRPC input is bytes: the URL is its text.
-        urls[image_field] = _text(url, url_field) if isinstance(url, (bytes, bytearray)) else url
+        if isinstance(url, (bytes, bytearray)):  # a form field or a gRPC input: the URL is its text
+            try:
+                url = bytes(url).decode("utf-8").strip()
+            except UnicodeDecodeError:  # malformed, as a URL that is no string (fetch): 400
+                raise BadRequest(url_field, f"{url_field}: not valid UTF-8 text") from None
+        urls[image_field] = url
         fields[image_field] = b""  # placeholder until the parameters are known to be valid
     if "content" not in fields:
         raise BadRequest("content", "content: required image missing")

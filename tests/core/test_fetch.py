@@ -144,7 +144,8 @@ def test_parse_request_fetches_only_when_allowed_and_after_validation(site):
 def test_a_url_sent_as_a_form_field_or_grpc_input_is_its_text():
     """Multipart fields and gRPC inputs arrive as bytes: the URL fetched is
     their text, as a JSON string would give it; bytes that are not UTF-8
-    are refused by name before anything is fetched."""
+    are refused by name (400, malformed, as a URL that is no string) before
+    anything is fetched."""
     calls = []
 
     def fake_fetch(url, field):
@@ -158,7 +159,7 @@ def test_a_url_sent_as_a_form_field_or_grpc_input_is_its_text():
     with pytest.raises(RequestError) as e:
         parse_request({**form, "style_url": b"https://example.com/\xff.png"}, LIMITS, fetch=fake_fetch,
                       multipart=True)
-    assert e.value.code == 422 and e.value.message == "style_url: not valid UTF-8 text" and len(calls) == 1
+    assert e.value.code == 400 and e.value.message == "style_url: not valid UTF-8 text" and len(calls) == 1
 
 
 from hypothesis import given, settings  # noqa: E402
