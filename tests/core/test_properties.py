@@ -42,8 +42,15 @@ def test_any_parameter_value_parses_or_names_the_field(name, value):
         assert LIMITS.min_input_side <= params.max_size <= LIMITS.max_size
 
 
+# Names and values a request may well carry, beside arbitrary ones, so that
+# accepted requests are drawn too, not only refusals.
+field_names = st.sampled_from(sorted(PARSERS) + ["content", "style", "style_2", "style_3", "style_5"]) | st.text(
+    min_size=1, max_size=12)
+field_values = st.sampled_from(["1", "40", "true", "0", "0.5", "fast", "seed", "max", "png", "adam", b"3"]) | wire_values
+
+
 @SETTINGS
-@given(fields=st.dictionaries(st.text(min_size=1, max_size=12), wire_values, max_size=5))
+@given(fields=st.dictionaries(field_names, field_values, max_size=5))
 def test_any_request_shape_is_accepted_or_refused_cleanly(fields):
     fields = {"content": b"x", "style": b"y", **fields}
     try:
