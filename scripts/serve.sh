@@ -20,9 +20,15 @@ case "${1:-}" in
     python scripts/manage.py ports-free config.properties
     rm -f key_file.json
     mkdir -p workflow_store   # config.properties' workflow_store: stays empty
-    torchserve --start --ts-config config.properties --ncs >/dev/null
+    # Neither of the launcher's outputs stays with the caller: the JVM
+    # inherits both, and its stderr left on a pipe (make demo | tee log) kept
+    # that pipe open until the server stopped, so the pipeline never ended.
+    # stdout repeats logs/ts_log.log; stderr has what the JVM says before logging starts.
+    mkdir -p logs
+    torchserve --start --ts-config config.properties --ncs >/dev/null 2>logs/launcher.log \
+      || { echo "torchserve did not start: see logs/launcher.log" >&2; exit 1; }
     python scripts/manage.py --timeout "${START_TIMEOUT:-300}" wait \
-      || { echo "see logs/ts_log.log and logs/model_log.log" >&2; exit 1; }
+      || { echo "see logs/launcher.log, logs/ts_log.log and logs/model_log.log" >&2; exit 1; }
     echo "TorchServe is up: inference http://127.0.0.1:8080, management http://127.0.0.1:8081"
     echo "keys are in key_file.json; stop it with: make stop"
     ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -106,6 +107,31 @@ def test_the_worker_log_names_a_refused_request_by_the_clients_x_request_id(serv
     while line not in log.read_text() and time.monotonic() < waited:
         time.sleep(0.2)
     assert line in log.read_text()
+
+
+def test_serve_script_starts_and_stops_and_never_holds_its_callers_output(tmp_path):
+    """scripts/serve.sh, as `make serve` and `make demo` run it: start, status,
+    stop, on config.properties' own ports, its output read through pipes as
+    `make demo | tee log` reads it. The JVM once inherited the launcher's
+    stderr, so such a pipe stayed open, and the caller waited, until the
+    server stopped. Skipped where those ports are taken (a server of yours)."""
+    manage = [sys.executable, str(ROOT / "scripts" / "manage.py")]
+    taken = subprocess.run([*manage, "ports-free", "config.properties"], cwd=ROOT, capture_output=True, text=True)
+    if taken.returncode != 0:
+        pytest.skip(f"config.properties' ports are taken: {taken.stderr.strip()}")
+    # its own TMPDIR: torchserve --stop finds the server by a pid file there
+    env = {**os.environ, "TMPDIR": str(tmp_path), "VENV": str(Path(sys.executable).parents[1])}
+    serve = ["bash", str(ROOT / "scripts" / "serve.sh")]
+    try:
+        started = subprocess.run([*serve, "start"], env=env, capture_output=True, text=True, timeout=400)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "TorchServe is up" in started.stdout
+        status = subprocess.run([*serve, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and json.loads(status.stdout)[0]["workers"], status.stdout + status.stderr
+    finally:
+        stopped = subprocess.run([*serve, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert subprocess.run([*manage, "ports-free", "config.properties"], cwd=ROOT).returncode == 0
 
 
 def test_malformed_json_body_is_400(server):
