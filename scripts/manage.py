@@ -5,7 +5,7 @@
   manage.py scale N           set the worker count to N (waits until done)
   manage.py wait              block until /ping is healthy (or --timeout s);
                               --renew-expired: renew an expired inference key first
-  manage.py key inference|management   print a key from key_file.json
+  manage.py key inference|management|API   print a key from key_file.json
   manage.py k8s-secret        print a Kubernetes Secret with a new random
                               inference key for deploy/ (kubectl apply -f -)
   manage.py ports-free FILE   fail, naming it, where a port FILE (config.properties)
