@@ -1,12 +1,13 @@
 """The README's shell examples, run as written against the test server.
 
 Only what cannot differ on a test machine is rewritten: the addresses (free
-ports), curl's --fail (an HTTP error must fail the test, not land
-in out.png) and the step count and size (2 steps at 32 px instead of 300 at the
-default, so the CPU suite stays fast). The example images are the README's
-own, full size: a shrunk copy once hid that the JSON example passed their
-base64 to curl as one argument, past Linux's 128 KiB limit on one. `make` and `docker` blocks are covered by
-`make demo` / `make test` and the Dockerfile lint; lines that need a
+ports), curl's --fail (an HTTP error must fail the test, not land in
+out.png) and the step count and size (2 steps at 32 px instead of 300 at
+the default, so the CPU suite stays fast). The example images are the
+README's own, full size: a shrunk copy once hid that the JSON example passed
+their base64 to curl as one argument, past Linux's 128 KiB limit on one.
+`make` and `docker` blocks are covered by `make demo` / `make test` and the
+Dockerfile lint; lines that need a
 Kubernetes cluster (`kubectl`) by tests/scripts/test_deploy.py, which validates
 the manifests they apply and runs `manage.py k8s-secret`.
 """
