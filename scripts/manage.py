@@ -178,8 +178,8 @@ def ports_free(args) -> int:
             except OSError as e:
                 taken.append(f"{host}:{port} ({key}): {e.strerror}")
     for line in taken:
-        print(f"error: port taken, {line}: another server holds it; stop it or change {args.config}",
-              file=sys.stderr)
+        print(f"error: port taken, {line}: a process holds it (this TorchServe, if it is running: "
+              f"make stop); stop it or change {args.config}", file=sys.stderr)
     return 1 if taken else 0
 
 
