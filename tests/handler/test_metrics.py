@@ -49,6 +49,10 @@ def test_a_served_request_adds_its_steps_and_a_rejected_one_its_code(handler, ma
     assert sum(v[("StepsRun", dims)]) == 7 and ctx.metrics.kinds["StepsRun"] == "COUNTER"
     assert v[("RejectedRequests", dims + ("422",))] == [1]
     assert v[("BatchSize", dims)] == [2, 2]
+    # counters that averages divide: the served requests and their optimization times added
+    assert v[("ServedRequests", dims)] == [1, 1] and ctx.metrics.kinds["ServedRequests"] == "COUNTER"
+    assert v[("OptimizationMsSum", dims)] == v[("OptimizationMs", dims)]
+    assert ctx.metrics.kinds["OptimizationMsSum"] == "COUNTER"
     for name in ("OptimizationMs", "StepsPerSecond", "DecodeMs", "EncodeMs", "PeakDeviceMemoryMB"):
         assert len(v[(name, dims)]) == 2 and all(x >= 0 for x in v[(name, dims)]), name
         assert ctx.metrics.kinds[name] == "GAUGE"

@@ -206,12 +206,18 @@ def _wait_metric(server, name: str, expected: float, **labels) -> float:
 
 def test_prometheus_metrics_count_steps_and_rejections(server):
     """metrics.yaml's model metrics on :8082/metrics: a request of N steps
-    raises StepsRun by exactly N, a rejected one RejectedRequests of its code."""
+    raises StepsRun by exactly N, ServedRequests by 1 and OptimizationMsSum by
+    its X-Elapsed-Ms; a rejected one RejectedRequests of its code."""
     steps0 = _metric(server, "StepsRun", ModelName="style_transfer")
+    served0 = _metric(server, "ServedRequests", ModelName="style_transfer")
+    optimizing0 = _metric(server, "OptimizationMsSum", ModelName="style_transfer")
     rejected0 = _metric(server, "RejectedRequests", ModelName="style_transfer", Code="422")
     r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "7", "max_size": "32"})
     assert r.status_code == 200
     assert _wait_metric(server, "StepsRun", steps0 + 7, ModelName="style_transfer") == steps0 + 7
+    assert _wait_metric(server, "ServedRequests", served0 + 1, ModelName="style_transfer") == served0 + 1
+    optimized = _metric(server, "OptimizationMsSum", ModelName="style_transfer") - optimizing0
+    assert abs(optimized - int(r.headers["X-Elapsed-Ms"])) <= 1  # the header is rounded to whole ms
     r = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "-3"})
     assert r.status_code == 422
     after = _wait_metric(server, "RejectedRequests", rejected0 + 1, ModelName="style_transfer", Code="422")
