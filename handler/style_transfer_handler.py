@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,23 @@ class StyleTransferHandler:
         prepared: Prepared | None = None
         error: RequestError | None = None  # what the row was answered with, if it failed
 
+    class _LevelledFormatter(logging.Formatter):
+        """TorchServe's worker logs bare messages (basicConfig's
+        "%(message)s" on stdout: its metrics travel that way, as "[METRICS]"
+        lines) and the frontend stamps every line INFO in model_log.log, so
+        a warning or a 500's traceback looked like any other line. This
+        product's own records (OWN: the handler's and the core's loggers)
+        get their level and logger in front; every other record is
+        formatted as before."""
+
+        OWN = ("nst", __name__)
+
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            if record.name.split(".")[0] in self.OWN:
+                return f"{record.levelname} {record.name}: {text}"
+            return text
+
     def __init__(self) -> None:
         self.initialized = False
         self.vgg: VGGFeatures | None = None
@@ -73,6 +91,7 @@ class StyleTransferHandler:
         self.send_intermediate = _send_intermediate
 
     def initialize(self, context: Any) -> None:
+        _show_levels(self._LevelledFormatter("%(message)s"))
         props = context.system_properties
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
@@ -354,6 +373,16 @@ def is_grpc(context: Any, idx: int) -> bool:
     named. The two gRPC calls look the same: the frontend sends the worker the
     same command byte for both."""
     return not any(isinstance(v, str) for v in context.get_all_request_header(idx).values())
+
+
+def _show_levels(formatter: logging.Formatter) -> None:
+    """`formatter` on the root logger's bare stdout handler, the one
+    TorchServe's worker sets up (no other handler: a test's or an
+    embedding application's logging stays as it is)."""
+    for h in logging.getLogger().handlers:
+        if (type(h) is logging.StreamHandler and h.stream is sys.stdout and h.formatter is not None
+                and h.formatter._fmt == "%(message)s"):
+            h.setFormatter(formatter)
 
 
 def _share_cpu(limits: Limits) -> None:

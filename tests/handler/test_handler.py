@@ -397,6 +397,34 @@ def test_internal_error_is_500_without_details(handler, make_context, inputs, mo
     assert "boom" not in err["message"] and "secret" not in err["message"]
 
 
+def test_the_worker_log_shows_the_level_of_our_records_and_leaves_others_bare(handler, make_context, monkeypatch):
+    """In a TorchServe worker the root logger prints bare messages on stdout
+    (its metrics are such lines): initialize puts the level and logger in
+    front of the handler's and the core's records only."""
+    import io
+    import sys
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bare = logging.StreamHandler(sys.stdout)  # as ts/model_service_worker.py's basicConfig makes it
+    bare.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # setLevel, not the attribute: loggers cache what is enabled
+    root.addHandler(bare)
+    try:
+        handler.initialize(make_context())
+        logging.getLogger("nst.weights").warning("weights are RANDOM")
+        logging.getLogger("style_transfer_handler").info("request r0 rejected")
+        logging.getLogger("ts.metrics.caching_metric").info("[METRICS]StepsRun.Count:3|#ModelName:m|")
+    finally:
+        root.removeHandler(bare)
+        root.setLevel(level)
+    assert out.getvalue().splitlines()[-3:] == [
+        "WARNING nst.weights: weights are RANDOM", "INFO style_transfer_handler: request r0 rejected",
+        "[METRICS]StepsRun.Count:3|#ModelName:m|"]
+
+
 def test_the_log_names_each_failed_row_by_its_request_id(handler, make_context, inputs, monkeypatch, caplog):
     """TorchServe's request id (the client's x-request-id): the row index
     that the log gave before is the same 0 for every request alone."""

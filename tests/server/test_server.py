@@ -95,18 +95,21 @@ def test_bad_requests_get_contract_errors_and_worker_survives(server, files, dat
 def test_the_worker_log_names_a_refused_request_by_the_clients_x_request_id(server):
     """TorchServe answers every HTTP request with its id (x-request-id); the
     worker logs a refused or failed request by that id, so an operator can
-    find a client's complaint in the model log."""
+    find a client's complaint in the model log. The handler's and the core's
+    lines carry their level (the frontend stamps every worker line INFO)."""
     ok = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "1", "max_size": "32"})
     refused = server.predict(files={"content": CONTENT, "style": STYLE}, data={"steps": "0"})
     assert ok.status_code == 200 and refused.status_code == 422
     ids = ok.headers["x-request-id"], refused.headers["x-request-id"]
     assert len(set(ids)) == 2 and all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)  # UUIDs
-    line = f"request {ids[1]} rejected: 422 steps: 0 is out of range"
+    line = f"MODEL_LOG - INFO style_transfer_handler: request {ids[1]} rejected: 422 steps: 0 is out of range"
     log = server.workdir / "logs" / "model_log.log"
     waited = time.monotonic() + 30  # the frontend copies the worker's output into the log
     while line not in log.read_text() and time.monotonic() < waited:
         time.sleep(0.2)
     assert line in log.read_text()
+    if ok.headers["X-Weights"] == "random":  # offline, as in CI: the worker warned at start
+        assert "MODEL_LOG - WARNING nst.weights: VGG19 weights are RANDOM" in log.read_text()
 
 
 def test_serve_script_starts_and_stops_and_never_holds_its_callers_output(tmp_path):
