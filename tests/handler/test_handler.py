@@ -397,7 +397,7 @@ def test_internal_error_is_500_without_details(handler, make_context, inputs, mo
     assert "boom" not in err["message"] and "secret" not in err["message"]
 
 
-def test_the_worker_log_shows_the_level_of_our_records_and_leaves_others_bare(handler, make_context, monkeypatch):
+def test_the_worker_log_shows_the_level_of_our_records_and_leaves_others_bare(make_handler, monkeypatch):
     """In a TorchServe worker the root logger prints bare messages on stdout
     (its metrics are such lines): initialize puts the level and logger in
     front of the handler's and the core's records only."""
@@ -413,7 +413,7 @@ def test_the_worker_log_shows_the_level_of_our_records_and_leaves_others_bare(ha
     root.setLevel(logging.INFO)  # setLevel, not the attribute: loggers cache what is enabled
     root.addHandler(bare)
     try:
-        handler.initialize(make_context())
+        make_handler()  # initialize
         logging.getLogger("nst.weights").warning("weights are RANDOM")
         logging.getLogger("style_transfer_handler").info("request r0 rejected")
         logging.getLogger("ts.metrics.caching_metric").info("[METRICS]StepsRun.Count:3|#ModelName:m|")
