@@ -29,16 +29,18 @@ from .config import (
     Limits,
     Params,
 )
-from .errors import BadRequest, InvalidParameter, TooLarge, quote_field
+from .errors import BadRequest, InvalidParameter, RequestError, TooLarge, quote_field
 from .vgg import canonical_layer
 
 
-def _text(value: Any, name: str) -> str:
+def _text(value: Any, name: str, invalid: type[RequestError] = InvalidParameter) -> str:
+    """A field's text, stripped. Bytes that are not UTF-8 are `invalid`: a
+    parameter's value (422) by default."""
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise InvalidParameter(name, f"{name}: not valid UTF-8 text") from None
+            raise invalid(name, f"{name}: not valid UTF-8 text") from None
     if isinstance(value, str):
         return value.strip()
     raise InvalidParameter(name, f"{name}: expected a {type(value).__name__!s} to be text")
@@ -368,12 +370,9 @@ def parse_request(fields: Mapping[str, Any], limits: Limits, fetch: Fetcher | No
         if image_field in fields:
             raise BadRequest(url_field, f"{url_field}: give {image_field} or {url_field}, not both")
         url = fields.pop(url_field)
-        if isinstance(url, (bytes, bytearray)):  # a form field or a gRPC input: the URL is its text
-            try:
-                url = bytes(url).decode("utf-8").strip()
-            except UnicodeDecodeError:  # malformed, as a URL that is no string (fetch): 400
-                raise BadRequest(url_field, f"{url_field}: not valid UTF-8 text") from None
-        urls[image_field] = url
+        # A form field or a gRPC input is bytes: the URL is its text. Not
+        # UTF-8: malformed (400), as a URL that is no string is in fetch.
+        urls[image_field] = _text(url, url_field, BadRequest) if isinstance(url, (bytes, bytearray)) else url
         fields[image_field] = b""  # placeholder until the parameters are known to be valid
     if "content" not in fields:
         raise BadRequest("content", "content: required image missing")
