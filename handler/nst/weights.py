@@ -29,17 +29,19 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def kind_of(path: str | Path) -> str:
+    """The kind its sidecar records for a weights file; `custom` without one."""
+    meta = sidecar(Path(path))
+    kind = json.loads(meta.read_text()).get("kind", "custom") if meta.exists() else "custom"
+    return kind if kind in KINDS else "custom"
+
+
 def load(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """(features state dict, kind). Kind comes from the sidecar JSON written by
     scripts/fetch_weights.py; a file without one is `custom`."""
     path = Path(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    kind = "custom"
-    meta = sidecar(path)
-    if meta.exists():
-        kind = json.loads(meta.read_text()).get("kind", "custom")
-        if kind not in KINDS:
-            kind = "custom"
+    kind = kind_of(path)
     if kind == "random":
         log.warning(RANDOM_WARNING)
     return features_state_dict(state), kind

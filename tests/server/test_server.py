@@ -16,10 +16,14 @@ import requests
 from PIL import Image
 
 from example_images import thumbnail
+from nst import weights
 
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The kind of the weights the archive bundles (make builds it from weights/):
+# random offline, as in CI, imagenet where `make` could download them.
+ARCHIVED = weights.kind_of(ROOT / "weights" / weights.FILE_NAME)
 
 pytestmark = pytest.mark.server
 
@@ -42,7 +46,7 @@ def test_multipart_returns_png_of_right_size(server):
     assert r.headers["X-Steps"] == "3"
     assert float(r.headers["X-Loss"]) > 0
     assert int(r.headers["X-Elapsed-Ms"]) >= 0
-    assert r.headers["X-Weights"] == "random"
+    assert r.headers["X-Weights"] == ARCHIVED
     assert r.headers["X-Skipped-Steps"] == "0"  # float16 overflows: none on the CPU, in bf16 then float32
 
 
@@ -108,7 +112,8 @@ def test_the_worker_log_names_a_refused_request_by_the_clients_x_request_id(serv
     while line not in log.read_text() and time.monotonic() < waited:
         time.sleep(0.2)
     assert line in log.read_text()
-    if ok.headers["X-Weights"] == "random":  # offline, as in CI: the worker warned at start
+    assert ok.headers["X-Weights"] == ARCHIVED
+    if ARCHIVED == "random":  # offline, as in CI: the worker warned at start
         assert "MODEL_LOG - WARNING nst.weights: VGG19 weights are RANDOM" in log.read_text()
 
 
@@ -155,7 +160,7 @@ def test_stream_sends_progress_then_image(server):
     progress, final = records[:-1], records[-1]
     assert [p["step"] for p in progress] == [10, 20]
     assert all(p["steps"] == 20 and p["loss"] > 0 for p in progress)
-    assert final["done"] is True and final["steps"] == 20 and final["weights"] == "random"
+    assert final["done"] is True and final["steps"] == 20 and final["weights"] == ARCHIVED
     assert final["skipped_steps"] == 0
     assert _png(base64.b64decode(final["image"])).size == (48, 36)
     # The facts travel in the final record: headers set after the first chunk never arrive.
