@@ -46,12 +46,14 @@ def test_readme_has_the_examples_we_run():
     assert any("manage.py scale 2" in c for c in cmds)
     assert any("token?type=inference" in c for c in cmds)
     assert any("stylize.py" in c and "--local" in c for c in cmds)
+    assert any("8082/metrics" in c and "grep" in c for c in cmds)
 
 
 def _rewrite(cmd: str, server, examples: Path) -> str:
     mgmt = f"--management {server.management} --inference {server.inference}"
     cmd = cmd.replace("http://127.0.0.1:8080", server.inference)
     cmd = cmd.replace("http://127.0.0.1:8081", server.management)
+    cmd = cmd.replace("http://127.0.0.1:8082", server.metrics)
     cmd = cmd.replace("curl ", "curl --fail ")  # an HTTP error fails the script (set -e)
     cmd = cmd.replace(".venv/bin/python", sys.executable)
     cmd = cmd.replace("scripts/manage.py", f"{ROOT}/scripts/manage.py {mgmt}")
