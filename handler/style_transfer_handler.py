@@ -47,7 +47,8 @@ def _send_intermediate(line: bytes, idx: int, context: Any) -> None:
 
 class StyleTransferHandler:
     """Loads the frozen VGG19 once per worker; rows of a batch with the same
-    output shape share one optimization, and each row gets its own answer."""
+    output shape share one optimization where the device and optimizer allow
+    (nst.optimize.batch_key: a CPU's L-BFGS), and each row gets its own answer."""
 
     @dataclass
     class _Row:
@@ -132,7 +133,8 @@ class StyleTransferHandler:
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
         """decode (every row) -> predict (rows of one shape share an
-        optimization) -> encode and answer (each row its own answer or error)."""
+        optimization where batch_key allows) -> encode and answer (each row
+        its own answer or error)."""
         out: list[bytes | None] = [None] * len(data)
         rows: list[StyleTransferHandler._Row] = []
         every: list[StyleTransferHandler._Row] = []

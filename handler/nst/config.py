@@ -148,8 +148,9 @@ class Params:
 
     preset: str = "fast"  # fast | seed: a preset only lays defaults over these (SEED_PRESET)
     # What is optimized. pixels: [0,1] RGB that the objective sees clamped (the
-    # image scored is the image delivered), bf16 VGG passes for the first
-    # LOWP_STEPS. normalized: ImageNet-normalized values, unclamped, float32
+    # image scored is the image delivered), low-precision VGG passes
+    # (LOWP_DTYPE: bf16 for the first LOWP_STEPS on a CPU, float16 on every
+    # step on a GPU). normalized: ImageNet-normalized values, unclamped, float32
     # throughout, the style resized to the content's exact shape at
     # style_scale 1 (the recipe's pipeline; its pixels clip on delivery).
     space: str = "pixels"  # pixels | normalized
@@ -279,7 +280,7 @@ LBFGS_HISTORY_DTYPE: Mapping[str, str] = {"cuda": "bfloat16", "cpu": "float32"}
 # bound on the first step only left the noise style's image at 0.51x.
 LBFGS_MAX_MOVE = 0.35
 # On a GPU, the fast preset's L-BFGS steps are captured in a CUDA graph once
-# per image shape and dtype, after a few eager steps, and replayed: a step is
+# per image shape and dtype, after one eager step, and replayed: a step is
 # hundreds of small kernels, which otherwise leave the GPU waiting on launches.
 CUDA_GRAPHS = True
 # Adam's steps (preset=seed, and optimizer=adam) captured in a CUDA graph as
