@@ -126,27 +126,31 @@ def _products(M: Tensor, V: Tensor) -> Tensor:
 
 
 def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Record the pair from the previous iterate to (x, g), in place.
-    Where `usable` (B,) is False nothing is recorded: the slot the pair
-    would take keeps its pair, and the slot advances only if some image's
-    pair is new (with one image per state, never).
+    """Record the pair from the previous iterate to (x, g), in place, as
+    torch.optim.LBFGS does: a pair that fails the curvature test, or whose
+    gradient is not `usable` (B,), is not recorded, and evicts nothing. The
+    slot the pair would take keeps its pair, and the slot advances only if
+    some image's pair is new (with one image per state: if its pair is).
 
     Returns S^T g and Y^T g, (B, m) each in slot order, for `direction`: they
     come out of the same two batched products as the update's own, so the
     history is read twice per step here and twice in `direction`."""
     s = x - state.x_prev  # (B, n)
     y = g - state.g_prev
-    sy, yy = _bdot(s, y), _bdot(y, y)
-    ok = (sy > CURVATURE_EPS * yy) & (yy > 0) & state.started  # (B,)
+    # The test is on the pair as it will be stored: rounded to a 16-bit
+    # history, s.y may turn non-positive, and R's diagonal (D) is made of the
+    # stored numbers: a non-positive one there points the direction uphill.
+    stored_s, stored_y = s.to(state.S.dtype).float(), y.to(state.Y.dtype).float()
+    sy, yy = _bdot(stored_s, stored_y), _bdot(stored_y, stored_y)
+    new = (sy > CURVATURE_EPS * yy) & (yy > 0) & state.started  # (B,): this pair enters the history
+    if usable is not None:
+        new = new & usable
     m = state.S.shape[1]
     idx = state.slot.view(1)  # (1,): the slot as an index, for index_select / index_copy_ without a host read
-    new, advance = ok, 1  # this pair's gamma is taken, and the slot moves on
-    if usable is not None:
-        keep = usable.view(-1, 1)  # (B, 1): one flag per image, across its n values
-        s = torch.where(keep, s, state.S.index_select(1, idx).squeeze(1))  # (B, n): the pair already there
-        y = torch.where(keep, y, state.Y.index_select(1, idx).squeeze(1))
-        kept_ok = state.valid.index_select(1, idx).squeeze(1) > 0
-        ok, new, advance = torch.where(usable, ok, kept_ok), ok & usable, usable.any().long()
+    keep = new.view(-1, 1)  # (B, 1): one flag per image, across its n values
+    s = torch.where(keep, s, state.S.index_select(1, idx).squeeze(1))  # (B, n): else the pair already there
+    y = torch.where(keep, y, state.Y.index_select(1, idx).squeeze(1))
+    kept_ok = state.valid.index_select(1, idx).squeeze(1) > 0
     state.S.index_copy_(1, idx, s.unsqueeze(1).to(state.S.dtype))
     state.Y.index_copy_(1, idx, y.unsqueeze(1).to(state.Y.dtype))
     S_prod = _products(state.S, torch.stack([y, g], -1))  # (B, m, 2): s_i . y, s_i . g
@@ -155,9 +159,12 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
     state.SY.index_copy_(2, idx, S_prod[:, :, 0].unsqueeze(2))  # column: s_i . y
     state.YY.index_copy_(1, idx, Y_prod[:, :, 1].unsqueeze(1))
     state.YY.index_copy_(2, idx, Y_prod[:, :, 1].unsqueeze(2))
-    state.valid.index_copy_(1, idx, ok.float().unsqueeze(1))
+    # The diagonal as the products summed it (another order than _bdot's):
+    # a pair whose stored s.y is not positive after all is masked out.
+    diagonal = Y_prod.index_select(1, idx).squeeze(1)[:, 0]  # (B,)
+    state.valid.index_copy_(1, idx, (torch.where(new, True, kept_ok) & (diagonal > 0)).float().unsqueeze(1))
     state.gamma.copy_(torch.where(new, sy / yy.clamp_min(1e-30), state.gamma))
-    state.slot.copy_((state.slot + advance) % m)
+    state.slot.copy_((state.slot + new.any().long()) % m)
     return S_prod[:, :, 1], Y_prod[:, :, 2]
 
 
@@ -215,7 +222,7 @@ def step(
     next iterate, and updates `state` in place. No host sync.
 
     The step is `lr` times the quasi-Newton step, shortened so that no
-    coordinate moves more than `max_move`; with bounds, coordinates at a bound
+    coordinate moves more than `max_move`, whatever `lr`; with bounds, coordinates at a bound
     whose gradient points out are held (their gradient and step are zeroed),
     and the result is projected onto the box.
 
@@ -243,7 +250,10 @@ def step(
         out = ((x <= lower) & (d < 0)) | ((x >= upper) & (d > 0))
         d = d.masked_fill(held | out, 0.0)
     longest = d.abs().amax(-1, keepdim=True)  # (B, 1)
-    t = torch.clamp(max_move / longest.clamp_min(1e-30), max=1.0) * lr
+    bound = max_move / longest.clamp_min(1e-30)  # the step scale that moves the longest coordinate max_move
+    # lr scales the (bounded) step; past 1 it may not break the bound, or an
+    # lr of a few saturates every pixel, where the clamp has no gradient.
+    t = torch.minimum(torch.clamp(bound, max=1.0) * lr, bound)
     x_next = x + t * d
     if lower is not None and upper is not None:
         x_next = x_next.clamp(lower, upper)

@@ -77,19 +77,61 @@ def test_direction_matches_the_two_loop_recursion(count):
         assert torch.allclose(d[i].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_a_pair_failing_the_curvature_test_is_masked_out():
+def test_a_pair_failing_the_curvature_test_is_dropped_and_evicts_nothing():
+    """As torch.optim.LBFGS: a pair with s.y <= 0 is not recorded, and the
+    history keeps its last m good pairs (once, the bad pair took a slot and
+    pushed the oldest good one out)."""
     gen = torch.Generator().manual_seed(7)
-    n, m = 30, 6
+    n, m = 30, 3
     good = _random_pairs(n, 3, gen)
-    bad = (torch.randn(n, generator=gen), None)
-    bad = (bad[0], -bad[0])  # s.y < 0: no convex function has it
+    bad = torch.randn(n, generator=gen)
+    bad = (bad, -bad)  # s.y < 0: no convex function has it
     state = lbfgs.init_state(1, n, m, torch.device("cpu"))
     _fill(state, [good[:2] + [bad] + good[2:]])
-    assert state.valid[0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert state.valid[0].tolist() == [1.0, 1.0, 1.0]
     g = torch.randn(1, n, generator=gen)
     s, y = good[2]
     ref = two_loop(good, g[0], float(torch.dot(s, y) / torch.dot(y, y)))
     assert torch.allclose(lbfgs.direction(state, g)[0].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_the_first_step_records_no_pair_and_takes_no_slot():
+    """The first iterate has no previous one: nothing enters the history, and
+    the first real pair goes to the first slot."""
+    state = lbfgs.init_state(1, 8, 3, torch.device("cpu"))
+    x = torch.rand(1, 8, generator=torch.Generator().manual_seed(0))
+    x1 = lbfgs.step(state, x, x - 0.5, lr=1.0, max_move=0.1)
+    assert int(state.slot) == 0 and state.valid.sum() == 0
+    lbfgs.step(state, x1, x1 - 0.5, lr=1.0, max_move=0.1)
+    assert int(state.slot) == 1 and state.valid[0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_bf16_history_never_keeps_a_pair_whose_stored_curvature_is_not_positive(monkeypatch):
+    """Nearly orthogonal s and y: s.y is positive in float32 but not once both
+    are rounded to bf16, as a 16-bit history stores them. Such a pair is
+    dropped, so R's diagonal stays positive and every direction descends."""
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": "bfloat16"})
+    gen = torch.Generator().manual_seed(3)
+    n, m, dropped = 4096, 4, 0
+    state = lbfgs.init_state(1, n, m, torch.device("cpu"))
+    state.started.fill_(True)
+    x, g = torch.zeros(1, n), torch.zeros(1, n)
+    for _ in range(200):
+        s = torch.randn(1, n, generator=gen)
+        y = torch.randn(1, n, generator=gen)
+        y = y - (s * y).sum() / (s * s).sum() * s + 1e-6 * s  # cos(s, y) about 1e-6, s.y > 0
+        assert float((s * y).sum()) > 0
+        rounded = float((s.to(torch.bfloat16).float() * y.to(torch.bfloat16).float()).sum())
+        dropped += rounded <= 0
+        state.x_prev.copy_(x)
+        state.g_prev.copy_(g)
+        x, g = x + s, g + y
+        lbfgs.update_history(state, x, g)
+        stored = torch.diagonal(state.SY[0]) * state.valid[0]
+        assert (stored[state.valid[0] > 0] > 0).all()
+    assert dropped > 20  # the case arose, many times over
+    d = lbfgs.direction(state, g)
+    assert float((d * g).sum()) < 0
 
 
 def test_products_of_a_bf16_history_are_float32_sums_of_rounded_numbers():
@@ -236,6 +278,19 @@ def test_steps_are_bounded_and_stay_in_the_box():
         x = nxt
     # The minimum of 250 (x - t)^2 + 300 x on [0, 1] is max(0, t - 0.6).
     assert torch.allclose(x, (target - 0.6).clamp_min(0), atol=1e-3)
+
+
+@pytest.mark.parametrize("lr", [0.5, 1.0, 3.0, 20.0])
+def test_lr_scales_a_bounded_step_but_never_past_the_bound(lr):
+    """A first step (direction -g) far longer than max_move: lr below 1
+    shortens the bounded step; above 1 it may not lengthen it (an lr of a few
+    moved pixels lr x max_move, out of the image's range)."""
+    target = torch.rand(1, 50, generator=torch.Generator().manual_seed(1))
+    x = torch.full((1, 50), 0.5)
+    state = lbfgs.init_state(1, 50, 5, torch.device("cpu"))
+    nxt = lbfgs.step(state, x, 400.0 * (x - target), lr=lr, max_move=0.1)
+    move = float((nxt - x).abs().max())
+    assert math.isclose(move, 0.1 * min(lr, 1.0), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("history", ["float32", "bfloat16"])
