@@ -444,11 +444,14 @@ def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float,
     if params.timeout_s is not None and taken + params.timeout_s < deadline:
         deadline, field = taken + params.timeout_s, "timeout_s"
     if params.deadline is not None:
+        # The client's wall clock, read now (after this batch's earlier rows
+        # and any URL downloads): to monotonic time at this same instant.
+        now = time.monotonic()
         left = params.deadline - time.time()
         if left <= 0:
             raise TimedOut("deadline", f"deadline: passed {-left:.1f} s before a worker took the request; not started")
-        if taken + left < deadline:
-            deadline, field = taken + left, "deadline"
+        if now + left < deadline:
+            deadline, field = now + left, "deadline"
     return deadline, field
 
 

@@ -53,6 +53,11 @@ DEADLINE_SLACK = 1.25
 DEADLINE_SLACK_S = 1.0
 
 
+# conv5_1 follows four 2x2 poolings: a side under 2**4 px leaves it no pixel
+# (a VGG pass then fails, a 500), so no configuration may admit one.
+VGG_MIN_SIDE = 16
+
+
 @dataclass(frozen=True)
 class Limits:
     """Server-side bounds. Overridable from the model-config YAML (`limits:` key)."""
@@ -60,7 +65,7 @@ class Limits:
     max_steps: int = 3000  # the recipe needs 2000; more is never useful
     max_size: int = 1024  # longest output side, px, on a CPU: time grows with H*W
     max_size_gpu: int = 2048  # the same on a GPU, where memory allows it (admission control checks)
-    min_input_side: int = 16  # px; VGG pools 4 times before conv5_1
+    min_input_side: int = VGG_MIN_SIDE  # px; at least VGG_MIN_SIDE
     max_input_pixels: int = 50_000_000  # checked from the header, before decoding
     max_input_bytes: int = 25 * 1024 * 1024  # one encoded image
     # A progressive JPEG's decode cost is scans x pixels; encoders write about
@@ -139,7 +144,14 @@ class Limits:
                     raise ValueError(f"limits.{key} must be a positive number")
                 value = float(value)
             values[key] = value
-        return cls(**values)
+        limits = cls(**values)
+        if limits.min_input_side < VGG_MIN_SIDE:
+            raise ValueError(f"limits.min_input_side must be at least {VGG_MIN_SIDE}: VGG pools four times "
+                             "before conv5_1")
+        for key in ("max_size", "max_size_gpu"):
+            if getattr(limits, key) < limits.min_input_side:
+                raise ValueError(f"limits.{key} must be at least limits.min_input_side ({limits.min_input_side})")
+        return limits
 
 
 @dataclass(frozen=True)

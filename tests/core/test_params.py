@@ -447,6 +447,9 @@ def test_limits_from_shipped_model_config_yaml():
         {"time_budget_s": 0},
         {"time_budget_s": -1.0},
         {"time_budget_s": [1]},
+        {"min_input_side": 8},  # conv5_1 would get no pixel: a 500 on a 12 px image
+        {"max_size": 12},  # below min_input_side: no output size is allowed
+        {"min_input_side": 64, "max_size_gpu": 32},
     ],
 )
 def test_limits_from_mapping_rejects_bad_values(raw):

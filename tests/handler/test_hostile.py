@@ -84,6 +84,20 @@ def test_a_deadline_already_passed_is_refused_before_any_work(handler, make_cont
     assert "not started" in err["message"]
 
 
+def test_a_client_deadline_counts_from_when_it_is_read_not_from_when_the_worker_took_the_batch():
+    """A batch taken 30 s ago (earlier rows decoded, URLs downloaded): a
+    deadline 100 s away on the client's clock is still 100 s away, not 70."""
+    from nst.config import Params
+    from style_transfer_handler import _client_deadline
+
+    taken = time.monotonic() - 30
+    deadline, field = _client_deadline(Params(deadline=time.time() + 100), taken, taken + 540)
+    assert field == "deadline" and abs(deadline - (time.monotonic() + 100)) < 1
+    # timeout_s counts from when the worker took the request (the client sent it then, or earlier)
+    deadline, field = _client_deadline(Params(timeout_s=60), taken, taken + 540)
+    assert field == "timeout_s" and deadline == taken + 60
+
+
 def _slow_steps(monkeypatch, seconds: float, from_call: int = 1) -> None:
     """Each step's loss takes `seconds` longer from its `from_call`-th call on."""
     import nst.optimize
