@@ -3,7 +3,10 @@
 total = alpha * content + beta * style (+ tv_weight * tv), with
   content = mean((F - P)^2) at conv4_2,
   style   = sum_l w_l * mean((G_l - A_l)^2) / (d_l * h_l * w_l),
-and G the *unnormalized* Gram matrix F F^T of one image's features.
+and G the *unnormalized* Gram matrix F F^T of one image's features. A style
+target A_l is the style's Gram scaled to the content's pixel count at layer l
+(exactly the recipe's when the style has the content's shape, as the recipe
+makes it).
 Grams and losses are computed in float32 whatever the features' dtype.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import GRAM_LOWP_DEVICES, GRAM_ONE_PRODUCT_DEVICES, GRAM_ONE_PRODUCT_MIN_PIXELS, RECIPE_CONTENT_LAYER
-from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer
+from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer, feature_size
 
 LOWP = (torch.float16, torch.bfloat16)
 
@@ -197,13 +200,24 @@ def make_objective(
     total_blend = sum(blend)
     blend = [b / total_blend for b in blend]
 
+    # A Gram matrix sums over pixels, so a style of more pixels than the
+    # content (another aspect, a style_scale above 1) asked for features the
+    # content's size cannot have: a square style on an 8:1 content set a target
+    # 8x what the style's own statistics give there, and a larger style
+    # outweighed the others in a blend. Each target is scaled to the content's
+    # pixel count at its layer: the same per-pixel statistics, whatever the
+    # style's size. A style of the content's exact shape (the recipe resizes it
+    # so) is scaled by exactly 1, which keeps the recipe's objective.
+    height, width = content.shape[-2:]
     with torch.no_grad():
         content_target = vgg(content, {content_layer}, pooling)[content_layer].float()
         targets: dict[str, Tensor] = {}
         for weight, style in zip(blend, styles):
             feats = vgg(style, set(layer_weights), pooling)
             for name in layer_weights:
-                g = gram(feats[name]) * weight
+                h, w = feature_size(height, width, name)
+                ratio = (h * w) / (feats[name].shape[-2] * feats[name].shape[-1])
+                g = gram(feats[name]) * (weight * ratio)
                 targets[name] = targets[name] + g if name in targets else g
 
     names = tuple(sorted(layer_weights, key=LAYER_NAMES.index))

@@ -35,6 +35,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _NAME = re.compile(r"^(?:conv|relu)([1-5])_([1-4])$")
 
 
+def feature_size(height: int, width: int, layer: str) -> tuple[int, int]:
+    """(h, w) of `layer`'s activations for an (height, width) image: each
+    block before the layer's ends in a 2x2 pooling, which floors odd sides."""
+    pools = int(canonical_layer(layer)[4]) - 1  # conv{block}_{i}
+    return height >> pools, width >> pools
+
+
 def canonical_layer(name: str) -> str:
     """`relu3_1` -> `conv3_1`; raises ValueError for names VGG19 (up to conv5_1) lacks."""
     m = _NAME.match(name)

@@ -254,21 +254,24 @@ def test_json_body_as_raw_bytes_also_works(handler, make_context, inputs, wrap):
     assert png_of(out).size == (32, 24)
 
 
-def test_x_loss_is_the_delivered_images_loss(handler, make_context, inputs, vgg_state):
+def test_x_loss_is_the_delivered_images_loss(handler, make_context, images, vgg_state):
     """X-Loss scored independently: the tutorial's own loss code
     (bench/reference_recipe.py, torchvision's VGG19 with the same weights) on
-    the delivered PNG, against the inputs as the fast preset sizes them."""
+    the delivered PNG, against the inputs as the fast preset sizes them. The
+    style has the content's aspect, so it is sized to the content's shape,
+    where its target is the tutorial's unscaled Gram (tests/core/test_style_targets.py)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     import reference_recipe as ref
     from nst import imageio, Limits
 
+    inputs = {"content": images.png(images.content(64, 48)), "style": images.jpeg(images.style(40, 30))}
     ctx = make_context()
     [out] = handler.handle([multipart_row(inputs, steps=3, max_size=64)], ctx)
     limits = Limits()
     content = imageio.to_tensor(imageio.decode(inputs["content"], "content", limits))  # 64x48 already
-    style = imageio.to_tensor(imageio.decode(inputs["style"], "style", limits).resize((64, 64), Image.LANCZOS))
+    style = imageio.to_tensor(imageio.decode(inputs["style"], "style", limits).resize((64, 48), Image.LANCZOS))
     delivered = imageio.to_tensor(png_of(out).convert("RGB"))
     mean, std = torch.tensor(ref.MEAN).view(1, 3, 1, 1), torch.tensor(ref.STD).view(1, 3, 1, 1)
     expected = ref.score(delivered, (content - mean) / std, (style - mean) / std, ref.load_vgg(vgg_state))
