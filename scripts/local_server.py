@@ -1,8 +1,8 @@
 """Run a private TorchServe on free localhost ports, for the tests and the benchmark.
 
 The archive is built from this checkout into a temporary model store, and
-TorchServe runs with its own cwd and TMPDIR, so its key file, logs and pid
-file never touch a server that `make serve` started. Token auth stays on.
+TorchServe runs with its own cwd, TMPDIR and TEMP, so its key file, logs, pid
+file and worker sockets never touch a server that `make serve` started. Token auth stays on.
 """
 from __future__ import annotations
 
@@ -142,7 +142,10 @@ def running_server(
     model-config.yaml (test-only settings such as a tiny time budget)."""
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", TMPDIR=str(workdir))
+    # TMPDIR holds TorchServe's pid file, TEMP (Java's temp dir) its workers'
+    # sockets: both its own, never another server's (a socket's path has at
+    # most 107 bytes: pytest's and mkdtemp's directories are far shorter).
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", TMPDIR=str(workdir), TEMP=str(workdir))
     weights = weights or ROOT / "weights" / WEIGHTS_FILE
     build_env = dict(env, VENV=str(VENV_BIN.parent), OUT=str(store), WEIGHTS=str(weights))
     if model_config:

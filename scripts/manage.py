@@ -8,8 +8,12 @@
   manage.py key inference|management|API   print a key from key_file.json
   manage.py k8s-secret        print a Kubernetes Secret with a new random
                               inference key for deploy/ (kubectl apply -f -)
+  manage.py address inference|management   print the address used (see --config)
   manage.py ports-free FILE   fail, naming it, where a port FILE (config.properties)
                               serves on is taken (scripts/serve.sh, before a start)
+
+--config FILE takes the addresses from a config.properties (scripts/serve.sh
+passes its own); --management / --inference name them outright.
 
 Keys come from the key_file.json TorchServe writes at start (token
 authorization is on): the management key for management calls, the
@@ -163,6 +167,18 @@ def served_ports(props: dict[str, str]) -> dict[str, tuple[str, int]]:
     return out
 
 
+def client_address(bound: str | None, port: int) -> str:
+    """Where a client on this machine reaches an address TorchServe binds
+    (config.properties' `http://0.0.0.0:8080` is every interface: reached at
+    loopback); the default address with `port` where none is configured."""
+    if not bound:
+        return f"http://127.0.0.1:{port}"
+    scheme, _, rest = bound.rpartition("://")
+    host, _, bound_port = rest.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    return f"{scheme or 'http'}://{host}:{bound_port}"
+
+
 def ports_free(args) -> int:
     """A detached `torchserve --start` whose port is taken exits at once, and
     a wait for /ping would then poll for minutes (or find the other server):
@@ -176,11 +192,27 @@ def ports_free(args) -> int:
             try:
                 sock.bind((host.strip("[]"), port))
             except OSError as e:
-                taken.append(f"{host}:{port} ({key}): {e.strerror}")
+                taken.append(f"{host}:{port} ({key}): {e.strerror}: {_holder(port)}")
     for line in taken:
-        print(f"error: port taken, {line}: a process holds it (this TorchServe, if it is running: "
-              f"make stop); stop it or change {args.config}", file=sys.stderr)
+        print(f"error: port taken, {line}; stop it (this checkout's TorchServe: make stop) or change "
+              f"{args.config}", file=sys.stderr)
     return 1 if taken else 0
+
+
+def _holder(port: int) -> str:
+    """Who listens on `port`, as far as this user may see: the pid and
+    command line tell another checkout's server from this one's."""
+    import psutil
+
+    try:
+        pids = {c.pid for c in psutil.net_connections(kind="inet")
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+        for pid in sorted(pids):
+            proc = psutil.Process(pid)
+            return f"held by pid {pid} ({' '.join(proc.cmdline())[:120]}, in {proc.cwd()})"
+    except psutil.Error:
+        pass
+    return "held by a process this user cannot see"
 
 
 K8S_SECRET = "style-transfer-keys"  # deploy/kubernetes/deployment.yaml reads it
@@ -203,8 +235,10 @@ def k8s_secret(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--management", default="http://127.0.0.1:8081")
-    ap.add_argument("--inference", default="http://127.0.0.1:8080")
+    ap.add_argument("--config", metavar="FILE",
+                    help="a config.properties: its addresses are the defaults of --management and --inference")
+    ap.add_argument("--management", help="management API address (default http://127.0.0.1:8081)")
+    ap.add_argument("--inference", help="inference API address (default http://127.0.0.1:8080)")
     ap.add_argument("--key-file", default="key_file.json")
     ap.add_argument("--timeout", type=float, default=300.0)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -220,10 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("kind", choices=["inference", "management", "API"])
     k.set_defaults(fn=key)
     sub.add_parser("k8s-secret").set_defaults(fn=k8s_secret)
+    a = sub.add_parser("address")
+    a.add_argument("api", choices=["inference", "management"])
+    a.set_defaults(fn=lambda args: print(getattr(args, args.api)) or 0)
     p = sub.add_parser("ports-free")
     p.add_argument("config", help="a config.properties")
     p.set_defaults(fn=ports_free)
     args = ap.parse_args(argv)
+    configured = properties(Path(args.config).read_text()) if args.config else {}
+    args.management = args.management or client_address(configured.get("management_address"), 8081)
+    args.inference = args.inference or client_address(configured.get("inference_address"), 8080)
     try:
         return args.fn(args)
     except KeyFileError as e:

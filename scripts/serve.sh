@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # start | stop | status: TorchServe with config.properties and the built archive.
-# Re-running start is safe: a running instance is stopped first (and waited
-# for, so its JVM and workers are gone), so there is never a duplicate server
-# and the archive loaded is the one on disk now. A start fails at once, naming
-# the port, where another process holds one of config.properties' ports.
+# Re-running start is safe: this checkout's running instance is stopped first
+# (and waited for, so its JVM and workers are gone), so there is never a
+# duplicate server and the archive loaded is the one on disk now; another
+# checkout's server is never touched. A start fails at once, naming the port
+# and its holder, where another process holds one of config.properties' ports.
+# The addresses waited for and printed are config.properties' own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -12,6 +14,15 @@ case "$VENV" in
   *) VENV_BIN="$PWD/$VENV/bin" ;;
 esac
 export PATH="$VENV_BIN:$PATH"   # workers run the venv's python
+# TorchServe keeps its pid file in TMPDIR (which server `torchserve --stop`
+# stops) and its workers' sockets in Java's temp dir (TEMP): both in a
+# directory of this checkout's own, so that stop, and start (which stops
+# first), act on this checkout's server only, and two checkouts' workers
+# never share a socket. Short: a socket's path has at most 107 bytes.
+RUN_DIR="/tmp/style-transfer-$(id -u)-$(printf %s "$PWD" | cksum | cut -d' ' -f1)"
+mkdir -p "$RUN_DIR"
+export TMPDIR="$RUN_DIR" TEMP="$RUN_DIR"
+MANAGE=(python scripts/manage.py --config config.properties)
 case "${1:-}" in
   start)
     [ -f model_store/style_transfer.mar ] || { echo "no archive: run 'make mar'" >&2; exit 1; }
@@ -27,16 +38,20 @@ case "${1:-}" in
     mkdir -p logs
     torchserve --start --ts-config config.properties --ncs >/dev/null 2>logs/launcher.log \
       || { echo "torchserve did not start: see logs/launcher.log" >&2; exit 1; }
-    python scripts/manage.py --timeout "${START_TIMEOUT:-300}" wait \
-      || { echo "see logs/launcher.log, logs/ts_log.log and logs/model_log.log" >&2; exit 1; }
-    echo "TorchServe is up: inference http://127.0.0.1:8080, management http://127.0.0.1:8081"
+    if ! "${MANAGE[@]}" --timeout "${START_TIMEOUT:-300}" wait; then
+      torchserve --stop --foreground >/dev/null 2>&1 || true   # not left running, unseen
+      echo "see logs/launcher.log, logs/ts_log.log and logs/model_log.log" >&2
+      exit 1
+    fi
+    echo "TorchServe is up: inference $("${MANAGE[@]}" address inference), management $("${MANAGE[@]}" address management)"
     echo "keys are in key_file.json; stop it with: make stop"
     ;;
   stop)
     torchserve --stop --foreground
+    rmdir "$RUN_DIR/models" "$RUN_DIR" 2>/dev/null || true   # kept where a compile cache is in it
     ;;
   status)
-    python scripts/manage.py describe
+    "${MANAGE[@]}" describe
     ;;
   *)
     echo "usage: $0 start|stop|status" >&2; exit 2 ;;

@@ -16,6 +16,7 @@ import requests
 from PIL import Image
 
 from example_images import thumbnail
+from local_server import free_port
 from nst import weights
 
 from pathlib import Path
@@ -117,29 +118,60 @@ def test_the_worker_log_names_a_refused_request_by_the_clients_x_request_id(serv
         assert "MODEL_LOG - WARNING nst.weights: VGG19 weights are RANDOM" in log.read_text()
 
 
-def test_serve_script_starts_and_stops_and_never_holds_its_callers_output(tmp_path):
-    """scripts/serve.sh, as `make serve` and `make demo` run it: start, status,
-    stop, on config.properties' own ports, its output read through pipes as
-    `make demo | tee log` reads it. The JVM once inherited the launcher's
-    stderr, so such a pipe stayed open, and the caller waited, until the
-    server stopped. Skipped where those ports are taken (a server of yours)."""
-    manage = [sys.executable, str(ROOT / "scripts" / "manage.py")]
-    taken = subprocess.run([*manage, "ports-free", "config.properties"], cwd=ROOT, capture_output=True, text=True)
-    if taken.returncode != 0:
-        pytest.skip(f"config.properties' ports are taken: {taken.stderr.strip()}")
-    # its own TMPDIR: torchserve --stop finds the server by a pid file there
-    env = {**os.environ, "TMPDIR": str(tmp_path), "VENV": str(Path(sys.executable).parents[1])}
-    serve = ["bash", str(ROOT / "scripts" / "serve.sh")]
+def _checkout(root: Path, ports: dict[str, int]) -> Path:
+    """What scripts/serve.sh needs of a checkout, at `root`, its
+    config.properties serving on `ports` (none of the shipped ones)."""
+    (root / "scripts").mkdir(parents=True)
+    (root / "model_store").mkdir()
+    for name in ("scripts/serve.sh", "scripts/manage.py", "metrics.yaml"):
+        shutil.copy(ROOT / name, root / name)
+    (root / "model_store" / "style_transfer.mar").symlink_to(ROOT / "model_store" / "style_transfer.mar")
+    text = (ROOT / "config.properties").read_text()
+    for key, port in ports.items():
+        value = f"http://127.0.0.1:{port}" if key.endswith("address") else str(port)
+        text, found = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        assert found, key
+    (root / "config.properties").write_text(text)
+    return root
+
+
+def test_serve_script_serves_its_config_ports_stops_only_its_own_server_and_frees_its_callers_output(tmp_path):
+    """scripts/serve.sh, as `make serve`, `make demo` and `make stop` run it,
+    in a checkout whose config.properties names other ports than the shipped
+    ones, its output read through pipes as `make demo | tee log` reads it.
+    - It once waited for and printed 8080/8081 whatever config.properties said
+      (a start on other ports failed after 300 s, its server left running).
+    - `stop` once stopped whichever server TorchServe's pid file in the shared
+      TMPDIR named: another checkout's; here a second checkout's stop leaves
+      the first one's server up.
+    - The JVM once inherited the launcher's stderr, so such a pipe stayed
+      open, and the caller waited, until the server stopped."""
+    names = ("inference_address", "management_address", "metrics_address", "grpc_inference_port",
+             "grpc_management_port")
+    ports = dict(zip(names, [free_port() for _ in names]))
+    first = _checkout(tmp_path / "first", ports)
+    second = _checkout(tmp_path / "second", {k: free_port() for k in names})
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP")}
+    env["VENV"] = str(Path(sys.executable).parents[1])
+
+    def serve(checkout: Path, command: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(checkout / "scripts" / "serve.sh"), command], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
     try:
-        started = subprocess.run([*serve, "start"], env=env, capture_output=True, text=True, timeout=400)
+        started = serve(first, "start", 400)
         assert started.returncode == 0, started.stdout + started.stderr
-        assert "TorchServe is up" in started.stdout
-        status = subprocess.run([*serve, "status"], env=env, capture_output=True, text=True, timeout=60)
+        inference, management = (f"http://127.0.0.1:{ports[k]}" for k in ("inference_address", "management_address"))
+        assert f"TorchServe is up: inference {inference}, management {management}" in started.stdout
+        status = serve(first, "status", 60)
         assert status.returncode == 0 and json.loads(status.stdout)[0]["workers"], status.stdout + status.stderr
+        other = serve(second, "stop", 120)  # no server of its own
+        assert serve(first, "status", 60).returncode == 0, other.stdout + other.stderr
     finally:
-        stopped = subprocess.run([*serve, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        stopped = serve(first, "stop", 120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert subprocess.run([*manage, "ports-free", "config.properties"], cwd=ROOT).returncode == 0
+    manage = [sys.executable, str(ROOT / "scripts" / "manage.py"), "ports-free", "config.properties"]
+    assert subprocess.run(manage, cwd=first).returncode == 0
 
 
 def test_malformed_json_body_is_400(server):
