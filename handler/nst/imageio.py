@@ -187,3 +187,15 @@ def encode(pixels: Tensor, fmt: str = "png", quality: int = 90) -> bytes:
     else:
         img.save(buf, "WEBP", quality=quality)
     return buf.getvalue()
+
+
+def as_delivered(pixels: Tensor, fmt: str = "png", quality: int = 90) -> Tensor:
+    """(1, 3, H, W) 8-bit levels in [0, 1] -> the pixels a client decodes from
+    `encode(pixels, fmt, quality)`, on the same device: the same pixels for
+    PNG (lossless), the compressed image's for JPEG and WebP, whose loss the
+    server reports (the contract: the loss of the image actually returned).
+    Encoding is deterministic, so these are the bytes the answer carries."""
+    if fmt == "png":
+        return pixels
+    with Image.open(io.BytesIO(encode(pixels, fmt, quality))) as img:
+        return to_tensor(img, pixels.device)

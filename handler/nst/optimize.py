@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import lbfgs, memory
+from . import imageio, lbfgs, memory
 from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE_TO_FINE_FROM, COMPILE,
                      COMPILE_CACHE_SIZE, COMPILE_DYNAMIC, CUDA_GRAPHS, DEADLINE_SLACK, DEADLINE_SLACK_S,
                      GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN,
@@ -135,6 +135,12 @@ def clamp_pixels(pixels: Tensor) -> Tensor:
     move again: the default stalled on saturated primaries (issue #11)."""
     inside = (pixels >= 0) & (pixels <= 1)
     return torch.where(inside, pixels, pixels.clamp(0, 1))
+
+
+def _as_delivered(pixels: Tensor, params: Params) -> Tensor:
+    """What the client decodes of the 8-bit `pixels` in the requested format:
+    the image the reported loss scores."""
+    return imageio.as_delivered(pixels, params.format, params.quality)
 
 
 def quantize(pixels: Tensor) -> Tensor:
@@ -887,7 +893,8 @@ def stylize_batch(
         # Each image scored on its own: a batched pass reduces in another
         # order, and a row's loss would differ from its loss alone in the last bits.
         # A row that failed is not scored: a float32 VGG pass nobody reads.
-        finals = [row_objective(objective, b)(vgg.normalize(delivered[b:b + 1]), torch.float32).total.item()
+        finals = [row_objective(objective, b)(vgg.normalize(_as_delivered(delivered[b:b + 1], rows[b].params)),
+                                              torch.float32).total.item()
                   if outcome[b] is None else math.nan for b in range(B)]
     skipped = _skipped(program.scale, max(steps))
     _keep(program)  # only here: a program whose request raised is dropped, whatever state it was left in
@@ -1002,7 +1009,7 @@ def stylize(
         delivered = quantize(to_pixels(var.detach()))
         if params.preserve_color:
             delivered = quantize(transfer_luminance(delivered, content))
-        final = objective(vgg.normalize(delivered), torch.float32).total.item()  # (1,): one image
+        final = objective(vgg.normalize(_as_delivered(delivered, params)), torch.float32).total.item()  # (1,)
     if not math.isfinite(final):
         raise Diverged(f"loss of the delivered image is {final}")
     (skipped,) = _skipped(scale, params.steps)

@@ -270,3 +270,19 @@ def test_jpeg_scans_stops_counting_past_the_limit_and_decode_refuses():
     with pytest.raises(RequestError) as e:
         imageio.decode(bomb, "style", Limits())
     assert e.value.code == 413 and e.value.message.startswith("style: a JPEG of more than 100 scans")
+
+
+def test_as_delivered_is_what_a_client_decodes_from_the_encoded_answer():
+    """The image the reported loss scores: PNG's pixels as they are, a lossy
+    format's after its compression, bit for bit what decoding the answer gives."""
+    from nst.imageio import as_delivered, encode
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.round(torch.rand(1, 3, 24, 40, generator=gen) * 255) / 255
+    assert as_delivered(pixels, "png") is pixels
+    for fmt in ("jpeg", "webp"):
+        seen = as_delivered(pixels, fmt, 50)
+        with Image.open(io.BytesIO(encode(pixels, fmt, 50))) as img:
+            decoded = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).unsqueeze(0) / 255
+        assert seen.shape == pixels.shape and torch.equal(seen, decoded.float())
+        assert not torch.equal(seen, pixels)  # the compression changed it

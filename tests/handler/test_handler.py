@@ -254,10 +254,13 @@ def test_json_body_as_raw_bytes_also_works(handler, make_context, inputs, wrap):
     assert png_of(out).size == (32, 24)
 
 
-def test_x_loss_is_the_delivered_images_loss(handler, make_context, images, vgg_state):
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_x_loss_is_the_delivered_images_loss(handler, make_context, images, vgg_state, fmt):
     """X-Loss scored independently: the tutorial's own loss code
     (bench/reference_recipe.py, torchvision's VGG19 with the same weights) on
-    the delivered PNG, against the inputs as the fast preset sizes them. The
+    the image as the client decodes it from the answer, JPEG and WebP
+    included (it once scored the image before their compression), against
+    the inputs as the fast preset sizes them. The
     style has the content's aspect, so it is sized to the content's shape,
     where its target is the tutorial's unscaled Gram (tests/core/test_style_targets.py)."""
     import sys
@@ -268,11 +271,12 @@ def test_x_loss_is_the_delivered_images_loss(handler, make_context, images, vgg_
 
     inputs = {"content": images.png(images.content(64, 48)), "style": images.jpeg(images.style(40, 30))}
     ctx = make_context()
-    [out] = handler.handle([multipart_row(inputs, steps=3, max_size=64)], ctx)
+    [out] = handler.handle([multipart_row(inputs, steps=3, max_size=64, format=fmt, quality=30)], ctx)
+    assert ctx.get_response_content_type(0) == f"image/{fmt}"
     limits = Limits()
     content = imageio.to_tensor(imageio.decode(inputs["content"], "content", limits))  # 64x48 already
     style = imageio.to_tensor(imageio.decode(inputs["style"], "style", limits).resize((64, 48), Image.LANCZOS))
-    delivered = imageio.to_tensor(png_of(out).convert("RGB"))
+    delivered = imageio.to_tensor(Image.open(io.BytesIO(out)).convert("RGB"))
     mean, std = torch.tensor(ref.MEAN).view(1, 3, 1, 1), torch.tensor(ref.STD).view(1, 3, 1, 1)
     expected = ref.score(delivered, (content - mean) / std, (style - mean) / std, ref.load_vgg(vgg_state))
     assert float(ctx.get_response_headers(0)["X-Loss"]) == pytest.approx(expected, rel=1e-4)
