@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+# Bodies TorchServe's frontend reads as fields (Netty's HttpPostRequestDecoder)
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 TS_STREAM_NEXT = "ts_stream_next"  # the frontend's "more responses follow" header (RequestInput.TS_STREAM_NEXT)
 
 
@@ -178,7 +180,9 @@ class StyleTransferHandler:
     def _decode(self, row: "StyleTransferHandler._Row", raw: dict, context: Any) -> None:
         """Parse and validate the fields, set the row's deadline, decode and
         admit its images (URL downloads and decoding count against the budget)."""
-        request = parse_request(_fields(raw), self.limits, fetch=self._fetch, multipart=not _is_json_body(raw))
+        body = _is_json_body(raw, context.get_all_request_header(row.idx))
+        request = parse_request(parse_json_body(raw["body"]) if body else raw, self.limits, fetch=self._fetch,
+                                multipart=not body)
         row.deadline, row.deadline_field = _client_deadline(request.params, row.taken, row.deadline)
         if request.stream:
             context.set_response_content_type(row.idx, NDJSON)
@@ -419,18 +423,21 @@ def _worker_processes() -> int:
     return max(1, count)
 
 
-def _is_json_body(row: dict) -> bool:
-    """TorchServe's row for a body that is not multipart: one key, `body`."""
-    return set(row) == {"body"}
-
-
-def _fields(row: dict) -> dict:
-    """A TorchServe row -> the request's fields. Multipart rows are the fields
-    themselves; a JSON body arrives as a row whose one key is `body`, parsed
-    or raw (see `parse_json_body`). A multipart field that happens to be named
-    `body` is a field like any other (an unknown one, 422), never a body that
-    would replace the uploaded images and parameters."""
-    return parse_json_body(row["body"]) if _is_json_body(row) else row
+def _is_json_body(row: dict, headers: dict) -> bool:
+    """Whether the row is a JSON body: TorchServe's row for a body that is not
+    a form is one key, `body`. A form (multipart/form-data, or urlencoded,
+    which TorchServe also reads as fields) or a gRPC call whose one field is
+    named `body` has that row too: its field is a field like any other (an
+    unknown one, 422), never a body that would stand for the request.
+    `headers`: the row's request headers (context.get_all_request_header):
+    the fields' as {"content-type": ...}, then the HTTP request's as strings,
+    none over gRPC."""
+    if set(row) != {"body"}:
+        return False
+    http = {k.lower(): v for k, v in headers.items() if isinstance(v, str)}
+    if not http:  # gRPC (see is_grpc)
+        return False
+    return not http.get("content-type", "").strip().lower().startswith(FORMS)
 
 
 def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float, str | None]:

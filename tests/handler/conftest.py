@@ -12,12 +12,14 @@ from style_transfer_handler import StyleTransferHandler
 
 SERIALIZED = "vgg19_features.pth"
 
-# One row's request headers as the handler sees them over HTTP (a multipart
-# request with fields content and style) and over gRPC (the same fields, no
-# headers), as TorchServe 0.12.0 delivered them to a probe handler.
+# One row's request headers as the handler sees them over HTTP (a request
+# with fields content and style) and over gRPC (the same fields, no headers),
+# as TorchServe 0.12.0 delivered them to a probe handler. Content-Type only
+# where a test gives one (FakeContext's content_type): the handler reads it
+# only for a row whose one field is `body`, a JSON body or a form's field.
 HTTP_HEADERS = {
     "content": {"content-type": "image/png"}, "style": {"content-type": "image/jpeg"},
-    "Host": "127.0.0.1:8080", "Content-Type": "multipart/form-data; boundary=x", "Content-Length": "1234",
+    "Host": "127.0.0.1:8080", "Content-Length": "1234",
     "Authorization": "Bearer k", "explain": "False", "url_path": "",
 }
 GRPC_HEADERS = {"content": {"content-type": ""}, "style": {"content-type": ""}}
@@ -28,7 +30,7 @@ class FakeContext:
     one RequestProcessor per row (status defaults to 200, headers to {})."""
 
     def __init__(self, model_dir: Path, *, limits: dict | None = None, rows: int = 1, gpu_id=None,
-                 response_timeout: int = 600, grpc: bool = False):
+                 response_timeout: int = 600, grpc: bool = False, content_type: str | None = None):
         self.model_name = "style_transfer"
         self.manifest = {"model": {"modelName": "style_transfer", "serializedFile": SERIALIZED, "handler": "style_transfer_handler.py"}}
         self.system_properties = {
@@ -48,6 +50,8 @@ class FakeContext:
         # headers as strings (an HTTP request's, url_path and explain included;
         # a gRPC call's: none).
         self._request_headers = GRPC_HEADERS if grpc else HTTP_HEADERS
+        if content_type is not None:
+            self._request_headers = {**self._request_headers, "Content-Type": content_type}
         self._status: dict[int, tuple[int, str | None]] = {}
         self._headers: dict[int, dict[str, str]] = {}
 

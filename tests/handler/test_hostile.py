@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nst.errors import MAX_MESSAGE_CHARS, RequestError, printable
-from test_handler import assert_error, json_fields, multipart_row
+from test_handler import assert_error, grpc_failure, json_fields, multipart_row
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +166,33 @@ def test_a_multipart_field_named_body_is_an_unknown_parameter_not_a_replacement_
     other = images.png(images.content(32, 32))
     smuggled = json.dumps({"content": base64.b64encode(other).decode(), "style": base64.b64encode(other).decode()})
     for value in (b"{}", smuggled.encode(), b"x"):
-        ctx = make_context()
+        ctx = make_context(content_type="multipart/form-data; boundary=x")
         [out] = handler.handle([multipart_row(inputs, body=value)], ctx)
         assert assert_error(ctx, 0, out, 422, "body")["message"] == "body: unknown parameter"
+
+
+@pytest.mark.parametrize("via", ["multipart", "urlencoded", "grpc"])
+def test_a_lone_form_field_named_body_is_a_field_not_a_request(handler, make_context, images, via):
+    """A form (or gRPC call) whose only field is `body` makes the same row as a
+    JSON body: TorchServe's `{"body": ...}`. It once ran as a JSON request
+    (multipart), or got a 400 saying a JSON object was expected; it is a
+    request of that one field, without images (400 naming `content`). The
+    request's Content-Type (none over gRPC) tells the two apart."""
+    png = base64.b64encode(images.png(images.content(32, 32))).decode()
+    field = bytearray(json.dumps({"content": png, "style": png, "steps": 1}).encode())
+    kinds = {"multipart": {"content_type": "multipart/form-data; boundary=x"},
+             "urlencoded": {"content_type": "application/x-www-form-urlencoded"}, "grpc": {"grpc": True}}
+    ctx = make_context(**kinds[via])
+    if via == "grpc":
+        assert grpc_failure(handler, ctx, [{"body": field}]) == (400, "content: required image missing")
+    else:
+        [out] = handler.handle([{"body": field}], ctx)
+        assert assert_error(ctx, 0, out, 400, "content")["message"] == "content: required image missing"
+    # the same bytes as a body are a request (JSON, or a body sent without a Content-Type)
+    for content_type in ("application/json; charset=utf-8", None):
+        ctx = make_context(content_type=content_type)
+        [out] = handler.handle([{"body": field}], ctx)
+        assert ctx.status(0) == 200, out
 
 
 def test_a_text_file_part_is_refused_as_a_format_not_as_base64(handler, make_context, inputs):

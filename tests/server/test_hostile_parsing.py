@@ -59,6 +59,9 @@ CASES = {
     "multipart-field-named-body": (
         {"files": {"content": CONTENT, "style": STYLE}, "data": {"body": "{" + IMAGES + "}"}}, 422, "body",
     ),
+    # ... and alone: once run as the JSON request it carried
+    "lone-multipart-field-named-body": ({"files": {"body": (None, "{" + IMAGES + "}")}}, 400, "content"),
+    "lone-urlencoded-field-named-body": ({"data": {"body": "{" + IMAGES + "}"}}, 400, "content"),
     # a file part sent as text/*, which TorchServe hands over as a str: once
     # read as base64 (400 "not valid base64"), now refused as a format
     "svg-file-part-as-text": (
