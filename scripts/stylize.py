@@ -154,7 +154,7 @@ def _call_server(args, token: str, content: bytes, styles: list[bytes], given: d
         if r.headers.get("Content-Type", "").startswith("application/json") or not r.ok:
             print(_error_line(r.status_code, _message(r.text), request_id), file=sys.stderr)
             return 1
-        final = None
+        final, last = None, None
         show, close = progress_display(args.quiet)
         try:
             for line in r.iter_lines():
@@ -165,9 +165,17 @@ def _call_server(args, token: str, content: bytes, styles: list[bytes], given: d
                     final = record
                 elif "step" in record:
                     show(record["step"], record["steps"], record["loss"], record["elapsed_ms"])
+                    last = record
                 else:  # TorchServe's own error after the stream began, e.g. {"code": 500, "message": "Worker died."}
                     final = {"error": {"code": record.get("code", "?"), "message": record.get("message", record)}}
                     break
+        except requests.RequestException as e:
+            # The server was reached and the run had started: a cut stream is
+            # a worker that died (or a server that stopped), not a server
+            # that is not running.
+            where = f"after step {last['step']} of {last['steps']}" if last else "before its first record"
+            raise Failed(f"the stream broke off {where} ({type(e).__name__}): the worker died or the server "
+                         "stopped" + (f" (request {request_id})" if request_id else "")) from None
         finally:
             close()
     if final is None:

@@ -206,8 +206,10 @@ def test_ports_free_names_a_taken_port_before_a_start(tmp_path):
 
 def test_stylize_reads_a_broken_stream_as_an_error(tmp_path):
     """A stream that TorchServe itself ends with its own error record (a
-    worker that died mid-run) or that is not NDJSON at all (a proxy's page):
-    one line naming it, not a KeyError or a JSONDecodeError."""
+    worker that died mid-run), that is cut off (a worker killed: TorchServe
+    resets the connection) or that is not NDJSON at all (a proxy's page):
+    one line naming it, not a KeyError or a JSONDecodeError, nor "is
+    TorchServe running there?" for a server that answered."""
     import http.server
     import threading
 
@@ -224,6 +226,16 @@ def test_stylize_reads_a_broken_stream_as_an_error(tmp_path):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             prefix = self.path.split("/predictions/")[0]
+            if prefix == "/cut":  # one chunk, then the connection closes without the last chunk
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("x-request-id", "rid-7")
+                self.end_headers()
+                record = b'{"step": 10, "steps": 100, "loss": 1.0, "elapsed_ms": 5}\n'
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(record), record))
+                self.close_connection = True
+                return
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Content-Length", str(len(answers[prefix])))
@@ -234,7 +246,9 @@ def test_stylize_reads_a_broken_stream_as_an_error(tmp_path):
     threading.Thread(target=site.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{site.server_address[1]}"
-        for path, says in (("/died", "error 500: Worker died."), ("/html", "not the NDJSON stream asked for")):
+        for path, says in (("/died", "error 500: Worker died."), ("/html", "not the NDJSON stream asked for"),
+                           ("/cut", "the stream broke off after step 10 of 100 (ChunkedEncodingError): the worker "
+                                    "died or the server stopped (request rid-7)")):
             p = _cli(tmp_path, str(ROOT / "scripts" / "stylize.py"), str(ROOT / "examples" / "tubingen.jpg"),
                      str(ROOT / "examples" / "starry_night.jpg"), "-o", str(tmp_path / "o.png"),
                      "--server", base + path, "--token", "x")
