@@ -232,11 +232,15 @@ def parse_layer_weights(value: Any, name: str) -> dict[str, float]:
     if not isinstance(raw, dict) or not raw:
         raise InvalidParameter(name, f"{name}: expected a JSON object of layer -> weight")
     out: dict[str, float] = {}
+    named: dict[str, str] = {}  # layer -> the key that named it (a valid layer name: canonical_layer read it)
     for key, weight in raw.items():
         try:
             layer = canonical_layer(str(key))
         except ValueError as e:
             raise InvalidParameter(name, f"{name}: {e}") from None
+        if layer in named:  # relu1_1 and conv1_1: one would silently win
+            raise InvalidParameter(name, f"{name}: {named[layer]} and {key} name the same layer")
+        named[layer] = str(key)
         out[layer] = parse_float(weight, f"{name}.{key}", 0.0, 1e6)
     if not any(out.values()):
         raise InvalidParameter(name, f"{name}: at least one weight must be > 0")

@@ -295,6 +295,17 @@ def test_out_of_range_or_wrong_values_are_422(name, value):
     fails(multipart(**{name: value}), 422, name)
 
 
+def test_two_names_of_one_layer_are_422_not_one_silently_winning():
+    """relu1_1 is conv1_1 (the activation the recipe reads): given both, the
+    later once replaced the earlier, and {"conv1_1": 1, "relu1_1": 0} was
+    refused as having no weight above 0."""
+    for given in ('{"conv1_1": 1, "relu1_1": 0}', '{"relu3_1": 0.5, "conv3_1": 0.5, "conv4_1": 1}'):
+        err = fails(multipart(style_layer_weights=given), 422, "style_layer_weights")
+        assert err.message.endswith("name the same layer"), err.message
+    assert "conv1_1 and relu1_1" in fails(multipart(style_layer_weights='{"conv1_1": 1, "relu1_1": 0}'), 422,
+                                          "style_layer_weights").message
+
+
 def test_layer_weight_error_names_the_layer_key():
     err = fails(multipart(style_layer_weights={"conv1_1": "heavy"}), 422, "style_layer_weights.conv1_1")
     assert err.field == "style_layer_weights.conv1_1"
