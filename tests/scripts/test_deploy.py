@@ -120,7 +120,8 @@ def test_pods_run_non_root_with_a_gpu_and_probes_on_declared_ports():
     assert "livenessProbe" in torchserve and "readinessProbe" in container(spec, "gateway")
     # The model's readiness is TorchServe's /ping, which the gateway lets through without a key.
     assert container(spec, "gateway")["readinessProbe"]["httpGet"]["path"] == "/ping"
-    assert re.search(r"location = /ping \{[^}]*proxy_pass", configmap()["gateway.conf.template"])
+    assert re.search(r"location = /ping \{[^{}]*(\{[^{}]*\}[^{}]*)*proxy_pass http://127\.0\.0\.1:8090/ping;",
+                     configmap()["gateway.conf.template"])
     # The pod outlives a request cut off at the time budget.
     from nst.config import Limits
 
@@ -216,6 +217,16 @@ def test_gateway_config_is_valid_nginx_that_lets_nothing_but_health_through_with
             if not (guarded or refused):
                 assert loc["args"][0] == "=", loc["args"]  # only exact paths go unguarded
                 open_paths.add(loc["args"][1])
+                # An unguarded path reaches TorchServe as itself, by GET only: a
+                # proxy_pass without a path forwards the client's path, `..`
+                # unresolved, which TorchServe reads as another route
+                # (/predictions/style_transfer/1.0/../../../ping ran a prediction).
+                passes = [d["args"] for d in _walk(loc["block"]) if d["directive"] == "proxy_pass"]
+                assert all(re.fullmatch(r"http://[^/]+" + re.escape(loc["args"][1]), a[0]) for a in passes), passes
+                if passes:
+                    [limit] = [d for d in loc["block"] if d["directive"] == "limit_except"]
+                    assert limit["args"] == ["GET"] and [(d["directive"], *d["args"]) for d in limit["block"]] \
+                        == [("deny", "all")]
     assert open_paths == {"/ping", "/gateway-health"}
 
 
