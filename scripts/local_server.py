@@ -22,7 +22,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "handler"))
 # one key-file reader, one polling loop
-from manage import MODEL, KeyFileError, read_key, renew_expired_key, wait_for  # noqa: E402
+from manage import MODEL, KeyFileError, http, read_key, renew_expired_key, wait_for  # noqa: E402
 from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +59,10 @@ class Server:
     def predict(self, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 300)
         headers = {**self.auth(), **kwargs.pop("headers", {})}
-        return requests.post(f"{self.inference}/predictions/{MODEL}", headers=headers, **kwargs)
+        return http("POST", f"{self.inference}/predictions/{MODEL}", headers=headers, **kwargs)
 
     def describe(self) -> dict:
-        r = requests.get(f"{self.management}/models/{MODEL}", headers=self.auth("management"), timeout=30)
+        r = http("GET", f"{self.management}/models/{MODEL}", headers=self.auth("management"), timeout=30)
         r.raise_for_status()
         return r.json()[0]
 
@@ -76,7 +76,7 @@ class Server:
             if self.token_auth:  # a test's short token_expiration_min may pass before the model loads
                 for kind in ("inference", "management"):
                     renew_expired_key(self.key_file, self.management, kind)
-            r = requests.get(f"{self.inference}/ping", headers=self.auth(), timeout=5)
+            r = http("GET", f"{self.inference}/ping", headers=self.auth(), timeout=5)
             workers = self.describe()["workers"] if r.ok and r.json().get("status") == "Healthy" else []
         except (OSError, ValueError, KeyError, KeyFileError, requests.RequestException):
             return False  # not listening yet, or the key file is not written yet

@@ -24,12 +24,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import requests
 
@@ -69,12 +71,27 @@ def key_expired(key_file: str | Path, kind: str) -> bool:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= datetime.now(timezone.utc)
 
 
+def http(method: str, url: str, **kwargs) -> requests.Response:
+    """requests.request, without the environment's proxies where `url` is on
+    this machine: HTTP_PROXY with no NO_PROXY entry for 127.0.0.1 sent the
+    requests to the local TorchServe, their bearer keys included, through
+    the proxy. Another host's URL goes as the environment says."""
+    host = urlsplit(url).hostname or ""
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local:
+        kwargs.setdefault("proxies", {"http": None, "https": None})
+    return requests.request(method, url, **kwargs)
+
+
 def auth(key_file: str | Path, kind: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {read_key(key_file, kind)}"}
 
 
 def describe(args) -> int:
-    r = requests.get(f"{args.management}/models/{MODEL}", headers=auth(args.key_file, "management"), timeout=30)
+    r = http("GET", f"{args.management}/models/{MODEL}", headers=auth(args.key_file, "management"), timeout=30)
     try:
         print(json.dumps(r.json(), indent=2))
     except ValueError:  # not TorchServe answering (another service on the port, a gateway's page)
@@ -84,8 +101,8 @@ def describe(args) -> int:
 
 
 def scale(args) -> int:
-    r = requests.put(
-        f"{args.management}/models/{MODEL}",
+    r = http(
+        "PUT", f"{args.management}/models/{MODEL}",
         params={"min_worker": args.workers, "max_worker": args.workers, "synchronous": "true"},
         headers=auth(args.key_file, "management"),
         timeout=args.timeout,
@@ -116,7 +133,7 @@ def renew_expired_key(key_file: str | Path, management: str, kind: str = "infere
     healthy server."""
     if not key_expired(key_file, kind):
         return
-    r = requests.get(f"{management}/token", params={"type": kind}, headers=auth(key_file, "API"), timeout=10)
+    r = http("GET", f"{management}/token", params={"type": kind}, headers=auth(key_file, "API"), timeout=10)
     if not r.ok:
         raise KeyFileError(f"the {kind} key expired and renewing it failed: HTTP {r.status_code} {r.text[:200]}")
 
@@ -128,7 +145,7 @@ def wait(args) -> int:
         try:
             if args.renew_expired:
                 renew_expired_key(args.key_file, args.management)
-            r = requests.get(f"{args.inference}/ping", headers=auth(args.key_file, "inference"), timeout=5)
+            r = http("GET", f"{args.inference}/ping", headers=auth(args.key_file, "inference"), timeout=5)
             if r.ok and r.json().get("status") == "Healthy":
                 return True
             last[0] = r.text.strip()

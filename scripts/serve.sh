@@ -19,8 +19,13 @@ export PATH="$VENV_BIN:$PATH"   # workers run the venv's python
 # directory of this checkout's own, so that stop, and start (which stops
 # first), act on this checkout's server only, and two checkouts' workers
 # never share a socket. Short: a socket's path has at most 107 bytes.
+# Private to this user: its sockets and the compile cache in it are trusted,
+# and a name in /tmp can be taken first by anyone.
 RUN_DIR="/tmp/style-transfer-$(id -u)-$(printf %s "$PWD" | cksum | cut -d' ' -f1)"
-mkdir -p "$RUN_DIR"
+mkdir -p -m 700 "$RUN_DIR"
+if [ -z "$(find "$RUN_DIR" -maxdepth 0 -user "$(id -u)" -perm 700)" ]; then
+  echo "$RUN_DIR is not a directory of this user's only (mode 700): remove it" >&2; exit 1
+fi
 export TMPDIR="$RUN_DIR" TEMP="$RUN_DIR"
 MANAGE=(python scripts/manage.py --config config.properties)
 case "${1:-}" in
@@ -36,6 +41,9 @@ case "${1:-}" in
     # that pipe open until the server stopped, so the pipeline never ended.
     # stdout repeats logs/ts_log.log; stderr has what the JVM says before logging starts.
     mkdir -p logs
+    # TorchServe writes key_file.json, then makes it 0600: created under
+    # umask 077, it is never readable by others in between.
+    umask 077
     torchserve --start --ts-config config.properties --ncs >/dev/null 2>logs/launcher.log \
       || { echo "torchserve did not start: see logs/launcher.log" >&2; exit 1; }
     if ! "${MANAGE[@]}" --timeout "${START_TIMEOUT:-300}" wait; then

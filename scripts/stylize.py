@@ -137,13 +137,15 @@ def _message(body: str) -> object:
 def _call_server(args, token: str, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
+    from manage import http
+
     files = {"content": ("content", content), "style": ("style", styles[0])}
     for i, data in enumerate(styles[1:], start=2):
         files[f"style_{i}"] = (f"style_{i}", data)
     fields = dict(given, stream="true")
     t0 = time.monotonic()
-    with requests.post(
-        f"{args.server}/predictions/{MODEL}",
+    with http(
+        "POST", f"{args.server}/predictions/{MODEL}",
         files=files,
         data=fields,
         headers={"Authorization": f"Bearer {token}"},

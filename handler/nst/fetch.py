@@ -14,6 +14,7 @@ gzip bomb meets the cap before it is inflated.
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
-from requests_hardened import Config, Manager
+from requests_hardened import Config, Manager, ip_filter
 from requests_hardened.ip_filter import InvalidIPAddress
 
 from .config import Limits
@@ -37,6 +38,13 @@ _PUBLIC_ONLY = Manager(Config(
     default_timeout=(3, 5),  # for a call that passes none; fetch() passes Limits' own
     user_agent_override="style-transfer-fetch",
 ))
+# Ranges requests-hardened lets through (it blocks what Python calls private,
+# and a list of its own) that reach no public host: IPv4-compatible
+# (::a.b.c.d) and IPv4-translated (::ffff:0:a.b.c.d) IPv6, which a stack may
+# route to the IPv4 address inside, and the deprecated site-local fec0::/10.
+# Its filter reads this tuple at every connect.
+ip_filter.EXTRA_BLOCKED_NET_RANGES = (*ip_filter.EXTRA_BLOCKED_NET_RANGES, ipaddress.ip_network("::/96"),
+                                      ipaddress.ip_network("::ffff:0:0:0/96"), ipaddress.ip_network("fec0::/10"))
 ALLOWED_PORTS = (80, 443)
 _REDIRECTS = (301, 302, 303, 307, 308)
 # Bytes per read of the body, decoded: urllib3 (>= 2.6) inflates a gzip or

@@ -26,6 +26,8 @@ def site():
 @pytest.mark.parametrize("host", [
     "127.0.0.1", "127.1", "0x7f000001", "2130706433", "0177.0.0.1", "localhost",
     "[::ffff:127.0.0.1]", "[::1]", "0.0.0.0", "169.254.169.254", "10.0.0.1", "192.168.1.1", "100.64.0.1",
+    # IPv4-compatible, IPv4-translated and site-local IPv6: once let through (a connection error, 400)
+    "[::7f00:1]", "[::ffff:0:7f00:1]", "[fec0::1]",
 ])
 def test_non_public_addresses_are_refused_before_any_request(site, host):
     before = site.hits

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -338,3 +339,73 @@ def test_model_name_and_weights_file_are_spelt_alike_everywhere():
     assert set(found("Makefile", r"^WEIGHTS\s*:= weights/(\S+)")) == {FILE_NAME}
     assert set(found("scripts/build_mar.sh", r"WEIGHTS:-weights/([^}]+)\}")) == {FILE_NAME}
     assert set(found("Dockerfile", r"--out weights/(\S+)")) == {FILE_NAME}
+
+
+def test_the_scripts_send_a_local_servers_key_past_proxy_variables_never_through_them(tmp_path):
+    """HTTP_PROXY set, with no NO_PROXY entry for 127.0.0.1 (as on many
+    corporate machines): requests to the local TorchServe went to the proxy,
+    their bearer keys with them. The scripts now reach a loopback address
+    directly; a proxy here would see every request it is sent."""
+    import http.server
+    import threading
+
+    seen = {"proxy": [], "server": []}
+
+    def recorder(name):
+        class Record(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                seen[name].append((self.path, self.headers.get("Authorization")))
+                body = b'{"status": "Healthy"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        return site
+
+    proxy, server = recorder("proxy"), recorder("server")
+    (tmp_path / "keys.json").write_text(json.dumps({k: {"key": f"{k}-key"} for k in ("inference", "management", "API")}))
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env["HTTP_PROXY"] = env["http_proxy"] = f"http://127.0.0.1:{proxy.server_address[1]}"
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "scripts" / "manage.py"), "--inference",
+                            f"http://127.0.0.1:{server.server_address[1]}", "--key-file", "keys.json", "--timeout", "5",
+                            "wait"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+        assert p.returncode == 0, p.stderr
+    finally:
+        proxy.shutdown(), server.shutdown()
+        proxy.server_close(), server.server_close()
+    assert seen == {"proxy": [], "server": [("/ping", "Bearer inference-key")]}
+
+
+def test_serve_script_refuses_a_run_directory_that_is_not_its_users_alone(tmp_path):
+    """scripts/serve.sh keeps TorchServe's pid file, worker sockets and
+    compile cache in /tmp/style-transfer-<uid>-<checkout>: a name anyone can
+    take first. A directory others may write (or another user's) is refused
+    before anything runs there."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "serve.sh", checkout / "scripts" / "serve.sh")
+    where = subprocess.run(["bash", "-c", 'printf %s "$PWD" | cksum'], cwd=checkout, capture_output=True, text=True)
+    run_dir = Path(f"/tmp/style-transfer-{os.getuid()}-{where.stdout.split()[0]}")
+    run_dir.mkdir(mode=0o755)
+    try:
+        run_dir.chmod(0o777)  # world-writable: a socket or cached code could be planted
+        p = subprocess.run(["bash", str(checkout / "scripts" / "serve.sh"), "status"], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 1 and f"{run_dir} is not a directory of this user's only" in p.stderr, p.stderr
+    finally:
+        run_dir.rmdir()
+    # made by serve.sh itself: private, and used
+    p = subprocess.run(["bash", str(checkout / "scripts" / "serve.sh"), "status"], capture_output=True, text=True,
+                       timeout=60)
+    try:
+        assert "is not a directory of this user's only" not in p.stderr
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
