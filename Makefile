@@ -40,7 +40,8 @@ stop:
 
 demo: serve
 	mkdir -p out
-	$(BIN)/python scripts/stylize.py examples/tubingen.jpg examples/starry_night.jpg -o out/demo.png --max-size 256
+	$(BIN)/python scripts/stylize.py examples/tubingen.jpg examples/starry_night.jpg -o out/demo.png --max-size 256 \
+	  --server "$$($(BIN)/python scripts/manage.py --config config.properties address inference)"
 	@echo "wrote out/demo.png; TorchServe is still running: 'make stop' stops it"
 
 test: $(MAR)

@@ -34,7 +34,7 @@ TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 # Bodies TorchServe's frontend reads as fields (Netty's HttpPostRequestDecoder)
-FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+MULTIPART, FORM_URLENCODED = "multipart/form-data", "application/x-www-form-urlencoded"
 TS_STREAM_NEXT = "ts_stream_next"  # the frontend's "more responses follow" header (RequestInput.TS_STREAM_NEXT)
 
 
@@ -437,7 +437,10 @@ def _is_json_body(row: dict, headers: dict) -> bool:
     http = {k.lower(): v for k, v in headers.items() if isinstance(v, str)}
     if not http:  # gRPC (see is_grpc)
         return False
-    return not http.get("content-type", "").strip().lower().startswith(FORMS)
+    content_type = http.get("content-type", "").strip().lower()
+    # Netty reads multipart only with a boundary: without one the body came whole
+    return not (content_type.startswith(FORM_URLENCODED)
+                or content_type.startswith(MULTIPART) and "boundary=" in content_type)
 
 
 def _client_deadline(params: Any, taken: float, deadline: float) -> tuple[float, str | None]:

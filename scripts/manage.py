@@ -176,12 +176,21 @@ def served_ports(props: dict[str, str]) -> dict[str, tuple[str, int]]:
     out = {}
     for key in ("inference_address", "management_address", "metrics_address"):
         if key in props:
-            host, port = props[key].split("://", 1)[-1].rsplit(":", 1)
-            out[key] = (host, int(port))
+            _, host, port = bound_address(props[key])
+            out[key] = (host, port)
     for kind, default in (("inference", 7070), ("management", 7071)):
         host = props.get(f"grpc_{kind}_address", "127.0.0.1")
         out[f"grpc_{kind}_port"] = (host, int(props.get(f"grpc_{kind}_port", default)))
     return out
+
+
+def bound_address(address: str) -> tuple[str, str, int]:
+    """config.properties' `http://HOST:PORT` -> (scheme, host, port); the port
+    is the scheme's own where none is written, an IPv6 host stays in brackets."""
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, f"[{host}]" if ":" in host else host, port
 
 
 def client_address(bound: str | None, port: int) -> str:
@@ -190,10 +199,9 @@ def client_address(bound: str | None, port: int) -> str:
     loopback); the default address with `port` where none is configured."""
     if not bound:
         return f"http://127.0.0.1:{port}"
-    scheme, _, rest = bound.rpartition("://")
-    host, _, bound_port = rest.rpartition(":")
+    scheme, host, bound_port = bound_address(bound)
     host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
-    return f"{scheme or 'http'}://{host}:{bound_port}"
+    return f"{scheme}://{host}:{bound_port}"
 
 
 def ports_free(args) -> int:
@@ -278,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a config.properties")
     p.set_defaults(fn=ports_free)
     args = ap.parse_args(argv)
-    configured = properties(Path(args.config).read_text()) if args.config else {}
+    try:
+        configured = properties(Path(args.config).read_text()) if args.config else {}
+    except OSError as e:
+        print(f"error: --config {args.config}: {e.strerror}", file=sys.stderr)
+        return 2
     args.management = args.management or client_address(configured.get("management_address"), 8081)
     args.inference = args.inference or client_address(configured.get("inference_address"), 8080)
     try:

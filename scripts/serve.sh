@@ -21,7 +21,7 @@ export PATH="$VENV_BIN:$PATH"   # workers run the venv's python
 # never share a socket. Short: a socket's path has at most 107 bytes.
 # Private to this user: its sockets and the compile cache in it are trusted,
 # and a name in /tmp can be taken first by anyone.
-RUN_DIR="/tmp/style-transfer-$(id -u)-$(printf %s "$PWD" | cksum | cut -d' ' -f1)"
+RUN_DIR="/tmp/style-transfer-$(id -u)-$(pwd -P | cksum | cut -d' ' -f1)"   # one per checkout, however reached
 mkdir -p -m 700 "$RUN_DIR"
 if [ -z "$(find "$RUN_DIR" -maxdepth 0 -user "$(id -u)" -perm 700)" ]; then
   echo "$RUN_DIR is not a directory of this user's only (mode 700): remove it" >&2; exit 1

@@ -131,6 +131,10 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
     gradient is not `usable` (B,), is not recorded, and evicts nothing. The
     slot the pair would take keeps its pair, and the slot advances only if
     some image's pair is new (with one image per state: if its pair is).
+    Where images share a state and the slot advances past an image whose
+    pair is not new, its pair there is masked out: the slot becomes the
+    newest in time order, where that image's oldest pair would be out of
+    order (its history is one pair shorter, never wrong).
 
     Returns S^T g and Y^T g, (B, m) each in slot order, for `direction`: they
     come out of the same two batched products as the update's own, so the
@@ -159,12 +163,15 @@ def update_history(state: State, x: Tensor, g: Tensor, usable: Tensor | None = N
     state.SY.index_copy_(2, idx, S_prod[:, :, 0].unsqueeze(2))  # column: s_i . y
     state.YY.index_copy_(1, idx, Y_prod[:, :, 1].unsqueeze(1))
     state.YY.index_copy_(2, idx, Y_prod[:, :, 1].unsqueeze(2))
-    # The diagonal as the products summed it (another order than _bdot's):
-    # a pair whose stored s.y is not positive after all is masked out.
-    diagonal = Y_prod.index_select(1, idx).squeeze(1)[:, 0]  # (B,)
-    state.valid.index_copy_(1, idx, (torch.where(new, True, kept_ok) & (diagonal > 0)).float().unsqueeze(1))
+    # R's diagonal as stored (the column copy above wrote it last, from
+    # S_prod; summed in another order than _bdot's): a pair whose stored s.y
+    # is not positive after all is masked out.
+    diagonal = S_prod.index_select(1, idx).squeeze(1)[:, 0]  # (B,)
+    advance = new.any()
+    valid = torch.where(new, diagonal > 0, kept_ok & ~advance)
+    state.valid.index_copy_(1, idx, valid.float().unsqueeze(1))
     state.gamma.copy_(torch.where(new, sy / yy.clamp_min(1e-30), state.gamma))
-    state.slot.copy_((state.slot + new.any().long()) % m)
+    state.slot.copy_((state.slot + advance.long()) % m)
     return S_prod[:, :, 1], Y_prod[:, :, 2]
 
 

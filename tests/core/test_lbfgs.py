@@ -95,6 +95,33 @@ def test_a_pair_failing_the_curvature_test_is_dropped_and_evicts_nothing():
     assert torch.allclose(lbfgs.direction(state, g)[0].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+def test_a_shared_state_keeps_each_images_history_in_time_order_across_a_rejected_pair():
+    """Two images in one state (nst.config.LBFGS_ONE_STATE_DEVICES), m = 3:
+    image 1's fourth pair fails the curvature test while image 0's is new, so
+    the shared slot moves on. Image 1's pair in that slot is masked out
+    rather than left to pose as its newest: it steps by its last two pairs.
+    Alone, where nothing advances, it keeps its last three good ones."""
+    gen = torch.Generator().manual_seed(11)
+    n, m = 30, 3
+    first, second = _random_pairs(n, 6, gen), _random_pairs(n, 5, gen)
+    bad = torch.randn(n, generator=gen)
+    second = second[:3] + [(bad, -bad)] + second[3:]  # s.y < 0 at the fourth step
+    g = torch.randn(2, n, generator=gen)
+
+    def expected(pairs, i):
+        s, y = pairs[-1]
+        return two_loop(pairs, g[i], float(torch.dot(s, y) / torch.dot(y, y)))
+
+    shared = lbfgs.init_state(2, n, m, torch.device("cpu"))
+    _fill(shared, [first, second])
+    alone = lbfgs.init_state(1, n, m, torch.device("cpu"))
+    _fill(alone, [second])
+    got = lbfgs.direction(shared, g)
+    for d, ref in ((got[0], expected(first[-3:], 0)), (got[1], expected(second[-2:], 1)),
+                   (lbfgs.direction(alone, g[1:])[0], expected([second[2]] + second[-2:], 1))):
+        assert torch.allclose(d.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 def test_the_first_step_records_no_pair_and_takes_no_slot():
     """The first iterate has no previous one: nothing enters the history, and
     the first real pair goes to the first slot."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -391,7 +392,7 @@ def test_serve_script_refuses_a_run_directory_that_is_not_its_users_alone(tmp_pa
     checkout = tmp_path / "checkout"
     (checkout / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "serve.sh", checkout / "scripts" / "serve.sh")
-    where = subprocess.run(["bash", "-c", 'printf %s "$PWD" | cksum'], cwd=checkout, capture_output=True, text=True)
+    where = subprocess.run(["bash", "-c", 'pwd -P | cksum'], cwd=checkout, capture_output=True, text=True)
     run_dir = Path(f"/tmp/style-transfer-{os.getuid()}-{where.stdout.split()[0]}")
     run_dir.mkdir(mode=0o755)
     try:
@@ -409,3 +410,21 @@ def test_serve_script_refuses_a_run_directory_that_is_not_its_users_alone(tmp_pa
         assert run_dir.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("bound, reached", [
+    ("http://0.0.0.0:18080", "http://127.0.0.1:18080"),  # every interface: loopback is one
+    ("http://127.0.0.1", "http://127.0.0.1:80"),  # no port: the scheme's (it once read "http://:127.0.0.1")
+    ("https://[::]:8443/", "https://[::1]:8443"),
+    ("http://[::1]:8080", "http://[::1]:8080"),
+    (None, "http://127.0.0.1:8081"),  # not configured: the default
+])
+def test_manage_reaches_the_addresses_config_properties_binds(bound, reached):
+    from manage import client_address
+
+    assert client_address(bound, 8081) == reached
+
+
+def test_manage_config_that_is_missing_is_one_line(tmp_path):
+    p = _cli(tmp_path, str(ROOT / "scripts" / "manage.py"), "--config", "missing.properties", "address", "inference")
+    assert (p.returncode, p.stderr.strip()) == (2, "error: --config missing.properties: No such file or directory")
