@@ -186,13 +186,13 @@ def test_timeout_s_cuts_a_running_request(server):
 
 
 def test_timeout_s_in_a_stream_ends_with_an_error_record(server):
-    """Once progress went out (status 200 sent) the deadline arrives in-band; a
-    deadline that passes before the first progress record is a plain 504."""
+    """Once progress went out (status 200 sent) the deadline arrives in-band.
+    10 s leaves the first record time on any machine (it once had 2 s, and a
+    slow runner got a plain 504 and checked nothing in-band); 3000 steps still
+    cannot fit, so the pace ends the run at its second record."""
     r = server.predict(json={"content": GOOD_B64, "style": GOOD_B64, "steps": 3000, "max_size": 32,
-                             "optimizer": "adam", "timeout_s": 2.0, "stream": True}, stream=True)
-    if r.status_code != 200:
-        _assert_refused(r, 504, "timeout_s")
-        return
+                             "optimizer": "adam", "timeout_s": 10.0, "stream": True}, stream=True)
+    assert r.status_code == 200, r.text
     lines = [json.loads(line) for line in r.iter_lines() if line]
     assert lines[0]["step"] >= 1
     assert lines[-1]["done"] and lines[-1]["error"]["code"] == 504

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import requests
 import yaml
 from PIL import Image
@@ -13,6 +14,8 @@ from PIL import Image
 from example_images import thumbnail
 from local_server import ROOT, running_server
 from manage import properties
+
+pytestmark = pytest.mark.server
 
 
 def test_torchserve_with_the_pods_config_serves_probes_and_predictions_without_keys(tmp_path):

@@ -244,10 +244,24 @@ def _wait_metric(server, name: str, expected: float, **labels) -> float:
     return value
 
 
+def _settled(server, name: str, quiet_s: float = 1.0) -> None:
+    """Until `name` has kept one value for `quiet_s` (the worker's metric
+    lines reach the frontend asynchronously, after the answer)."""
+    last, since, deadline = None, time.monotonic(), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        value = _metric(server, name, ModelName="style_transfer")
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+
+
 def test_prometheus_metrics_count_steps_and_rejections(server):
     """metrics.yaml's model metrics on :8082/metrics: a request of N steps
     raises StepsRun by exactly N, ServedRequests by 1 and OptimizationMsSum by
     its X-Elapsed-Ms; a rejected one RejectedRequests of its code."""
+    _settled(server, "StepsRun")  # an earlier test's metric lines may still be on their way
     steps0 = _metric(server, "StepsRun", ModelName="style_transfer")
     served0 = _metric(server, "ServedRequests", ModelName="style_transfer")
     optimizing0 = _metric(server, "OptimizationMsSum", ModelName="style_transfer")
