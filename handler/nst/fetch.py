@@ -5,7 +5,7 @@ at connect time on the address actually dialled (requests-hardened pins the
 resolved IP), so DNS rebinding and redirects cannot reach loopback, private,
 link-local or metadata addresses; proxies from the environment are ignored
 for the same reason; every redirect hop is re-validated here
-(scheme, port, no userinfo) and counted; connect, read and total time and the
+(scheme, port, no userinfo, never https to http) and counted; connect, read and total time and the
 bytes received are all capped. The total time holds however a server
 trickles, headers included: at the deadline a timer shuts the download's
 sockets (a per-read timeout alone lets a byte every few seconds go on for
@@ -169,7 +169,7 @@ def _follow(session: requests.Session, url: str, field: str, limits: Limits, tim
         try:
             with session.get(url, stream=True, allow_redirects=False, timeout=timeout) as r:
                 if r.status_code in _REDIRECTS and "Location" in r.headers:
-                    url = urljoin(url, r.headers["Location"])
+                    url = next_hop(url, r.headers["Location"], field)
                     continue
                 if r.status_code != 200:
                     raise BadRequest(field, f"{field}: the URL answered HTTP {r.status_code}")
@@ -178,6 +178,16 @@ def _follow(session: requests.Session, url: str, field: str, limits: Limits, tim
             raise Forbidden(
                 field, f"{field}: the address is not public (loopback, private, link-local...)") from None
     raise BadRequest(field, f"{field}: more than {limits.url_max_redirects} redirects")
+
+
+def next_hop(url: str, location: str, field: str) -> str:
+    """Where a redirect from `url` to `location` leads; never from https to
+    plain http, where anyone on the path could swap the image (or read the
+    address) the https URL was chosen to protect."""
+    target = urljoin(url, location)
+    if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+        raise BadRequest(field, f"{field}: a redirect from https to another scheme is not followed")
+    return target
 
 
 def _read_capped(response: requests.Response, field: str, limits: Limits, deadline: float) -> bytes:

@@ -193,3 +193,19 @@ def test_no_spelling_of_loopback_gets_through(site, host):
         fetch(site.url("/img.png", host), "content_url", LIMITS, allowed_ports=None)
     assert e.value.code == 403
     assert site.hits == before
+
+
+def test_a_redirect_never_leaves_https_for_plain_http():
+    """An https URL's image could be swapped on the path once a redirect took
+    it to http; https to https, and http anywhere http(s), stay followed."""
+    from nst.fetch import next_hop
+
+    assert next_hop("https://a.example/x.png", "/y.png", "content_url") == "https://a.example/y.png"
+    assert next_hop("https://a.example/x.png", "https://b.example/y", "content_url") == "https://b.example/y"
+    assert next_hop("http://a.example/x.png", "https://b.example/y", "content_url") == "https://b.example/y"
+    assert next_hop("http://a.example/x.png", "http://b.example/y", "content_url") == "http://b.example/y"
+    assert next_hop("https://a.example/x.png", "//b.example/y", "content_url") == "https://b.example/y"
+    for location in ("http://b.example/y.png", "HTTP://a.example/x.png"):
+        with pytest.raises(RequestError) as e:
+            next_hop("https://a.example/x.png", location, "style_url")
+        assert e.value.code == 400 and e.value.message.startswith("style_url: a redirect from https")
