@@ -8,6 +8,8 @@ MAR    := model_store/style_transfer.mar
 SOURCES := $(wildcard handler/*.py handler/nst/*.py) handler/model-config.yaml scripts/build_mar.sh
 
 .PHONY: help venv weights mar serve stop demo test bench load clean
+# A recipe that fails leaves no target behind that a later make would take as built.
+.DELETE_ON_ERROR:
 help:
 	@echo "make demo   - venv, weights, archive, start TorchServe, stylize examples -> out/demo.png"
 	@echo "make test   - venv, weights, archive, then the whole test suite"

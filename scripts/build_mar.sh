@@ -18,14 +18,23 @@ cp -r handler/nst "$stage/extra/nst"
 find "$stage/extra" -name __pycache__ -prune -exec rm -rf {} +
 cp "${WEIGHTS%.pth}.json" "$stage/extra/"
 
-mkdir -p "$OUT"
-"$BIN/torch-model-archiver" \
+# The archiver assembles its files in $TMPDIR/style_transfer, a name every
+# build on the machine shares: two checkouts building at once failed, or
+# mixed one's handler with the other's model config. It gets a TMPDIR of its
+# own, and writes beside the archive, which is then renamed into place, so a
+# failed build never leaves a half-written archive that make would take for
+# a built one.
+mkdir -p "$stage/tmp" "$OUT"
+building=$(mktemp -d "$OUT/.building.XXXXXX")
+trap 'rm -rf "$stage" "$building"' EXIT
+TMPDIR="$stage/tmp" "$BIN/torch-model-archiver" \
   --model-name style_transfer \
   --version 1.0 \
   --handler handler/style_transfer_handler.py \
   --serialized-file "$WEIGHTS" \
   --extra-files "$stage/extra" \
   --config-file "$MODEL_CONFIG" \
-  --export-path "$OUT" \
+  --export-path "$building" \
   --force
+mv -f "$building/style_transfer.mar" "$OUT/style_transfer.mar"
 echo "built $OUT/style_transfer.mar"

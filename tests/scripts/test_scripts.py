@@ -428,3 +428,30 @@ def test_manage_reaches_the_addresses_config_properties_binds(bound, reached):
 def test_manage_config_that_is_missing_is_one_line(tmp_path):
     p = _cli(tmp_path, str(ROOT / "scripts" / "manage.py"), "--config", "missing.properties", "address", "inference")
     assert (p.returncode, p.stderr.strip()) == (2, "error: --config missing.properties: No such file or directory")
+
+
+def test_two_archive_builds_at_once_each_get_their_own_files(tmp_path):
+    """torch-model-archiver assembles its files in $TMPDIR/style_transfer,
+    shared by every build on the machine: two checkouts building at once
+    failed (FileExistsError) or mixed one's handler with the other's model
+    config. Each build now has a TMPDIR of its own."""
+    import zipfile
+
+    other = tmp_path / "other.yaml"
+    other.write_text((ROOT / "handler" / "model-config.yaml").read_text().replace("batchSize: 1", "batchSize: 2"))
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    env["VENV"] = str(Path(sys.executable).parents[1])
+    builds = [subprocess.Popen(["bash", str(ROOT / "scripts" / "build_mar.sh")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**env, "OUT": str(tmp_path / name), **extra})
+              for name, extra in (("a", {}), ("b", {"MODEL_CONFIG": str(other)}))]
+    for build in builds:
+        assert build.wait(timeout=300) == 0, build.stdout.read()
+    expected = {"a": "batchSize: 1", "b": "batchSize: 2"}
+    names = set()
+    for name, line in expected.items():
+        with zipfile.ZipFile(tmp_path / name / "style_transfer.mar") as z:
+            config = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["configFile"]
+            assert line in z.read(config).decode().splitlines()
+            names.add(frozenset(n for n in z.namelist() if n != config))
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["style_transfer.mar"]  # nothing half-built left
+    assert len(names) == 1  # the same handler, core and weights in both
