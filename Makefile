@@ -42,8 +42,7 @@ stop:
 
 demo: serve
 	mkdir -p out
-	$(BIN)/python scripts/stylize.py examples/tubingen.jpg examples/starry_night.jpg -o out/demo.png --max-size 256 \
-	  --server "$$($(BIN)/python scripts/manage.py --config config.properties address inference)"
+	$(BIN)/python scripts/stylize.py examples/tubingen.jpg examples/starry_night.jpg -o out/demo.png --max-size 256
 	@echo "wrote out/demo.png; TorchServe is still running: 'make stop' stops it"
 
 test: $(MAR)

@@ -12,8 +12,9 @@
   manage.py ports-free FILE   fail, naming it, where a port FILE (config.properties)
                               serves on is taken (scripts/serve.sh, before a start)
 
---config FILE takes the addresses from a config.properties (scripts/serve.sh
-passes its own); --management / --inference name them outright.
+The addresses come from ./config.properties where there is one (the repo
+root), or from --config FILE; --management / --inference name them outright;
+else 127.0.0.1:8081 / 127.0.0.1:8080.
 
 Keys come from the key_file.json TorchServe writes at start (token
 authorization is on): the management key for management calls, the
@@ -90,14 +91,29 @@ def auth(key_file: str | Path, kind: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {read_key(key_file, kind)}"}
 
 
+def _refused(r: requests.Response, args) -> int:
+    """A management call TorchServe refused, as one line on stderr: its
+    message, and where it went (a wrong key is often the right key of
+    another server)."""
+    try:
+        message = r.json().get("message", r.text)
+    except (ValueError, AttributeError):
+        message = r.text
+    print(f"error HTTP {r.status_code} from {args.management}: {' '.join(str(message).split())[:300]}",
+          file=sys.stderr)
+    return 1
+
+
 def describe(args) -> int:
     r = http("GET", f"{args.management}/models/{MODEL}", headers=auth(args.key_file, "management"), timeout=30)
+    if not r.ok:
+        return _refused(r, args)
     try:
         print(json.dumps(r.json(), indent=2))
     except ValueError:  # not TorchServe answering (another service on the port, a gateway's page)
         print(f"HTTP {r.status_code}, not JSON: {r.text.strip()[:200]}", file=sys.stderr)
         return 1
-    return 0 if r.ok else 1
+    return 0
 
 
 def scale(args) -> int:
@@ -107,8 +123,10 @@ def scale(args) -> int:
         headers=auth(args.key_file, "management"),
         timeout=args.timeout,
     )
+    if not r.ok:
+        return _refused(r, args)
     print(r.text.strip())
-    return 0 if r.ok else 1
+    return 0
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
@@ -193,6 +211,13 @@ def bound_address(address: str) -> tuple[str, str, int]:
     return parts.scheme, f"[{host}]" if ":" in host else host, port
 
 
+def default_config() -> str | None:
+    """./config.properties where the command runs from a checkout's root (as
+    the README's commands do), so that the scripts reach the server it
+    configures; None elsewhere (the default addresses)."""
+    return "config.properties" if Path("config.properties").is_file() else None
+
+
 def client_address(bound: str | None, port: int) -> str:
     """Where a client on this machine reaches an address TorchServe binds
     (config.properties' `http://0.0.0.0:8080` is every interface: reached at
@@ -219,8 +244,10 @@ def ports_free(args) -> int:
             except OSError as e:
                 taken.append(f"{host}:{port} ({key}): {e.strerror}: {_holder(port)}")
     for line in taken:
-        print(f"error: port taken, {line}; stop it (this checkout's TorchServe: make stop) or change "
-              f"{args.config}", file=sys.stderr)
+        print(f"error: port taken, {line}", file=sys.stderr)
+    if taken:
+        print(f"stop what holds it (a checkout's TorchServe: `make stop` in that checkout) or change {args.config}",
+              file=sys.stderr)
     return 1 if taken else 0
 
 
@@ -260,8 +287,9 @@ def k8s_secret(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", metavar="FILE",
-                    help="a config.properties: its addresses are the defaults of --management and --inference")
+    ap.add_argument("--config", metavar="FILE", default=default_config(),
+                    help="a config.properties: its addresses are the defaults of --management and --inference "
+                         "(default: ./config.properties where there is one)")
     ap.add_argument("--management", help="management API address (default http://127.0.0.1:8081)")
     ap.add_argument("--inference", help="inference API address (default http://127.0.0.1:8080)")
     ap.add_argument("--key-file", default="key_file.json")
@@ -300,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except requests.RequestException as e:
         print(f"error: no answer from TorchServe ({type(e).__name__}): is it running, at "
-              f"{args.management} / {args.inference}?", file=sys.stderr)
+              f"{args.management} / {args.inference}? (addresses from "
+              f"{args.config or 'the defaults'}; --config, --management and --inference set them)", file=sys.stderr)
         return 1
 
 

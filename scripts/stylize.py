@@ -91,8 +91,12 @@ class Failed(Exception):
 def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
-    from manage import KeyFileError, read_key  # scripts/ is this script's own directory
+    from manage import KeyFileError, client_address, default_config, properties, read_key  # scripts/: this one's
 
+    if args.server is None:  # the server this checkout's config.properties sets up, as manage.py reaches it
+        config = default_config()
+        bound = properties(Path(config).read_text()).get("inference_address") if config else None
+        args.server = client_address(bound, 8080)
     try:
         token = args.token or read_key(args.key_file, "inference")
     except KeyFileError as e:
@@ -247,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--extra-style", action="append", default=[], metavar="FILE",
                     help="another style image (style_2, style_3, ... in order); repeatable")
-    ap.add_argument("--server", default="http://127.0.0.1:8080", help="inference address")
+    ap.add_argument("--server", default=None,
+                    help="inference address (default: ./config.properties' where there is one, else "
+                         "http://127.0.0.1:8080)")
     ap.add_argument("--key-file", default="key_file.json", help="TorchServe's key file (for the token)")
     ap.add_argument("--token", help="inference key, instead of reading --key-file")
     ap.add_argument("--timeout", type=float, default=900.0, help="read timeout, s")

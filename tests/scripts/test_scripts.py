@@ -455,3 +455,55 @@ def test_two_archive_builds_at_once_each_get_their_own_files(tmp_path):
             names.add(frozenset(n for n in z.namelist() if n != config))
         assert [p.name for p in (tmp_path / name).iterdir()] == ["style_transfer.mar"]  # nothing half-built left
     assert len(names) == 1  # the same handler, core and weights in both
+
+
+def test_the_scripts_reach_the_server_config_properties_sets_up(tmp_path):
+    """Run from a checkout's root, manage.py and stylize.py take the addresses
+    of its config.properties (a user who moved the ports reached the default
+    ones, another checkout's server among them); elsewhere the defaults."""
+    (tmp_path / "config.properties").write_text(
+        "inference_address=http://0.0.0.0:38080\nmanagement_address=http://127.0.0.1:38081\n")
+    manage = str(ROOT / "scripts" / "manage.py")
+    assert _cli(tmp_path, manage, "address", "inference").stdout.strip() == "http://127.0.0.1:38080"
+    assert _cli(tmp_path, manage, "address", "management").stdout.strip() == "http://127.0.0.1:38081"
+    assert _cli(tmp_path, manage, "--inference", "http://h:1", "address", "inference").stdout.strip() == "http://h:1"
+    p = _cli(tmp_path, str(ROOT / "scripts" / "stylize.py"), str(ROOT / "examples" / "tubingen.jpg"),
+             str(ROOT / "examples" / "starry_night.jpg"), "-o", "o.png", "--token", "x")
+    assert "the connection to http://127.0.0.1:38080 failed" in p.stderr, p.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert _cli(elsewhere, manage, "address", "inference").stdout.strip() == "http://127.0.0.1:8080"
+
+
+def test_a_management_call_refused_is_one_line_on_stderr_naming_the_server(tmp_path):
+    """A wrong key (often another server's right one) printed TorchServe's
+    JSON on stdout; the usage text promises one line on stderr."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _refuse(self):
+            body = b'{\n  "code": 400,\n  "type": "InvalidKeyException",\n  "message": "Token Authorization failed."\n}'
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = _refuse
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    (tmp_path / "keys.json").write_text(json.dumps({"management": {"key": "k"}}))
+    address = f"http://127.0.0.1:{site.server_address[1]}"
+    try:
+        for command in (["describe"], ["scale", "2"]):
+            p = _cli(tmp_path, str(ROOT / "scripts" / "manage.py"), "--management", address, "--key-file",
+                     "keys.json", *command)
+            assert (p.returncode, p.stdout) == (1, ""), p.stdout
+            assert p.stderr == f"error HTTP 400 from {address}: Token Authorization failed.\n"
+    finally:
+        site.shutdown()
+        site.server_close()

@@ -2,8 +2,8 @@
 
 Only what cannot differ on a test machine is rewritten: the addresses (free
 ports), curl's --fail (an HTTP error must fail the test, not land in
-out.png) and the step count and size (2 steps at 32 px instead of 300 at
-the default, so the CPU suite stays fast). The example images are the
+out.png) and the step count and size (2 steps at 32 px instead of 100 at
+256 px, so the CPU suite stays fast). The example images are the
 README's own, full size: a shrunk copy once hid that the JSON example passed
 their base64 to curl as one argument, past Linux's 128 KiB limit on one.
 `make` and `docker` blocks are covered by `make demo` / `make test` and the
@@ -59,9 +59,9 @@ def _rewrite(cmd: str, server, examples: Path) -> str:
     cmd = cmd.replace("scripts/manage.py", f"{ROOT}/scripts/manage.py {mgmt}")
     cmd = cmd.replace("scripts/stylize.py", f"{ROOT}/scripts/stylize.py --server {server.inference}")
     cmd = cmd.replace("examples/", f"{examples}/")
-    cmd = cmd.replace("-F steps=300", "-F steps=2 -F max_size=32")
-    cmd = cmd.replace('"steps": 300', '"steps": 2, "max_size": 32')
-    cmd = cmd.replace("--steps 300", "--steps 2 --max-size 32")
+    cmd = cmd.replace("-F steps=100 -F max_size=256", "-F steps=2 -F max_size=32")
+    cmd = cmd.replace('"steps": 100, "max_size": 256', '"steps": 2, "max_size": 32')
+    cmd = cmd.replace("--steps 100 --max-size 256", "--steps 2 --max-size 32")
     if "--local" in cmd:
         cmd += " --steps 2 --max-size 32"
     return cmd
