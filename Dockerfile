@@ -46,9 +46,11 @@ RUN python scripts/fetch_weights.py --require-imagenet --out weights/vgg19_featu
 USER 10001
 EXPOSE 8080 8081 8082
 
-# /ping needs the inference key, which TorchServe writes to ./key_file.json at
-# start and which expires after token_expiration_min: the check renews an
-# expired one (with the API key, which never expires) before it pings.
+# /ping needs the inference key, and the worker check (describe: a READY
+# worker, since /ping stays healthy while a worker fails to load) the
+# management key; TorchServe writes both to ./key_file.json at start and they
+# expire after token_expiration_min: the check renews an expired one (with the
+# API key, which never expires) before it asks.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
   CMD ["python", "scripts/manage.py", "--timeout", "8", "wait", "--renew-expired"]
 

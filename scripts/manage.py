@@ -3,8 +3,8 @@
 
   manage.py describe          workers, their status and PIDs, queue
   manage.py scale N           set the worker count to N (waits until done)
-  manage.py wait              block until /ping is healthy (or --timeout s);
-                              --renew-expired: renew an expired inference key first
+  manage.py wait              block until /ping is healthy and a worker READY (or --timeout s);
+                              --renew-expired: renew an expired inference or management key first
   manage.py key inference|management|API   print a key from key_file.json
   manage.py k8s-secret        print a Kubernetes Secret with a new random
                               inference key for deploy/ (kubectl apply -f -)
@@ -161,14 +161,25 @@ def wait(args) -> int:
 
     def healthy() -> bool:
         try:
-            if args.renew_expired:
-                renew_expired_key(args.key_file, args.management)
+            if args.renew_expired:  # both keys wait needs
+                renew_expired_key(args.key_file, args.management, "inference")
+                renew_expired_key(args.key_file, args.management, "management")
             r = http("GET", f"{args.inference}/ping", headers=auth(args.key_file, "inference"), timeout=5)
-            if r.ok and r.json().get("status") == "Healthy":
+            if not (r.ok and r.json().get("status") == "Healthy"):
+                last[0] = r.text.strip()
+                return False
+            # /ping stays Healthy while the model's worker fails to load, over
+            # and over: up means a worker that is READY.
+            r = http("GET", f"{args.management}/models/{MODEL}", headers=auth(args.key_file, "management"),
+                     timeout=5)
+            workers = [w.get("status") for w in r.json()[0].get("workers", [])] if r.ok else None
+            if workers and "READY" in workers:
                 return True
-            last[0] = r.text.strip()
-        except (OSError, ValueError, KeyFileError, requests.RequestException) as e:
-            last[0] = str(e)  # not started yet, or key file not written yet
+            last[0] = (f"no READY worker (workers: {', '.join(workers) or 'none'}; see logs/model_log.log)"
+                       if workers is not None else f"management API: HTTP {r.status_code} {r.text.strip()[:200]}")
+        except (OSError, ValueError, LookupError, TypeError, AttributeError, KeyFileError,
+                requests.RequestException) as e:
+            last[0] = str(e)  # not started yet, key file not written yet, or not TorchServe's answer
         return False
 
     if wait_for(healthy, args.timeout, interval=1):
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=scale)
     w = sub.add_parser("wait")
     w.add_argument("--renew-expired", action="store_true",
-                   help="renew the inference key first where it has expired (the Docker HEALTHCHECK)")
+                   help="renew the inference and management keys first where they have expired (the Docker HEALTHCHECK)")
     w.set_defaults(fn=wait)
     k = sub.add_parser("key")
     k.add_argument("kind", choices=["inference", "management", "API"])

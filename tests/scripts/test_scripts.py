@@ -359,7 +359,7 @@ def test_the_scripts_send_a_local_servers_key_past_proxy_variables_never_through
 
             def do_GET(self):
                 seen[name].append((self.path, self.headers.get("Authorization")))
-                body = b'{"status": "Healthy"}'
+                body = b'{"status": "Healthy"}' if self.path == "/ping" else b'[{"workers": [{"status": "READY"}]}]'
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -374,14 +374,16 @@ def test_the_scripts_send_a_local_servers_key_past_proxy_variables_never_through
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
     env["HTTP_PROXY"] = env["http_proxy"] = f"http://127.0.0.1:{proxy.server_address[1]}"
     try:
-        p = subprocess.run([sys.executable, str(ROOT / "scripts" / "manage.py"), "--inference",
-                            f"http://127.0.0.1:{server.server_address[1]}", "--key-file", "keys.json", "--timeout", "5",
-                            "wait"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+        local = f"http://127.0.0.1:{server.server_address[1]}"
+        p = subprocess.run([sys.executable, str(ROOT / "scripts" / "manage.py"), "--inference", local, "--management",
+                            local, "--key-file", "keys.json", "--timeout", "5", "wait"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
         assert p.returncode == 0, p.stderr
     finally:
         proxy.shutdown(), server.shutdown()
         proxy.server_close(), server.server_close()
-    assert seen == {"proxy": [], "server": [("/ping", "Bearer inference-key")]}
+    assert seen == {"proxy": [], "server": [("/ping", "Bearer inference-key"),
+                                            ("/models/style_transfer", "Bearer management-key")]}
 
 
 def test_serve_script_refuses_a_run_directory_that_is_not_its_users_alone(tmp_path):
@@ -504,6 +506,43 @@ def test_a_management_call_refused_is_one_line_on_stderr_naming_the_server(tmp_p
                      "keys.json", *command)
             assert (p.returncode, p.stdout) == (1, ""), p.stdout
             assert p.stderr == f"error HTTP 400 from {address}: Token Authorization failed.\n"
+    finally:
+        site.shutdown()
+        site.server_close()
+
+
+def test_wait_wants_a_ready_worker_not_only_a_healthy_ping(tmp_path):
+    """TorchServe's /ping says Healthy while the model's worker fails to load
+    again and again (a broken archive): serve.sh then said "TorchServe is
+    up". `wait` now also wants a READY worker, and says which states it saw."""
+    import http.server
+    import threading
+
+    workers = {"list": [{"status": "UNLOADING"}]}
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"status": "Healthy"} if self.path == "/ping" else [{"workers": workers["list"]}])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    (tmp_path / "keys.json").write_text(json.dumps({k: {"key": k} for k in ("inference", "management")}))
+    address = f"http://127.0.0.1:{site.server_address[1]}"
+    wait = (str(ROOT / "scripts" / "manage.py"), "--inference", address, "--management", address,
+            "--key-file", "keys.json", "--timeout", "2", "wait")
+    try:
+        p = _cli(tmp_path, *wait)
+        assert p.returncode == 1
+        assert "no READY worker (workers: UNLOADING; see logs/model_log.log)" in p.stderr, p.stderr
+        workers["list"] = [{"status": "UNLOADING"}, {"status": "READY"}]
+        assert _cli(tmp_path, *wait).returncode == 0
     finally:
         site.shutdown()
         site.server_close()

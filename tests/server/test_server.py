@@ -402,9 +402,12 @@ def test_an_expired_inference_key_fails_the_health_check_unless_it_renews_it(tmp
         assert refused.status_code != 200, refused.text  # an expired key is refused, however healthy the model
         p = _script(server, "manage.py", *common, "--timeout", "2", "wait")
         assert p.returncode == 1 and "not healthy" in p.stderr
+        old_management = read_key(server.key_file, "management")
         p = _script(server, "manage.py", *common, "--timeout", "30", "wait", "--renew-expired")
         assert p.returncode == 0, p.stderr
+        # both renewed: wait asks the management API for a READY worker too
         assert read_key(server.key_file, "inference") != old
+        assert read_key(server.key_file, "management") != old_management
 
 
 def test_manage_wait_returns_once_healthy_and_fails_naming_why(server):
