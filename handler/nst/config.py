@@ -465,6 +465,12 @@ LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types, e.g. ("cuda",)
 # bf16 or float32: no size keeps every row within 2/255, so a GPU does not
 # share optimizations until its kernels are made batch-invariant.
 BATCH_MIN_PIXELS: Mapping[str, int | None] = {"cuda": None}
+# Device types where a shared optimization evaluates its objective one row at
+# a time (nst.losses.Objective): the CPU's reductions split their sums across
+# threads by the batch's size, so batched rows rounded otherwise than alone
+# and drifted up to 26/255 from their images alone; one row at a time, each
+# is bit for bit itself (two CPU cores gain nothing from larger products).
+ROW_BY_ROW_DEVICES: tuple[str, ...] = ("cpu",)
 # Output shapes (width, height) a GPU worker compiles at start: the default
 # max_size (512) at the commonest aspect ratios. The model config's
 # `warm_up_sizes` replaces the list ("WxH" strings; [] compiles nothing).

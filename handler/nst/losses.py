@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import GRAM_LOWP_DEVICES, GRAM_ONE_PRODUCT_DEVICES, GRAM_ONE_PRODUCT_MIN_PIXELS, RECIPE_CONTENT_LAYER
+from .config import (GRAM_LOWP_DEVICES, GRAM_ONE_PRODUCT_DEVICES, GRAM_ONE_PRODUCT_MIN_PIXELS, RECIPE_CONTENT_LAYER,
+                     ROW_BY_ROW_DEVICES)
 from .vgg import LAYER_NAMES, VGGFeatures, canonical_layer, feature_size
 
 LOWP = (torch.float16, torch.bfloat16)
@@ -156,13 +157,7 @@ class Objective:
     use_tv: bool
 
     def __call__(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Terms:
-        if x.shape[0] > 1 and x.device.type == "cpu":
-            # Row by row on the CPU: its reductions (the Grams' matmuls, the
-            # losses' means) split their sums across threads by the batch's
-            # size, so a batched row's loss rounded otherwise than alone, and
-            # over 40 steps its image drifted up to 26 levels from its image
-            # alone (issue #12 allows 2/255). Alone, each is bit for bit itself;
-            # two CPU cores gain nothing from the larger products anyway.
+        if x.shape[0] > 1 and x.device.type in ROW_BY_ROW_DEVICES:  # bit for bit each row alone (config)
             rows = [row(self, b)(x[b:b + 1], dtype) for b in range(x.shape[0])]
             return Terms(*(torch.cat(parts) for parts in zip(*((r.total, r.content, r.style, r.tv) for r in rows))))
         feats = self.vgg.features(x, self.layers, self.deepest, self.pooling, dtype)

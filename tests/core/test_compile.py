@@ -351,9 +351,12 @@ def test_one_warmed_program_serves_every_batch_of_2_or_more_rows(vgg, eager_back
     import nst.vgg
     from nst.losses import stack
 
-    # Convolve the batch whole, as on a GPU (on the CPU `_conv` loops over the
-    # images, which fixes the batch size in the traced program).
+    import nst.losses
+
+    # Evaluate the batch whole, as on a GPU (on the CPU the objective and
+    # `_conv` loop over the rows, which fixes the batch size in the traced program).
     monkeypatch.setattr(nst.vgg, "_conv", lambda x, w, b: F.conv2d(x, w, b, padding=1))
+    monkeypatch.setattr(nst.losses, "ROW_BY_ROW_DEVICES", ())
 
     warm_up(vgg, [(48, 32)], max_batch=4)
     compiled = optimize_mod._COMPILED[pixels_loss]
