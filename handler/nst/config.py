@@ -466,10 +466,11 @@ LBFGS_ONE_STATE_DEVICES: tuple[str, ...] = ()  # device types, e.g. ("cuda",)
 # share optimizations until its kernels are made batch-invariant.
 BATCH_MIN_PIXELS: Mapping[str, int | None] = {"cuda": None}
 # Device types where a shared optimization evaluates its objective one row at
-# a time (nst.losses.Objective): the CPU's reductions split their sums across
-# threads by the batch's size, so batched rows rounded otherwise than alone
-# and drifted up to 26/255 from their images alone; one row at a time, each
-# is bit for bit itself (two CPU cores gain nothing from larger products).
+# a time (nst.losses.Objective): the CPU's kernels round differently with the
+# batch's size (oneDNN's convolutions moved a batched row 2.7/255 from its
+# image alone; the Grams' matmuls and the losses' means, split across threads
+# by that size, 26/255 in 40 steps); one row at a time, each is bit for bit
+# itself (two CPU cores gain nothing from larger products).
 ROW_BY_ROW_DEVICES: tuple[str, ...] = ("cpu",)
 # Output shapes (width, height) a GPU worker compiles at start: the default
 # max_size (512) at the commonest aspect ratios. The model config's

@@ -160,14 +160,10 @@ class VGGFeatures(nn.Module):
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """A 3x3 'same' convolution. On the CPU a batch is convolved image by
-    image: oneDNN's kernels round differently with the batch size, and over
-    the steps of an optimization (bf16 steps above all) that moved a batched
-    request's image up to 2.7/255 away from the same request alone (issue #12
-    allows 2/255). Per image, each result is bit for bit what it is alone; two
-    CPU cores gain nothing from the larger convolution anyway."""
-    if x.shape[0] > 1 and x.device.type == "cpu":
-        return torch.cat([F.conv2d(x[i:i + 1], weight, bias, padding=1) for i in range(x.shape[0])])
+    """A 3x3 'same' convolution, whole batch at once. (A CPU never passes a
+    batch here: its objective runs row by row, config.ROW_BY_ROW_DEVICES,
+    since oneDNN's kernels, among others, round differently with the batch
+    size. bench/gpu_batch_equality.py swaps this for a per-image loop.)"""
     return F.conv2d(x, weight, bias, padding=1)
 
 
