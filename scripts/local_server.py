@@ -22,7 +22,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "handler"))
 # one key-file reader, one polling loop
-from manage import MODEL, KeyFileError, http, read_key, renew_expired_key, wait_for  # noqa: E402
+from manage import MODEL, KeyFileError, http, model_workers, read_key, renew_expired_keys, wait_for  # noqa: E402
 from nst.weights import FILE_NAME as WEIGHTS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,10 +74,8 @@ class Server:
         healthy before a new worker reports its PID)."""
         try:
             if self.token_auth:  # a test's short token_expiration_min may pass before the model loads
-                for kind in ("inference", "management"):
-                    renew_expired_key(self.key_file, self.management, kind)
-            r = http("GET", f"{self.inference}/ping", headers=self.auth(), timeout=5)
-            workers = self.describe()["workers"] if r.ok and r.json().get("status") == "Healthy" else []
+                renew_expired_keys(self.key_file, self.management)
+            workers, _ = model_workers(self.inference, self.management, self.auth)
         except (OSError, ValueError, KeyError, KeyFileError, requests.RequestException):
             return False  # not listening yet, or the key file is not written yet
         return bool(workers) and all(w["status"] == "READY" and w["pid"] > 0 for w in workers)

@@ -91,15 +91,21 @@ def auth(key_file: str | Path, kind: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {read_key(key_file, kind)}"}
 
 
+def error_message(body: str) -> object:
+    """What a refusal says: its JSON error's `message` (TorchServe's and the
+    handler's errors have one), else the answer's text."""
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return body
+    return error["message"] if isinstance(error, dict) and "message" in error else body
+
+
 def _refused(r: requests.Response, args) -> int:
     """A management call TorchServe refused, as one line on stderr: its
     message, and where it went (a wrong key is often the right key of
     another server)."""
-    try:
-        message = r.json().get("message", r.text)
-    except (ValueError, AttributeError):
-        message = r.text
-    print(f"error HTTP {r.status_code} from {args.management}: {' '.join(str(message).split())[:300]}",
+    print(f"error HTTP {r.status_code} from {args.management}: {' '.join(str(error_message(r.text)).split())[:300]}",
           file=sys.stderr)
     return 1
 
@@ -156,27 +162,41 @@ def renew_expired_key(key_file: str | Path, management: str, kind: str = "infere
         raise KeyFileError(f"the {kind} key expired and renewing it failed: HTTP {r.status_code} {r.text[:200]}")
 
 
+def renew_expired_keys(key_file: str | Path, management: str) -> None:
+    """renew_expired_key for both keys a health check uses."""
+    for kind in ("inference", "management"):
+        renew_expired_key(key_file, management, kind)
+
+
+def model_workers(inference: str, management: str,
+                  headers: Callable[[str], dict[str, str]]) -> tuple[list[dict] | None, str]:
+    """(the model's workers as describe lists them, "") once /ping says
+    Healthy, else (None, why); `headers(kind)` authorizes a call with the
+    `kind` key. /ping stays Healthy while the model's worker fails to load,
+    over and over: whether one is READY is the workers' to say."""
+    r = http("GET", f"{inference}/ping", headers=headers("inference"), timeout=5)
+    if not (r.ok and r.json().get("status") == "Healthy"):
+        return None, r.text.strip()
+    r = http("GET", f"{management}/models/{MODEL}", headers=headers("management"), timeout=5)
+    if not r.ok:
+        return None, f"management API: HTTP {r.status_code} {r.text.strip()[:200]}"
+    return r.json()[0].get("workers", []), ""
+
+
 def wait(args) -> int:
     last = ["no answer"]
 
     def healthy() -> bool:
         try:
-            if args.renew_expired:  # both keys wait needs
-                renew_expired_key(args.key_file, args.management, "inference")
-                renew_expired_key(args.key_file, args.management, "management")
-            r = http("GET", f"{args.inference}/ping", headers=auth(args.key_file, "inference"), timeout=5)
-            if not (r.ok and r.json().get("status") == "Healthy"):
-                last[0] = r.text.strip()
+            if args.renew_expired:
+                renew_expired_keys(args.key_file, args.management)
+            workers, last[0] = model_workers(args.inference, args.management, lambda kind: auth(args.key_file, kind))
+            if workers is None:
                 return False
-            # /ping stays Healthy while the model's worker fails to load, over
-            # and over: up means a worker that is READY.
-            r = http("GET", f"{args.management}/models/{MODEL}", headers=auth(args.key_file, "management"),
-                     timeout=5)
-            workers = [w.get("status") for w in r.json()[0].get("workers", [])] if r.ok else None
-            if workers and "READY" in workers:
+            states = [w.get("status") for w in workers]
+            if "READY" in states:
                 return True
-            last[0] = (f"no READY worker (workers: {', '.join(workers) or 'none'}; see logs/model_log.log)"
-                       if workers is not None else f"management API: HTTP {r.status_code} {r.text.strip()[:200]}")
+            last[0] = f"no READY worker (workers: {', '.join(states) or 'none'}; see logs/model_log.log)"
         except (OSError, ValueError, LookupError, TypeError, AttributeError, KeyFileError,
                 requests.RequestException) as e:
             last[0] = str(e)  # not started yet, key file not written yet, or not TorchServe's answer
@@ -227,6 +247,15 @@ def default_config() -> str | None:
     the README's commands do), so that the scripts reach the server it
     configures; None elsewhere (the default addresses)."""
     return "config.properties" if Path("config.properties").is_file() else None
+
+
+def addresses(config: str | None) -> dict[str, str]:
+    """{"inference": ..., "management": ...}: where a client on this machine
+    reaches the server `config` (a config.properties; None: the defaults)
+    sets up. OSError where the file cannot be read."""
+    configured = properties(Path(config).read_text()) if config else {}
+    return {"inference": client_address(configured.get("inference_address"), 8080),
+            "management": client_address(configured.get("management_address"), 8081)}
 
 
 def client_address(bound: str | None, port: int) -> str:
@@ -326,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=ports_free)
     args = ap.parse_args(argv)
     try:
-        configured = properties(Path(args.config).read_text()) if args.config else {}
+        configured = addresses(args.config)
     except OSError as e:
         print(f"error: --config {args.config}: {e.strerror}", file=sys.stderr)
         return 2
-    args.management = args.management or client_address(configured.get("management_address"), 8081)
-    args.inference = args.inference or client_address(configured.get("inference_address"), 8080)
+    args.management = args.management or configured["management"]
+    args.inference = args.inference or configured["inference"]
     try:
         return args.fn(args)
     except KeyFileError as e:

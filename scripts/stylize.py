@@ -91,12 +91,10 @@ class Failed(Exception):
 def run_server(args, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
-    from manage import KeyFileError, client_address, default_config, properties, read_key  # scripts/: this one's
+    from manage import KeyFileError, addresses, default_config, read_key  # scripts/ is this script's own directory
 
     if args.server is None:  # the server this checkout's config.properties sets up, as manage.py reaches it
-        config = default_config()
-        bound = properties(Path(config).read_text()).get("inference_address") if config else None
-        args.server = client_address(bound, 8080)
+        args.server = addresses(default_config())["inference"]
     try:
         token = args.token or read_key(args.key_file, "inference")
     except KeyFileError as e:
@@ -130,18 +128,10 @@ def _error_line(code: object, message: object, request_id: str | None) -> str:
     return f"error {code}: {text}" + (f" (request {request_id})" if request_id else "")
 
 
-def _message(body: str) -> object:
-    try:
-        error = json.loads(body)
-    except ValueError:
-        return body
-    return error["message"] if isinstance(error, dict) and "message" in error else body
-
-
 def _call_server(args, token: str, content: bytes, styles: list[bytes], given: dict[str, str]) -> int:
     import requests
 
-    from manage import http
+    from manage import error_message, http
 
     files = {"content": ("content", content), "style": ("style", styles[0])}
     for i, data in enumerate(styles[1:], start=2):
@@ -158,7 +148,7 @@ def _call_server(args, token: str, content: bytes, styles: list[bytes], given: d
     ) as r:
         request_id = r.headers.get("x-request-id")
         if r.headers.get("Content-Type", "").startswith("application/json") or not r.ok:
-            print(_error_line(r.status_code, _message(r.text), request_id), file=sys.stderr)
+            print(_error_line(r.status_code, error_message(r.text), request_id), file=sys.stderr)
             return 1
         final, last = None, None
         show, close = progress_display(args.quiet)
