@@ -53,6 +53,15 @@ DEADLINE_SLACK = 1.25
 DEADLINE_SLACK_S = 1.0
 
 
+# A URL input's name lookup (getaddrinfo: no timeout, not interruptible) runs
+# on a thread its download waits for only until its url_total_timeout_s;
+# a lookup it gave up on runs on until the system resolver gives up (30 s
+# and more). With this many such lookups still running, a URL input is
+# refused (504) without starting another, so a name server that never
+# answers cannot pile up threads in the worker.
+MAX_PENDING_LOOKUPS = 8
+
+
 # conv5_1 follows four 2x2 poolings: a side under 2**4 px leaves it no pixel
 # (a VGG pass then fails, a 500), so no configuration may admit one.
 VGG_MIN_SIDE = 16

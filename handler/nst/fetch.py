@@ -9,7 +9,9 @@ for the same reason; every redirect hop is re-validated here
 bytes received are all capped. The total time holds however a server
 trickles, headers included: at the deadline a timer shuts the download's
 sockets (a per-read timeout alone lets a byte every few seconds go on for
-ever). The bytes are counted as they are decoded, a chunk at a time, so a
+ever). It holds for name resolution too, which no socket timeout covers: the
+lookup runs on a helper thread that the download waits for only until its
+deadline. The bytes are counted as they are decoded, a chunk at a time, so a
 gzip bomb meets the cap before it is inflated.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import urllib3
 from requests_hardened import Config, Manager, ip_filter
 from requests_hardened.ip_filter import InvalidIPAddress
 
-from .config import Limits
+from .config import MAX_PENDING_LOOKUPS, Limits
 from .errors import BadRequest, Forbidden, RequestError, TimedOut, TooLarge
 
 SessionFactory = Callable[[], requests.Session]
@@ -82,6 +84,54 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:  # already closed
         pass
+
+
+class _LookupPastDeadline(socket.timeout):
+    """A name lookup the download stopped waiting for at its deadline."""
+
+
+class _LookupsBackedUp(_LookupPastDeadline):
+    """MAX_PENDING_LOOKUPS lookups are still running: none is started."""
+
+
+_lookup = threading.local()  # .deadline: the running fetch's, on its own thread
+_pending = threading.BoundedSemaphore(MAX_PENDING_LOOKUPS)
+_resolve = ip_filter.get_ip_address
+
+
+def _resolve_by_deadline(hostname: str, port: int, allow_loopback: bool):
+    """requests-hardened's resolve-and-check, waited for no later than the
+    calling fetch's deadline. getaddrinfo() takes no timeout and cannot be
+    interrupted (the system resolver may retry for 30 s and more), so it runs
+    on a daemon thread that is left to finish on its own."""
+    deadline = getattr(_lookup, "deadline", None)
+    if deadline is None:  # not inside fetch(): as requests-hardened does it
+        return _resolve(hostname, port, allow_loopback)
+    if not _pending.acquire(blocking=False):
+        raise _LookupsBackedUp()
+    answer: list = []  # [(True, result)] or [(False, exception)]
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            answer.append((True, _resolve(hostname, port, allow_loopback)))
+        except BaseException as e:  # noqa: BLE001 - raised again on the waiting thread
+            answer.append((False, e))
+        finally:
+            _pending.release()
+            done.set()
+
+    threading.Thread(target=run, name="fetch-lookup", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise _LookupPastDeadline()
+    ok, value = answer[0]
+    if not ok:
+        raise value
+    return value
+
+
+# filter_host() calls the module's get_ip_address at every connection it pins
+ip_filter.get_ip_address = _resolve_by_deadline
 
 
 def _watch(session: requests.Session, sockets: _Sockets) -> None:
@@ -149,17 +199,22 @@ def fetch(
         session.trust_env = False
         _watch(session, sockets)
         timer.start()
+        _lookup.deadline = deadline
         try:
             return _follow(session, url, field, limits, timeout, allowed_ports, deadline)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             # a socket shut at the deadline fails whatever read it was in
-            if sockets.shut or time.monotonic() > deadline:
+            if isinstance(e.__cause__, _LookupsBackedUp):
+                raise TimedOut(field, f"{field}: too many earlier name lookups are still running; "
+                                      "try again later") from None
+            if sockets.shut or time.monotonic() > deadline or isinstance(e.__cause__, _LookupPastDeadline):
                 raise _too_long(field, limits) from None
             if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
                 raise TimedOut(field, f"{field}: the download timed out") from None
             raise BadRequest(field, f"{field}: could not fetch the URL ({type(e).__name__})") from None
         finally:
             timer.cancel()
+            _lookup.deadline = None
 
 
 def _follow(session: requests.Session, url: str, field: str, limits: Limits, timeout: tuple[float, float],

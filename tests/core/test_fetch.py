@@ -4,6 +4,8 @@ against loopback in many spellings and must never reach the local server; a
 test-only session that allows loopback exercises the rest of the rules."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from image_server import PNG, ImageServer
 from requests_hardened import Config, Manager
@@ -209,3 +211,79 @@ def test_a_redirect_never_leaves_https_for_plain_http():
         with pytest.raises(RequestError) as e:
             next_hop("https://a.example/x.png", location, "style_url")
         assert e.value.code == 400 and e.value.message.startswith("style_url: a redirect from https")
+
+
+class _StuckNameServer:
+    """getaddrinfo() for `*.stuck.test` blocks until released, as a name
+    server that never answers keeps the system resolver retrying (30 s and
+    more); every other name resolves as before."""
+
+    def __init__(self, monkeypatch):
+        import socket
+        import threading
+
+        self.release = threading.Event()
+        self.asked = 0
+        self.waiting = 0  # lookups blocked right now
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, *args, **kwargs):
+            if not str(host).endswith(".stuck.test"):
+                return real(host, *args, **kwargs)
+            self.asked += 1
+            self.waiting += 1
+            self.release.wait(60)
+            self.waiting -= 1
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_name_lookup_that_never_answers_is_cut_at_the_total_deadline(monkeypatch):
+    """No socket timeout covers getaddrinfo(): before the lookup ran on its own
+    thread, a stuck name server held the worker until the resolver gave up and
+    then read as a connection error (400), whatever url_total_timeout_s said."""
+    stuck = _StuckNameServer(monkeypatch)
+    try:
+        with pytest.raises(RequestError) as e:
+            fetch("http://img.stuck.test/a.png", "style_url", LIMITS)
+        assert stuck.asked == 1 and stuck.waiting == 1  # answered while the lookup still hangs
+        assert e.value.code == 504 and e.value.message == "style_url: the download took longer than 1 s"
+    finally:
+        stuck.release.set()
+    # the thread left behind ends (giving its slot back) once the resolver gives up
+    _wait_for_lookups_to_end()
+
+
+def test_lookups_left_running_are_bounded_and_the_next_url_waits_for_none(site, monkeypatch):
+    """Each stuck lookup a download gave up on keeps a thread until the
+    resolver gives up; past MAX_PENDING_LOOKUPS of them a URL input is refused
+    at once, its lookup never started, and fetching works again once they end."""
+    from nst.config import MAX_PENDING_LOOKUPS
+
+    fast = dataclasses.replace(LIMITS, url_total_timeout_s=0.05)
+    stuck = _StuckNameServer(monkeypatch)
+    try:
+        for i in range(MAX_PENDING_LOOKUPS):
+            with pytest.raises(RequestError) as e:
+                fetch(f"http://img{i}.stuck.test/a.png", "content_url", fast)
+            assert e.value.code == 504 and "longer than" in e.value.message
+        with pytest.raises(RequestError) as e:
+            fetch("http://one-more.stuck.test/a.png", "content_url", fast)
+        assert e.value.code == 504
+        assert e.value.message == "content_url: too many earlier name lookups are still running; try again later"
+        assert stuck.asked == MAX_PENDING_LOOKUPS
+    finally:
+        stuck.release.set()
+    _wait_for_lookups_to_end()
+    assert fetch(site.url("/img.png"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None) == PNG
+
+
+def _wait_for_lookups_to_end(seconds=10.0):
+    import threading
+    import time
+
+    end = time.monotonic() + seconds
+    while any(t.name == "fetch-lookup" for t in threading.enumerate()):
+        assert time.monotonic() < end, "the lookup threads did not end"
+        time.sleep(0.01)
