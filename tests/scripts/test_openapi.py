@@ -1,0 +1,122 @@
+"""docs/openapi.yaml says what the handler's parsers accept: the same
+parameter names, choices and bounds, each bound checked by parsing the value
+on it and the value just past it."""
+from __future__ import annotations
+
+import base64
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nst import Limits, RequestError, parse_request
+from nst.config import FORMATS, INITS, OPTIMIZERS, POOLINGS, PRESETS, SPACES
+from nst.request import PARSERS
+from nst.vgg import LAYER_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = yaml.safe_load((ROOT / "docs/openapi.yaml").read_text())
+SCHEMAS = SPEC["components"]["schemas"]
+PARAMETERS = SCHEMAS["Parameters"]["properties"]
+# what the spec's maxima are: the default limits, max_size at a GPU's
+LIMITS = Limits().for_device("cuda")
+IMAGE_FIELDS = {"content", "style", "content_url", "style_url"} | {f"style_{i}" for i in range(2, LIMITS.max_styles + 1)}
+
+
+def _own_properties(name: str) -> set[str]:
+    return set(SCHEMAS[name]["allOf"][1]["properties"])
+
+
+def test_the_spec_names_every_parameter_and_image_field_and_nothing_else():
+    assert set(PARAMETERS) == set(PARSERS)
+    for body in ("FormRequest", "JsonRequest"):
+        assert _own_properties(body) == IMAGE_FIELDS, body
+        assert SCHEMAS[body]["unevaluatedProperties"] is False  # unknown names are a 422
+    content = SPEC["paths"]["/predictions/style_transfer"]["post"]["requestBody"]["content"]
+    assert set(content) == {"multipart/form-data", "application/json"}
+
+
+@pytest.mark.parametrize("name, choices", [
+    ("preset", PRESETS), ("space", SPACES), ("optimizer", OPTIMIZERS), ("init", INITS),
+    ("pooling", POOLINGS), ("format", FORMATS),
+])
+def test_choices_are_the_parsers(name, choices):
+    assert tuple(PARAMETERS[name]["enum"]) == choices
+
+
+def _parses(name, value) -> bool:
+    try:
+        PARSERS[name](value, LIMITS)
+    except RequestError as e:
+        assert e.code == 422 and e.message.startswith(name), e.message
+        return False
+    return True
+
+
+NUMERIC = [n for n, s in PARAMETERS.items() if s.get("type") in ("integer", "number")]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_numeric_bounds_are_the_parsers(name):
+    schema = PARAMETERS[name]
+    integer = schema["type"] == "integer"
+    past = (lambda v, d: v + d) if integer else (lambda v, d: v + d * max(abs(v), 1) * 1e-9)
+    if "minimum" in schema:
+        lo = schema["minimum"]
+        assert _parses(name, lo) and not _parses(name, past(lo, -1)), name
+    else:
+        lo = schema["exclusiveMinimum"]
+        assert not _parses(name, lo) and _parses(name, past(lo, 1)), name
+    hi = schema["maximum"]
+    assert _parses(name, hi) and not _parses(name, past(hi, 1)), name
+    if integer:
+        assert not _parses(name, 1.5)
+
+
+def test_booleans_layers_and_blends_are_the_parsers():
+    for name in ("stream", "preserve_color"):
+        assert PARAMETERS[name]["type"] == "boolean" and _parses(name, True) and not _parses(name, "yes")
+    layers = PARAMETERS["style_layer_weights"]
+    pattern = re.compile(layers["propertyNames"]["pattern"])
+    names = [f"{kind}{layer[4:]}" for layer in LAYER_NAMES for kind in ("conv", "relu")]
+    assert all(pattern.fullmatch(n) for n in names)
+    # every other name the pattern's shape could take is refused by the parser, and by the pattern
+    for block in range(1, 7):
+        for i in range(1, 6):
+            for kind in ("conv", "relu"):
+                n = f"{kind}{block}_{i}"
+                assert bool(pattern.fullmatch(n)) == _parses("style_layer_weights", {n: 1}), n
+    weight = layers["additionalProperties"]
+    assert _parses("style_layer_weights", {"conv1_1": weight["maximum"]})
+    assert not _parses("style_layer_weights", {"conv1_1": math.nextafter(weight["maximum"], math.inf)})
+    blend = PARAMETERS["style_blend"]
+    assert blend["maxItems"] == LIMITS.max_styles
+    assert _parses("style_blend", [blend["items"]["maximum"]]) and not _parses("style_blend", [-1])
+    json_style = SCHEMAS["JsonRequest"]["allOf"][1]["properties"]["style"]["oneOf"][1]
+    assert json_style["maxItems"] == LIMITS.max_styles
+
+
+def test_the_json_example_is_a_request_the_parser_accepts():
+    """The example a client generator or a fuzzer starts from: two PNGs the
+    decoder reads, and parameters within the bounds."""
+    from nst.imageio import decode
+
+    post = SPEC["paths"]["/predictions/style_transfer"]["post"]
+    example = post["requestBody"]["content"]["application/json"]["examples"]["tiny"]["value"]
+    request = parse_request(example, Limits())
+    assert request.params.steps == example["steps"]
+    for field in ("content", "style"):
+        assert decode(base64.b64decode(example[field]), field, Limits()).size == (16, 16)
+
+
+def test_every_error_status_of_the_contract_is_documented_with_the_error_body():
+    responses = SPEC["paths"]["/predictions/style_transfer"]["post"]["responses"]
+    contract = {"400", "413", "415", "422", "503", "504", "507"}
+    assert contract <= set(responses)
+    for code, response in responses.items():
+        if code != "200":
+            assert response == {"$ref": "#/components/responses/Error"}, code
+    error = SPEC["components"]["responses"]["Error"]["content"]["application/json"]["schema"]
+    assert SCHEMAS[error["$ref"].rsplit("/", 1)[1]]["required"] == ["code", "type", "message"]
