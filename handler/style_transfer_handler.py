@@ -114,7 +114,10 @@ class StyleTransferHandler:
         # Another preset (warm_up_presets: preset=seed) gets the sizes its own
         # requests come out at by default: each fit to its max_size. Adam's
         # requests never share an optimization, so only L-BFGS presets compile batches.
-        sizes = parse_sizes(config.get("warm_up_sizes", WARM_UP_SIZES))
+        if "warm_up_sizes" in config:
+            sizes = parse_sizes(config["warm_up_sizes"], self.limits)
+        else:  # the defaults, less those this deployment's limits never let a request reach
+            sizes = [s for s in WARM_UP_SIZES if _reachable(s, self.limits)]
         warmed: dict = {}
         for preset in parse_presets(config.get("warm_up_presets", WARM_UP_PRESETS)):
             params = build_params({"preset": preset}, self.limits)
@@ -340,8 +343,15 @@ def _record_served(context: Any, steps: int, elapsed_ms: float, output: Output, 
     _record(context, "PeakDeviceMemoryMB", peak / 2**20)
 
 
-def parse_sizes(raw: Any) -> list[tuple[int, int]]:
-    """The model config's `warm_up_sizes`: a list of "WxH" strings (or [w, h] pairs)."""
+def _reachable(size: tuple[int, int], limits: Limits) -> bool:
+    """Whether a request's image can come out at `size` under `limits`."""
+    return limits.min_input_side <= min(size) and max(size) <= limits.max_size
+
+
+def parse_sizes(raw: Any, limits: Limits) -> list[tuple[int, int]]:
+    """The model config's `warm_up_sizes`: a list of "WxH" strings (or [w, h]
+    pairs), each one a request can reach under `limits` (the device's): a
+    size none can reach would only lengthen every worker's start."""
     if not isinstance(raw, (list, tuple)):
         raise ValueError('warm_up_sizes must be a list of "WxH" sizes')
     sizes = []
@@ -351,8 +361,9 @@ def parse_sizes(raw: Any) -> list[tuple[int, int]]:
             w, h = (int(v) for v in parts)
         except (TypeError, ValueError):
             raise ValueError(f"warm_up_sizes: {item!r} is not a WxH size") from None
-        if not (16 <= w <= 4096 and 16 <= h <= 4096):
-            raise ValueError(f"warm_up_sizes: {item!r} is outside 16..4096 px")
+        if not _reachable((w, h), limits):
+            raise ValueError(f"warm_up_sizes: {item!r} is outside {limits.min_input_side}..{limits.max_size} px, "
+                             "the sides a request can reach on this device (limits.min_input_side, max_size)")
         sizes.append((w, h))
     return sizes
 

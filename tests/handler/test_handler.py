@@ -102,7 +102,8 @@ def test_initialize_rejects_a_budget_the_response_timeout_would_cut_short(make_c
     ("512x512", "must be a list"),
     (["512by384"], "'512by384' is not a WxH size"),
     (["512x384x3"], "is not a WxH size"),
-    (["8x512"], "outside 16..4096"),
+    (["8x512"], r"outside 16\.\.1024 px"),
+    (["2048x1024"], r"'2048x1024' is outside 16\.\.1024 px"),  # over a CPU's max_size: no request gets there
 ])
 def test_initialize_rejects_bad_warm_up_sizes(make_context, sizes, message):
     ctx = make_context()
@@ -130,6 +131,13 @@ def test_warm_up_sizes_and_batch_size_from_the_model_config_reach_the_warm_up(ma
     ctx.model_yaml_config["warm_up_presets"] = ["fast"]  # the opt-out: a sooner start
     StyleTransferHandler().initialize(ctx)
     assert seen == [(list(module.WARM_UP_SIZES), "fast", 1)]
+    # a deployment whose max_size no default size fits loads, warming only what its requests reach
+    seen.clear()
+    ctx = make_context(limits={"max_size": 400})
+    ctx.model_yaml_config["warm_up_presets"] = ["fast"]
+    StyleTransferHandler().initialize(ctx)
+    assert all(max(size) > 400 for size in module.WARM_UP_SIZES)  # none reachable there
+    assert seen == [([], "fast", 1)]
 
 
 def test_warm_up_presets_compile_the_seed_preset_at_the_sizes_its_requests_come_out_at(make_context, monkeypatch,
