@@ -286,7 +286,10 @@ LBFGS_MIN_HISTORY = 5
 #   recipe's against 0.231x); the CPU's speed figures (make bench) are
 #   float32's.
 LBFGS_HISTORY_DTYPE: Mapping[str, str] = {"cuda": "bfloat16", "cpu": "float32"}
-# Longest move of any pixel in one L-BFGS step, in [0,1] units. At the recipe's
+# Longest move of any pixel in one L-BFGS step, in the optimized variable's
+# units: [0,1] pixels (the fast preset, where it was chosen), or normalized
+# values with space=normalized (std about 0.23, so 0.35 there is about 0.08
+# of the [0,1] range, a tighter bound, not tuned). At the recipe's
 # weights the gradients are in the hundreds: an unbounded first step threw every
 # pixel out of range and the optimizer stalled there (issue #11). Chosen on the
 # quality corpus at 96x72 (bench/sweep.py, bench/sweep_lbfgs_max_move.json: all

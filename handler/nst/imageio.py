@@ -12,8 +12,10 @@ from torch import Tensor
 from .config import Limits
 from .errors import BadRequest, InvalidParameter, TooLarge, UnsupportedMedia
 
-# Decoders we let Pillow try: obscure ones carry most of its CVEs.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Decoders we let Pillow try: obscure ones carry most of its CVEs. Pillow's
+# name -> the name a client's error message gives.
+_FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF"}
+ACCEPTED_FORMATS = tuple(_FORMAT_NAMES)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -80,7 +82,8 @@ def decode(data: bytes, field: str, limits: Limits, *, draft_size: int | None = 
             img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise UnsupportedMedia(field, f"{field}: not an accepted image format (PNG, JPEG, WebP, GIF)") from None
+            accepted = ", ".join(_FORMAT_NAMES.values())
+            raise UnsupportedMedia(field, f"{field}: not an accepted image format ({accepted})") from None
         raise TooLarge(field, f"{field}: too many pixels") from None
     except (OSError, ValueError, SyntaxError):
         raise BadRequest(field, f"{field}: unreadable image data") from None
@@ -109,8 +112,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     clamps it), transparency is composited onto white."""
     if img.mode in _SIXTEEN_BIT:
         img = Image.fromarray(_to_8_bits(np.asarray(img)), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" or img.mode in ("LA", "PA", "La", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":

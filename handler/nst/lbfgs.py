@@ -9,7 +9,8 @@ decision is a tensor operation:
   (Byrd, Nocedal & Schnabel 1994), so the history is read with two batched
   matrix products instead of 4m sequential small kernels, and a pair that
   fails the curvature test is masked out instead of branched around;
-- the step is bounded in the infinity norm (`max_move`, in pixels of [0,1]):
+- the step is bounded in the infinity norm (`max_move`, in the units of the
+  optimized variable: [0,1] pixels, or normalized values with space=normalized):
   the objective's gradients are in the hundreds at the recipe's weights, so an
   unscaled first step moved every pixel out of the image's range, where the
   clamp the objective applies has no gradient, and the optimizer stalled for
@@ -185,9 +186,9 @@ def direction(state: State, g: Tensor, Sg: Tensor | None = None, Yg: Tensor | No
     column in R and D and zero coefficients, which makes them no-ops."""
     B, m, _ = state.S.shape
     if Sg is None:
-        Sg = _products(state.S, g.unsqueeze(-1)).squeeze(-1)
+        Sg = _products(state.S, g.unsqueeze(-1)).squeeze(-1)  # (B, m, n) @ (B, n, 1) -> (B, m)
     if Yg is None:
-        Yg = _products(state.Y, g.unsqueeze(-1)).squeeze(-1)
+        Yg = _products(state.Y, g.unsqueeze(-1)).squeeze(-1)  # (B, m)
     # Chronological order of the slots, oldest first: slot is the oldest (next to be overwritten).
     order = (state.slot + torch.arange(m, device=g.device)) % m  # (m,)
     v = state.valid[:, order]  # (B, m)
@@ -199,8 +200,8 @@ def direction(state: State, g: Tensor, Sg: Tensor | None = None, Yg: Tensor | No
     eye = torch.eye(m, device=g.device)
     pad = (1 - v).unsqueeze(2) * eye  # identity where a pair is masked
     R = torch.triu(SY) + pad
-    D = torch.diagonal(SY, dim1=1, dim2=2).unsqueeze(2) * eye + pad
-    gamma = state.gamma.view(B, 1, 1)
+    D = torch.diagonal(SY, dim1=1, dim2=2).unsqueeze(2) * eye + pad  # (B, m, m), diagonal
+    gamma = state.gamma.view(B, 1, 1)  # (B,) -> (B, 1, 1), to scale each image's (m, m) blocks
     q = torch.linalg.solve_triangular(R, a.unsqueeze(-1), upper=True)  # R^-1 a: (B, m, 1)
     w = torch.bmm(D + gamma * YY, q) - gamma * b.unsqueeze(-1)
     p1 = torch.linalg.solve_triangular(R.transpose(1, 2), w, upper=False)  # (B, m, 1)
@@ -209,6 +210,7 @@ def direction(state: State, g: Tensor, Sg: Tensor | None = None, Yg: Tensor | No
     inv = torch.empty_like(order)
     inv[order] = torch.arange(m, device=g.device)
     p1, p2 = p1[:, inv], p2[:, inv]
+    # H g = gamma g + S^T p1 + Y^T p2: (B, n) + (B, n, m) @ (B, m, 1) -> (B, n), twice
     hg = state.gamma.view(B, 1) * g + _products(state.S.transpose(1, 2), p1).squeeze(-1) \
         + _products(state.Y.transpose(1, 2), p2).squeeze(-1)
     return -hg

@@ -460,10 +460,13 @@ def test_limits_from_shipped_model_config_yaml():
         {"time_budget_s": [1]},
         {"min_input_side": 8},  # conv5_1 would get no pixel: a 500 on a 12 px image
         {"max_size": 12},  # below min_input_side: no output size is allowed
-        {"min_input_side": 64, "max_size_gpu": 32},
+        {"max_size_gpu": 32, "min_input_side": 64},
+        {"allow_urls": "yes"},
+        {"allow_urls": 1},
     ],
 )
 def test_limits_from_mapping_rejects_bad_values(raw):
+    """The message names the key at fault: the first one of each case."""
     with pytest.raises(ValueError) as info:
         Limits.from_mapping(raw)
     assert next(iter(raw)) in str(info.value)

@@ -125,6 +125,24 @@ def test_gram_is_float32_for_half_features():
     torch.testing.assert_close(g, f @ f.T)
 
 
+def test_tv_loss_is_the_mean_squared_neighbour_difference_per_image():
+    """tv_weight's penalty, against explicit loops: for each image, the mean
+    over channels and pixel pairs of the squared horizontal differences, plus
+    the same for the vertical ones."""
+    from nst.losses import tv_loss
+
+    gen = torch.Generator().manual_seed(3)
+    pixels = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    x = pixels.numpy()
+    expected = []
+    for b in range(2):
+        across = [(x[b, c, i, j + 1] - x[b, c, i, j]) ** 2 for c in range(3) for i in range(4) for j in range(4)]
+        down = [(x[b, c, i + 1, j] - x[b, c, i, j]) ** 2 for c in range(3) for i in range(3) for j in range(5)]
+        expected.append(sum(across) / len(across) + sum(down) / len(down))
+    np.testing.assert_allclose(tv_loss(pixels).numpy(), expected, rtol=1e-12)
+    assert tv_loss(torch.ones(1, 3, 4, 5)).item() == 0.0  # a flat image has no variation
+
+
 # --- 2. the objective ------------------------------------------------------
 
 
