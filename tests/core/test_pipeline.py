@@ -292,3 +292,25 @@ def test_a_request_past_its_deadline_before_it_starts_builds_nothing(vgg, images
         stylize(vgg, job.prepared.content, job.prepared.styles, job.prepared.request.params,
                 deadline=time.monotonic() - 1)
     assert len(built) == 1
+
+
+def test_a_batched_row_whose_encoding_fails_fails_alone_and_memory_is_freed(vgg, images, monkeypatch):
+    """Encoding a shared optimization's row can run out of memory too (a
+    large PNG on a full host): that row's outcome is the error, without its
+    traceback, the device's cache is released, and the other row is served."""
+    import nst.pipeline as pipeline
+    from nst.pipeline import run_batch
+
+    real, freed = pipeline.finish, []
+
+    def finish(prepared, result, batch=1):
+        if prepared.request.params.seed == 0:
+            raise MemoryError("no room for the PNG")
+        return real(prepared, result, batch)
+
+    monkeypatch.setattr(pipeline, "finish", finish)
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: freed.append(device))
+    failed, ok = run_batch(_jobs(vgg, images, 2), vgg, LIMITS)
+    assert isinstance(failed, MemoryError) and failed.__traceback__ is None
+    assert ok.result.steps == 4 and ok.batch == 2
+    assert freed == [vgg.mean.device]
