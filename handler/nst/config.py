@@ -336,6 +336,14 @@ COMPILE = True
 # Alone it took the step to 2.25 ms (loss 0.995x). Run 4 measured the four
 # shipped in a fresh process: 1.90 ms (bench/gpu_results_h100.json).
 LBFGS_COMPILE = True
+# Inductor options of that compiled update. emulate_precision_casts: a cast to
+# bf16 and straight back to float32 really rounds (inductor drops such pairs
+# otherwise), so a bf16 history's curvature test reads the pair as it will be
+# stored (nst.lbfgs.update_history). Without it the compiled update kept
+# pairs whose stored s.y is not positive (200 of 200 near-orthogonal pairs
+# took a slot on the CPU's inductor, against 105 eager) and took gamma from
+# the unrounded pair (2.5e-9 where eager kept 1.0).
+LBFGS_COMPILE_OPTIONS: Mapping[str, bool] = {"emulate_precision_casts": True}
 # On these device types the Gram matrices of 16-bit features (every
 # fast-preset step on a GPU, LOWP_DTYPE) by matmuls that read the features in
 # their own dtype and accumulate in float32 (nst.losses._LowpGram), where

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ from .config import (ADAM_CUDA_GRAPHS, BATCH_MIN_PIXELS, COARSE_FRACTION, COARSE
                      COMPILE_CACHE_SIZE, COMPILE_DYNAMIC, CUDA_GRAPHS, DEADLINE_SLACK, DEADLINE_SLACK_S,
                      GRAD_SCALE_BACKOFF, GRAD_SCALE_GROWTH_STEPS, GRAD_SCALE_INIT, GRAD_SCALE_MAX, GRAD_SCALE_MIN,
                      KEEP_PROGRAMS, KEEP_PROGRAMS_MAX_PIXELS, KEEP_PROGRAMS_MEMORY, LAST_STEP_OVERRUN_S,
-                     LBFGS_COMPILE, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE, LOWP_STEPS, Params)
+                     LBFGS_COMPILE, LBFGS_COMPILE_OPTIONS, LBFGS_MAX_MOVE, LBFGS_ONE_STATE_DEVICES, LOWP_DTYPE,
+                     LOWP_STEPS, Params)
 from .losses import Objective, make_objective
 from .losses import row as row_objective
 from .losses import stack as stack_objectives
@@ -339,13 +340,16 @@ def loss_function(normalized_space: bool, device: torch.device, compile_new: boo
     return _compiled(fn, compile_new)
 
 
-def _compiled(fn: Callable, compile_new: bool) -> Callable:
-    """`fn` through torch.compile, one compiled function per process; see
-    `loss_function` for `compile_new`."""
+def _compiled(fn: Callable, compile_new: bool, options: Mapping[str, Any] | None = None) -> Callable:
+    """`fn` through torch.compile (with inductor `options`), one compiled
+    function per process; see `loss_function` for `compile_new`."""
     compiled = _COMPILED.get(fn)
     if compiled is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
-        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC)
+        known = {k: v for k, v in (options or {}).items() if hasattr(torch._inductor.config, k)}
+        # an option this torch lacks is left out (2.11 and 2.14 have emulate_precision_casts)
+        extra = {"options": known} if known else {}
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC, **extra)
     if compile_new:
         return compiled
 
@@ -731,7 +735,8 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
     lr, max_move = p0.lr, LBFGS_MAX_MOVE
 
     scale = scale_state(B, device)
-    update = _compiled(lbfgs_update, compile_new) if use_compile(device) and LBFGS_COMPILE else lbfgs_update
+    update = (_compiled(lbfgs_update, compile_new, LBFGS_COMPILE_OPTIONS)
+              if use_compile(device) and LBFGS_COMPILE else lbfgs_update)
     state_tensors = tuple(lbfgs.tensors(state) for state in states)
 
     def one_step(dtype: torch.dtype) -> None:

@@ -195,7 +195,7 @@ def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, history, 
     monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": history, "cuda": history})
 
     h, w, n = 8, 8, 3 * 8 * 8
-    compiled = torch.compile(optimize_mod.lbfgs_update)
+    compiled = optimize_mod._compiled(optimize_mod.lbfgs_update, True, optimize_mod.LBFGS_COMPILE_OPTIONS)
 
     def run(update):
         gen = torch.Generator().manual_seed(1)
@@ -213,11 +213,10 @@ def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, history, 
         return x, lbfgs.tensors(state), scale, counter
 
     eager = run(optimize_mod.lbfgs_update)
-    # The CPU's stand-in for the GPU's bf16 matmul rounds float32 vectors to
-    # bf16 and back, which inductor otherwise drops (computing more exactly
-    # than eager); a GPU multiplies real bf16 tensors.
-    with torch._inductor.config.patch(emulate_precision_casts=history == "bfloat16"):
-        fused = run(compiled)
+    # compiled as the engine compiles it: with LBFGS_COMPILE_OPTIONS, whose
+    # emulate_precision_casts also keeps the CPU's stand-in for the GPU's
+    # bf16 matmul (float32 vectors rounded to bf16 and back) rounding
+    fused = run(compiled)
     torch.testing.assert_close(fused[0], eager[0], rtol=1e-4, atol=1e-5)
     for a, b in zip(fused[1], eager[1]):
         tol = 1e-2 if a.dtype == torch.bfloat16 else 1e-4  # one float32 ulp apart can round a bf16 ulp apart
@@ -228,20 +227,61 @@ def test_lbfgs_update_compiled_by_inductor_takes_the_eager_steps(half, history, 
         assert eager[2][2].item() == 1  # the overflowed step was counted as skipped
 
 
-def _default_then_experiment(vgg_state, monkeypatch, seed, module, **setting):
-    """60 steps at 64x48 on a GPU, in a shape the worker warmed: the default's,
-    then with `setting` in `module`, warmed again as a worker with it on
-    would be. The second request compiles nothing. -> (the objective's
-    ingredients (vgg, content, style), the default's result, the experiment's)."""
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code generation needs a C++ compiler")
+def test_compiled_bf16_history_tests_the_pair_as_stored(fresh_compile, monkeypatch):
+    """The curvature test of a bf16 history reads s and y rounded to bf16, as
+    they will be stored (nst.lbfgs.update_history). Inductor drops a cast to
+    bf16 and straight back unless told to emulate it (LBFGS_COMPILE_OPTIONS):
+    compiled without, every one of 200 near-orthogonal pairs took a slot
+    (105 eager) and gamma came from the unrounded pair. Compiled as the engine
+    compiles, the history is the eager one, slot for slot."""
+    from nst import lbfgs
+
+    monkeypatch.setattr(lbfgs, "LBFGS_HISTORY_DTYPE", {"cpu": "bfloat16", "cuda": "bfloat16"})
+    compiled = optimize_mod._compiled(lbfgs.update_history, True, optimize_mod.LBFGS_COMPILE_OPTIONS)
+
+    def run(update):
+        gen = torch.Generator().manual_seed(3)
+        n, m = 4096, 4
+        state = lbfgs.init_state(1, n, m, torch.device("cpu"))
+        state.started.fill_(True)
+        x, g, slots, gammas = torch.zeros(1, n), torch.zeros(1, n), [], []
+        for _ in range(60):
+            s = torch.randn(1, n, generator=gen)
+            y = torch.randn(1, n, generator=gen)
+            y = y - (s * y).sum() / (s * s).sum() * s + 1e-6 * s  # cos(s, y) about 1e-6, s.y > 0
+            state.x_prev.copy_(x)
+            state.g_prev.copy_(g)
+            x, g = x + s, g + y
+            update(state, x, g)
+            slots.append(int(state.slot))
+            gammas.append(float(state.gamma[0]))
+        return slots, gammas
+
+    eager_slots, eager_gammas = run(lbfgs.update_history)
+    slots, gammas = run(compiled)
+    kept = sum(a != b for a, b in zip([0] + eager_slots, eager_slots))  # the slot moves on for a kept pair
+    assert 0 < kept < len(eager_slots)  # both cases arose
+    assert slots == eager_slots
+    assert gammas == pytest.approx(eager_gammas, rel=1e-3)
+
+
+def _off_then_on(vgg_state, monkeypatch, seed, module, name, off, on):
+    """60 steps at 64x48 on a GPU, in a shape the worker warmed: with
+    `module.name` set to `off`, then to `on`, each warmed as a worker with
+    that setting would be (each run sets its own value: the shipped one may
+    be either). The second request compiles nothing. -> (the objective's
+    ingredients (vgg, content, style), the result with `off`, with `on`)."""
     device = torch.device("cuda")
     vgg = VGGFeatures(vgg_state).to(device)
     content, style = (t.to(device) for t in images(48, 64, seed))
     params = dataclasses.replace(Params(), steps=60)
+    monkeypatch.setattr(module, name, off)
     warm_up(vgg, [(64, 48)])
     before = stylize(vgg, content, [style], params)
     optimize_mod.drop_programs()
-    for name, value in setting.items():
-        monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(module, name, on)
     warm_up(vgg, [(64, 48)])
     warmed = graphs_compiled()
     after = stylize(vgg, content, [style], params)
@@ -254,7 +294,7 @@ def test_compiled_lbfgs_update_on_the_gpu_takes_the_eager_steps(vgg_state, fresh
     """Real inductor, inside the CUDA graphs: a request after the warm-up
     compiles nothing and reaches the eager update's loss (fused kernels
     round otherwise, which the steps amplify: the losses compare)."""
-    _, eager, compiled = _default_then_experiment(vgg_state, monkeypatch, 7, optimize_mod, LBFGS_COMPILE=True)
+    _, eager, compiled = _off_then_on(vgg_state, monkeypatch, 7, optimize_mod, "LBFGS_COMPILE", False, True)
     assert optimize_mod.lbfgs_update in optimize_mod._COMPILED
     print(f"compiled L-BFGS update vs eager at 64x48, 60 steps: loss {compiled.loss:.4g} vs {eager.loss:.4g}")
     assert compiled.loss == pytest.approx(eager.loss, rel=0.2)
@@ -289,8 +329,8 @@ def test_the_lowp_gram_compiled_on_the_gpu_takes_the_float32_grams_steps(vgg_sta
     match the uncompiled float32 Grams'."""
     from nst import losses
 
-    (vgg, content, style), plain, lowp = _default_then_experiment(vgg_state, monkeypatch, 9, losses,
-                                                                  GRAM_LOWP_DEVICES=("cuda",))
+    (vgg, content, style), plain, lowp = _off_then_on(vgg_state, monkeypatch, 9, losses, "GRAM_LOWP_DEVICES",
+                                                      (), ("cuda",))
     print(f"float16 Grams vs float32 Grams at 64x48, 60 steps: loss {lowp.loss:.4g} vs {plain.loss:.4g}")
     assert lowp.loss == pytest.approx(plain.loss, rel=0.2)
     p = Params()
@@ -313,7 +353,7 @@ def test_the_rgb_padded_compiled_on_the_gpu_takes_the_unpadded_steps(vgg_state, 
     the unpadded steps' loss."""
     from nst import vgg as vgg_mod
 
-    _, plain, padded = _default_then_experiment(vgg_state, monkeypatch, 10, vgg_mod, RGB_PAD_DEVICES=("cuda",))
+    _, plain, padded = _off_then_on(vgg_state, monkeypatch, 10, vgg_mod, "RGB_PAD_DEVICES", (), ("cuda",))
     print(f"RGB padded to 8 channels vs 3 at 64x48, 60 steps: loss {padded.loss:.4g} vs {plain.loss:.4g}")
     assert padded.loss == pytest.approx(plain.loss, rel=0.2)
 

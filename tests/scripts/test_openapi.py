@@ -22,7 +22,8 @@ SCHEMAS = SPEC["components"]["schemas"]
 PARAMETERS = SCHEMAS["Parameters"]["properties"]
 # what the spec's maxima are: the default limits, max_size at a GPU's
 LIMITS = Limits().for_device("cuda")
-IMAGE_FIELDS = {"content", "style", "content_url", "style_url"} | {f"style_{i}" for i in range(2, LIMITS.max_styles + 1)}
+IMAGE_FIELDS = ({"content", "style", "content_url", "style_url"}
+                | {f"style_{i}" for i in range(2, LIMITS.max_styles + 1)})
 
 
 def _own_properties(name: str) -> set[str]:

@@ -18,7 +18,8 @@ import yaml
 from local_server import ROOT, running_server
 
 SPEC = ROOT / "docs/openapi.yaml"
-DOCUMENTED = {int(code) for code in yaml.safe_load(SPEC.read_text())["paths"]["/predictions/style_transfer"]["post"]["responses"]}
+RESPONSES = yaml.safe_load(SPEC.read_text())["paths"]["/predictions/style_transfer"]["post"]["responses"]
+DOCUMENTED = {int(code) for code in RESPONSES}
 # A missing key is TorchServe's 400, not the 401 these expect (the contract
 # says 400); TorchServe also answers TRACE and OPTIONS on the path.
 pytestmark = pytest.mark.server
