@@ -124,7 +124,7 @@ def _to_8_bits(arr: np.ndarray) -> np.ndarray:
     """(H, W) 16-bit levels (or Pillow's 32-bit "I") -> (H, W) uint8, each
     v / 257 rounded and clipped to [0, 255], computed in integers
     ((v + 128) // 257 is that rounding: v / 257 is never a half) a block of
-    rows at a time. Float64 copies of the whole image took 16 bytes a pixel
+    rows at a time. Float64 copies of the whole image took 20 bytes a pixel
     (tests/core/test_imageio.py measures the peak), about 1 GB for a
     7000x7000 grayscale PNG of 110 kB."""
     out = np.empty(arr.shape, np.uint8)
