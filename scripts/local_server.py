@@ -30,9 +30,17 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free localhost ports: every probe socket stays bound until
+    all n are picked, so the kernel cannot hand one port out twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass
@@ -154,7 +162,7 @@ def running_server(
         check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
     )
     names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
-    ports = {name: free_port() for name in names}
+    ports = dict(zip(names, free_ports(len(names))))
     (workdir / "config.properties").write_text(_config(store, ports, config or {}))
     (workdir / "workflow_store").mkdir(exist_ok=True)  # the shipped relative workflow_store, as serve.sh makes it
     server = Server(

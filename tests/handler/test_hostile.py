@@ -115,29 +115,43 @@ def _slow_steps(monkeypatch, seconds: float, from_call: int = 1) -> None:
 
 
 def test_timeout_s_stops_a_request_that_cannot_finish_at_once(make_handler, make_context, inputs, monkeypatch):
-    """At 50 ms a step, 1000 steps cannot fit in 5 s: the second progress
-    record (the first measures nothing: see config.DEADLINE_SLACK) ends it,
-    long before the deadline, saying what would fit."""
+    """At 50 ms a step or more, 3000 steps cannot fit in 60 s: the second
+    progress record (the first measures nothing: see config.DEADLINE_SLACK)
+    ends it, long before the deadline, saying what would fit (many steps,
+    at any pace under 40 s a step)."""
     handler = make_handler({"progress_every": 1})
     _slow_steps(monkeypatch, 0.05)
     ctx = make_context()
-    [out] = handler.handle([multipart_row(inputs, steps=1000, max_size=32, timeout_s=5)], ctx)
+    [out] = handler.handle([multipart_row(inputs, steps=3000, max_size=32, timeout_s=60)], ctx)
     err = assert_error(ctx, 0, out, 504, "timeout_s")
-    assert err["message"].startswith("timeout_s: the client's deadline would pass first: stopped after 2 of 1000 "
+    assert err["message"].startswith("timeout_s: the client's deadline would pass first: stopped after 2 of 3000 "
                                      "steps: at ")
     assert "more steps would fit" in err["message"]
 
 
 def test_timeout_s_cuts_the_optimization_when_it_passes(make_handler, make_context, inputs, monkeypatch):
-    """Steps that looked fast enough until the fourth took 9 s: the deadline
-    itself ends the request. 8 s keeps the pace of the first steps from
-    stopping it sooner (DEADLINE_SLACK) even at a second a step, which 32 px
-    steps took on this 2-core machine while other work ran beside the
-    tests (1 s, as before, then stopped it after 2 steps)."""
+    """Steps that looked fast enough until the fourth took 100 s (by the
+    optimizer's clock, moved on rather than slept): the deadline itself ends
+    the request. 60 s keeps the pace of the first steps from stopping it
+    sooner (DEADLINE_SLACK) at any real pace under about 10 s a step (a 1 s
+    timeout once did, on a loaded machine where 32 px steps took 0.8 s)."""
+    import types
+
+    import nst.optimize
+
+    offset, real_clock, real_loss, calls = [0.0], time.monotonic, nst.optimize.pixels_loss, []
+
+    def loss(*args):
+        calls.append(None)
+        if len(calls) == 4:
+            offset[0] += 100.0
+        return real_loss(*args)
+
+    monkeypatch.setattr(nst.optimize, "time", types.SimpleNamespace(monotonic=lambda: real_clock() + offset[0]))
+    monkeypatch.setattr(nst.optimize, "pixels_loss", loss)
     handler = make_handler({"progress_every": 1})
-    _slow_steps(monkeypatch, 9.0, from_call=4)
     ctx = make_context()
-    [out] = handler.handle([multipart_row(inputs, steps=5, max_size=32, timeout_s=8.0)], ctx)
+    [out] = handler.handle([multipart_row(inputs, steps=5, max_size=32, timeout_s=60.0)], ctx)
     err = assert_error(ctx, 0, out, 504, "timeout_s")
     assert err["message"] == "timeout_s: the client's deadline passed: time budget ran out after 4 of 5 steps"
 

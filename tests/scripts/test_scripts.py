@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 import fetch_weights
+from local_server import free_port, free_ports
 from nst import weights as nst_weights
 from nst.vgg import random_features_state
 
@@ -135,14 +136,6 @@ def test_stylize_local_rejects_bad_parameter(tmp_path):
     assert p.returncode == 1 and "422" in p.stderr and "pooling" in p.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
@@ -152,7 +145,7 @@ def test_cli_failures_are_one_line_never_a_traceback(tmp_path):
     line naming it, with a nonzero status: each of these was a traceback."""
     stylize, manage = str(ROOT / "scripts" / "stylize.py"), str(ROOT / "scripts" / "manage.py")
     content, style = str(ROOT / "examples" / "tubingen.jpg"), str(ROOT / "examples" / "starry_night.jpg")
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     (tmp_path / "not_keys.json").write_text('{"API": {"key": "x"}}')
     out = str(tmp_path / "o.png")
     cases = [
@@ -186,16 +179,17 @@ def test_ports_free_names_a_taken_port_before_a_start(tmp_path):
 
     shipped = served_ports(properties((ROOT / "config.properties").read_text()))
     assert {port for _, port in shipped.values()} == {8080, 8081, 8082, 7070, 7071}
-    free, held = _free_port(), socket.socket()
+    held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
+    free, metrics, grpc_inference, grpc_management = free_ports(4)  # none is held's: it stays bound
     try:
         text = (ROOT / "config.properties").read_text()
         for key, port in (("inference_address", free), ("management_address", held.getsockname()[1])):
             text = re.sub(rf"^{key}=.*$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
-        text = re.sub(r"^metrics_address=.*$", f"metrics_address=http://127.0.0.1:{_free_port()}", text, flags=re.M)
-        text = re.sub(r"^grpc_inference_port=.*$", f"grpc_inference_port={_free_port()}", text, flags=re.M)
-        text = re.sub(r"^grpc_management_port=.*$", f"grpc_management_port={_free_port()}", text, flags=re.M)
+        text = re.sub(r"^metrics_address=.*$", f"metrics_address=http://127.0.0.1:{metrics}", text, flags=re.M)
+        text = re.sub(r"^grpc_inference_port=.*$", f"grpc_inference_port={grpc_inference}", text, flags=re.M)
+        text = re.sub(r"^grpc_management_port=.*$", f"grpc_management_port={grpc_management}", text, flags=re.M)
         (tmp_path / "c.properties").write_text(text)
         p = _cli(tmp_path, str(ROOT / "scripts" / "manage.py"), "ports-free", "c.properties")
         assert p.returncode == 1, p.stderr

@@ -19,7 +19,9 @@ def strict_server(tmp_path_factory):
     a 2 MB request limit, a 300 MiB memory budget, a 20 kB response limit
     (a 32 px PNG or a 96 px JPEG fits, a 160 px PNG does not), 2000 JPEG scans
     (so a scan bomb decodes for longer than the budget), URL inputs
-    switched on, and a 40 s responseTimeout (the least a 3 s budget allows:
+    switched on, a progress record every step (so a test sees a request
+    running after one step, not ten, which a loaded machine may not reach
+    within the budget), and a 40 s responseTimeout (the least a 3 s budget allows:
     the handler refuses a budget less than 30 s below it)."""
     with running_server(
         tmp_path_factory.mktemp("torchserve-strict"),
@@ -27,7 +29,7 @@ def strict_server(tmp_path_factory):
         model_config={
             "responseTimeout": 40,
             "limits": {"time_budget_s": 3, "allow_urls": True, "memory_budget_mb": 300,
-                       "max_response_bytes": 20_000, "max_jpeg_scans": 2000},
+                       "max_response_bytes": 20_000, "max_jpeg_scans": 2000, "progress_every": 1},
         },
     ) as srv:
         yield srv

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from example_images import thumbnail
-from local_server import free_port
+from local_server import free_port, free_ports
 from nst import weights
 
 from pathlib import Path
@@ -148,9 +148,10 @@ def test_serve_script_serves_its_config_ports_stops_only_its_own_server_and_free
       open, and the caller waited, until the server stopped."""
     names = ("inference_address", "management_address", "metrics_address", "grpc_inference_port",
              "grpc_management_port")
-    ports = dict(zip(names, [free_port() for _ in names]))
+    picked = free_ports(2 * len(names))
+    ports = dict(zip(names, picked))
     first = _checkout(tmp_path / "first", ports)
-    second = _checkout(tmp_path / "second", {k: free_port() for k in names})
+    second = _checkout(tmp_path / "second", dict(zip(names, picked[len(names):])))
     env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP")}
     env["VENV"] = str(Path(sys.executable).parents[1])
 
