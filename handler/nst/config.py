@@ -57,7 +57,7 @@ DEADLINE_SLACK_S = 1.0
 # on a thread its download waits for only until its url_total_timeout_s;
 # a lookup it gave up on runs on until the system resolver gives up (30 s
 # and more). With this many such lookups still running, a URL input is
-# refused (504) without starting another, so a name server that never
+# refused (503) without starting another, so a name server that never
 # answers cannot pile up threads in the worker.
 MAX_PENDING_LOOKUPS = 8
 

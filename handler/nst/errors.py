@@ -77,10 +77,13 @@ class InvalidParameter(RequestError):  # a field's value is out of range or inco
     status, type, reason = 422, "InvalidParameter", "Unprocessable Entity"
 class InternalError(RequestError):  # a fault of this service, not of the request  # noqa: E302
     status, type, reason = 500, "InternalServerError", "Internal Server Error"
+class Busy(RequestError):  # the worker cannot take this on now (too many URL name lookups still running)  # noqa: E302
+    status, type, reason = 503, "ServiceUnavailable", "Service Unavailable"
 class TimedOut(RequestError):  # the time budget or the client's deadline ran out  # noqa: E302
     status, type, reason = 504, "GatewayTimeout", "Gateway Timeout"
 class OutOfMemory(RequestError):  # the device cannot hold this request now  # noqa: E302
     status, type, reason = 507, "InsufficientStorage", "Insufficient Storage"
 
 
-KINDS = (BadRequest, Forbidden, TooLarge, UnsupportedMedia, InvalidParameter, InternalError, TimedOut, OutOfMemory)
+KINDS = (BadRequest, Forbidden, TooLarge, UnsupportedMedia, InvalidParameter, InternalError, Busy, TimedOut,
+         OutOfMemory)

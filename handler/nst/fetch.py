@@ -29,7 +29,7 @@ from requests_hardened import Config, Manager, ip_filter
 from requests_hardened.ip_filter import InvalidIPAddress
 
 from .config import MAX_PENDING_LOOKUPS, Limits
-from .errors import BadRequest, Forbidden, RequestError, TimedOut, TooLarge
+from .errors import BadRequest, Busy, Forbidden, RequestError, TimedOut, TooLarge
 
 SessionFactory = Callable[[], requests.Session]
 
@@ -96,7 +96,9 @@ class _LookupsBackedUp(_LookupPastDeadline):
 
 _lookup = threading.local()  # .deadline: the running fetch's, on its own thread
 _pending = threading.BoundedSemaphore(MAX_PENDING_LOOKUPS)
-_resolve = ip_filter.get_ip_address
+# requests-hardened's own function, even where this module runs twice (a
+# reload would otherwise wrap the wrapper, which then calls itself)
+_resolve = getattr(ip_filter.get_ip_address, "requests_hardened_original", ip_filter.get_ip_address)
 
 
 def _resolve_by_deadline(hostname: str, port: int, allow_loopback: bool):
@@ -121,7 +123,11 @@ def _resolve_by_deadline(hostname: str, port: int, allow_loopback: bool):
             _pending.release()
             done.set()
 
-    threading.Thread(target=run, name="fetch-lookup", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="fetch-lookup", daemon=True).start()
+    except BaseException:
+        _pending.release()  # run() never will
+        raise
     if not done.wait(max(0.0, deadline - time.monotonic())):
         raise _LookupPastDeadline()
     ok, value = answer[0]
@@ -131,6 +137,7 @@ def _resolve_by_deadline(hostname: str, port: int, allow_loopback: bool):
 
 
 # filter_host() calls the module's get_ip_address at every connection it pins
+_resolve_by_deadline.requests_hardened_original = _resolve  # type: ignore[attr-defined]
 ip_filter.get_ip_address = _resolve_by_deadline
 
 
@@ -205,8 +212,8 @@ def fetch(
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             # a socket shut at the deadline fails whatever read it was in
             if isinstance(e.__cause__, _LookupsBackedUp):
-                raise TimedOut(field, f"{field}: too many earlier name lookups are still running; "
-                                      "try again later") from None
+                raise Busy(field, f"{field}: too many earlier name lookups are still running; "
+                                  "try again later") from None
             if sockets.shut or time.monotonic() > deadline or isinstance(e.__cause__, _LookupPastDeadline):
                 raise _too_long(field, limits) from None
             if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):

@@ -268,9 +268,10 @@ def test_lookups_left_running_are_bounded_and_the_next_url_waits_for_none(site, 
             with pytest.raises(RequestError) as e:
                 fetch(f"http://img{i}.stuck.test/a.png", "content_url", fast)
             assert e.value.code == 504 and "longer than" in e.value.message
+        _wait_until(lambda: stuck.waiting == MAX_PENDING_LOOKUPS)  # each thread got as far as the resolver
         with pytest.raises(RequestError) as e:
             fetch("http://one-more.stuck.test/a.png", "content_url", fast)
-        assert e.value.code == 504
+        assert e.value.code == 503  # the server is busy: the request itself is fine
         assert e.value.message == "content_url: too many earlier name lookups are still running; try again later"
         assert stuck.asked == MAX_PENDING_LOOKUPS
     finally:
@@ -279,11 +280,53 @@ def test_lookups_left_running_are_bounded_and_the_next_url_waits_for_none(site, 
     assert fetch(site.url("/img.png"), "content_url", LIMITS, session_factory=LOOPBACK_OK, allowed_ports=None) == PNG
 
 
-def _wait_for_lookups_to_end(seconds=10.0):
+def _wait_for_lookups_to_end():
     import threading
+
+    _wait_until(lambda: not any(t.name == "fetch-lookup" for t in threading.enumerate()))
+
+
+def _wait_until(condition, seconds=10.0):
     import time
 
     end = time.monotonic() + seconds
-    while any(t.name == "fetch-lookup" for t in threading.enumerate()):
-        assert time.monotonic() < end, "the lookup threads did not end"
+    while not condition():
+        assert time.monotonic() < end, "not reached in time"
         time.sleep(0.01)
+
+
+def test_a_lookup_slot_is_given_back_when_its_thread_cannot_start(monkeypatch):
+    """A process out of threads: the URL input fails, and the slot it took
+    is free again (else eight such failures refused every URL for good)."""
+    import threading
+
+    from nst.config import MAX_PENDING_LOOKUPS
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    for _ in range(MAX_PENDING_LOOKUPS + 1):
+        with pytest.raises(RuntimeError):
+            fetch("http://img.example.test/a.png", "content_url", LIMITS)
+    monkeypatch.undo()
+    from nst import fetch as fetch_module
+
+    assert fetch_module._pending.acquire(blocking=False)  # a slot is free
+    fetch_module._pending.release()
+
+
+def test_loading_the_module_again_keeps_one_wrapper_around_the_original(site):
+    """A reload ran the patch again: the wrapper then wrapped itself and every
+    lookup recursed until RecursionError."""
+    import importlib
+
+    from requests_hardened import ip_filter
+
+    from nst import fetch as fetch_module
+
+    original = fetch_module._resolve
+    importlib.reload(fetch_module)
+    assert fetch_module._resolve is original and ip_filter.get_ip_address is fetch_module._resolve_by_deadline
+    assert fetch_module.fetch(site.url("/img.png"), "content_url", LIMITS, session_factory=LOOPBACK_OK,
+                              allowed_ports=None) == PNG
