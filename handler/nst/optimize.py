@@ -347,7 +347,9 @@ def _compiled(fn: Callable, compile_new: bool, options: Mapping[str, Any] | None
     if compiled is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
         known = {k: v for k, v in (options or {}).items() if hasattr(torch._inductor.config, k)}
-        # an option this torch lacks is left out (2.11 and 2.14 have emulate_precision_casts)
+        if len(known) < len(options or {}):  # 2.11 and 2.14 have emulate_precision_casts
+            log.warning("torch %s's inductor lacks %s: %s compiled without", torch.__version__,
+                        ", ".join(sorted(set(options or {}) - set(known))), fn.__name__)
         extra = {"options": known} if known else {}
         compiled = _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC, **extra)
     if compile_new:

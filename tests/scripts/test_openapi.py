@@ -26,15 +26,26 @@ IMAGE_FIELDS = ({"content", "style", "content_url", "style_url"}
                 | {f"style_{i}" for i in range(2, LIMITS.max_styles + 1)})
 
 
-def _own_properties(name: str) -> set[str]:
-    return set(SCHEMAS[name]["allOf"][1]["properties"])
-
-
 def test_the_spec_names_every_parameter_and_image_field_and_nothing_else():
+    """Each request body lists the images and every parameter, each parameter
+    by reference to its one entry in Parameters; unknown names are a 422."""
     assert set(PARAMETERS) == set(PARSERS)
     for body in ("FormRequest", "JsonRequest"):
-        assert _own_properties(body) == IMAGE_FIELDS, body
-        assert SCHEMAS[body]["unevaluatedProperties"] is False  # unknown names are a 422
+        schema = SCHEMAS[body]
+        assert set(schema["properties"]) == IMAGE_FIELDS | set(PARSERS), body
+        for name in PARSERS:
+            assert schema["properties"][name] == {"$ref": f"#/components/schemas/Parameters/properties/{name}"}
+        assert schema["additionalProperties"] is False
+        assert schema["required"] == ["content", "style"]  # what a server without allow_urls requires
+
+
+def test_a_request_without_an_image_is_refused_as_the_spec_says():
+    for missing in ("content", "style"):
+        fields = {"content": b"x", "style": b"x"}
+        del fields[missing]
+        with pytest.raises(RequestError) as e:
+            parse_request(fields, LIMITS)
+        assert e.value.code == 400 and e.value.message.startswith(missing), e.value.message
     content = SPEC["paths"]["/predictions/style_transfer"]["post"]["requestBody"]["content"]
     assert set(content) == {"multipart/form-data", "application/json"}
 
@@ -78,7 +89,9 @@ def test_numeric_bounds_are_the_parsers(name):
 
 def test_booleans_layers_and_blends_are_the_parsers():
     for name in ("stream", "preserve_color"):
-        assert PARAMETERS[name]["type"] == "boolean" and _parses(name, True) and not _parses(name, "yes")
+        assert PARAMETERS[name]["type"] == "boolean"
+        assert all(_parses(name, v) for v in (True, False, "true", "FALSE", "1", "0", b"true", 1, 0))
+        assert not any(_parses(name, v) for v in ("yes", "", 2, None))
     layers = PARAMETERS["style_layer_weights"]
     pattern = re.compile(layers["propertyNames"]["pattern"])
     names = [f"{kind}{layer[4:]}" for layer in LAYER_NAMES for kind in ("conv", "relu")]
@@ -95,7 +108,7 @@ def test_booleans_layers_and_blends_are_the_parsers():
     blend = PARAMETERS["style_blend"]
     assert blend["maxItems"] == LIMITS.max_styles
     assert _parses("style_blend", [blend["items"]["maximum"]]) and not _parses("style_blend", [-1])
-    json_style = SCHEMAS["JsonRequest"]["allOf"][1]["properties"]["style"]["oneOf"][1]
+    json_style = SCHEMAS["JsonRequest"]["properties"]["style"]["oneOf"][1]
     assert json_style["maxItems"] == LIMITS.max_styles
 
 
