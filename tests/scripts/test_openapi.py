@@ -26,6 +26,13 @@ IMAGE_FIELDS = ({"content", "style", "content_url", "style_url"}
                 | {f"style_{i}" for i in range(2, LIMITS.max_styles + 1)})
 
 
+def test_the_file_is_valid_openapi_3_1():
+    from openapi_spec_validator import validate
+
+    assert SPEC["openapi"].startswith("3.1.")
+    validate(SPEC)  # raises, naming the path, where the file breaks the specification
+
+
 def test_the_spec_names_every_parameter_and_image_field_and_nothing_else():
     """Each request body lists the images and every parameter, each parameter
     by reference to its one entry in Parameters; unknown names are a 422."""
