@@ -561,6 +561,35 @@ def test_stream_json_row(handler, make_context, inputs, sent):
     assert json.loads(out)["done"] is True
 
 
+def test_stream_lines_are_the_records_docs_openapi_yaml_describes(make_handler, make_context, inputs, monkeypatch):
+    """Progress records, the final record (every fact it carries documented),
+    and the error record of a stream cut after its status went out (here: an
+    answer over max_response_bytes)."""
+    import jsonschema
+    import yaml
+
+    schemas = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs/openapi.yaml").read_text())
+    schemas = schemas["components"]["schemas"]
+
+    def lines_of(handler):
+        lines = []
+        monkeypatch.setattr(handler, "send_intermediate", lambda line, idx, context: lines.append(line))
+        [out] = handler.handle([{"body": json_fields(inputs, steps=2, max_size=32, stream=True)}], make_context())
+        return [json.loads(line) for line in lines], json.loads(out)
+
+    progress, final = lines_of(make_handler({"progress_every": 1}))
+    assert len(progress) == 2
+    for record in progress:
+        jsonschema.validate(record, schemas["ProgressRecord"])
+        assert set(record) == set(schemas["ProgressRecord"]["properties"])
+    jsonschema.validate(final, schemas["FinalRecord"])
+    assert set(final) == set(schemas["FinalRecord"]["properties"])
+    progress, failed = lines_of(make_handler({"progress_every": 1, "max_response_bytes": 100}))
+    assert progress and failed["error"]["code"] == 413
+    jsonschema.validate(failed, schemas["StreamError"])
+    assert set(failed) == set(schemas["StreamError"]["properties"])
+
+
 def test_stream_progress_every_from_limits(make_handler, make_context, inputs, monkeypatch):
     handler = make_handler({"progress_every": 2})
     lines = []

@@ -19,7 +19,17 @@ from nst.vgg import LAYER_NAMES
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "docs/openapi.yaml").read_text())
 SCHEMAS = SPEC["components"]["schemas"]
-PARAMETERS = SCHEMAS["Parameters"]["properties"]
+
+
+def _named(ref: dict) -> str:
+    """{"$ref": "#/components/schemas/Steps"} -> "Steps"."""
+    return ref["$ref"].removeprefix("#/components/schemas/")
+
+
+# parameter -> its schema: each a named schema of its own, which generators
+# can follow (openapi-python-client made no endpoint of $refs into a
+# schema's properties)
+PARAMETERS = {name: SCHEMAS[_named(ref)] for name, ref in SCHEMAS["Parameters"]["properties"].items()}
 # what the spec's maxima are: the default limits, max_size at a GPU's
 LIMITS = Limits().for_device("cuda")
 IMAGE_FIELDS = ({"content", "style", "content_url", "style_url"}
@@ -41,7 +51,11 @@ def test_the_spec_names_every_parameter_and_image_field_and_nothing_else():
         schema = SCHEMAS[body]
         assert set(schema["properties"]) == IMAGE_FIELDS | set(PARSERS), body
         for name in PARSERS:
-            assert schema["properties"][name] == {"$ref": f"#/components/schemas/Parameters/properties/{name}"}
+            prop = schema["properties"][name]
+            if body == "FormRequest" and name == "style_blend":  # a list travels as one JSON text part
+                assert prop["contentMediaType"] == "application/json"
+                prop = prop["contentSchema"]
+            assert prop == SCHEMAS["Parameters"]["properties"][name], (body, name)
         assert schema["additionalProperties"] is False
         assert schema["required"] == ["content", "style"]  # what a server without allow_urls requires
 
@@ -92,6 +106,22 @@ def test_numeric_bounds_are_the_parsers(name):
     assert _parses(name, hi) and not _parses(name, past(hi, 1)), name
     if integer:
         assert not _parses(name, 1.5)
+
+
+def test_defaults_are_the_fast_presets():
+    """A parameter's `default` is what a request that leaves it out gets."""
+    from nst.config import Params
+    from nst.request import Request
+
+    defaults = Params()
+    documented = {name: schema["default"] for name, schema in PARAMETERS.items() if "default" in schema}
+    assert documented["stream"] is False and Request.__dataclass_fields__["stream"].default is False
+    for name, value in documented.items():
+        if name != "stream":
+            assert getattr(defaults, name) == value, name
+    # the others default to none (no seed, no deadline) or to equal weights (style_blend)
+    assert {n for n in PARSERS if n not in documented} == {"seed", "style_blend", "timeout_s", "deadline"}
+    assert all(getattr(defaults, n) is None for n in ("seed", "style_blend", "timeout_s", "deadline"))
 
 
 def test_booleans_layers_and_blends_are_the_parsers():

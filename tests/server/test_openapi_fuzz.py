@@ -19,14 +19,14 @@ from local_server import ROOT, running_server
 
 SPEC = ROOT / "docs/openapi.yaml"
 RESPONSES = yaml.safe_load(SPEC.read_text())["paths"]["/predictions/style_transfer"]["post"]["responses"]
-DOCUMENTED = {int(code) for code in RESPONSES}
+DOCUMENTED = {int(code) for code in RESPONSES} - {500}  # a 500 here is a bug of this model's
 pytestmark = pytest.mark.server
 
 # Left out: missing_required_header and ignored_auth (a missing key is
 # TorchServe's 400, which the contract says, not the 401 they expect),
 # unsupported_method (TorchServe answers TRACE and OPTIONS on the path), and
 # not_a_server_error (the documented 503/504/507 are answers, not faults;
-# status_code_conformance fails an undocumented 500).
+# status_code_conformance fails a 500, left out of the fuzzed copy).
 CHECKS = ("status_code_conformance,content_type_conformance,response_headers_conformance,"
           "response_schema_conformance,negative_data_rejection")
 
@@ -38,12 +38,16 @@ def small_server(tmp_path_factory):
         yield srv
 
 
-def _spec_without_urls(path: Path) -> Path:
-    """docs/openapi.yaml less content_url and style_url: URL inputs are off on
-    the fuzzed server (a body naming one stops at that field's 422 before
-    anything else is read), and fetching is tested with sites of its own
-    (tests/core/test_fetch.py, tests/server/test_public_urls.py)."""
+def _fuzzed_spec(path: Path) -> Path:
+    """docs/openapi.yaml as the fuzzer reads it:
+    - less the 500 (documented for TorchServe's own and for bugs), so that
+      an answer of 500 fails status_code_conformance;
+    - less content_url and style_url: URL inputs are off on the fuzzed
+      server (a body naming one stops at that field's 422 before anything
+      else is read), and fetching is tested with sites of its own
+      (tests/core/test_fetch.py, tests/server/test_public_urls.py)."""
     spec = yaml.safe_load(SPEC.read_text())
+    del spec["paths"]["/predictions/style_transfer"]["post"]["responses"]["500"]
     for body in ("FormRequest", "JsonRequest"):
         for name in ("content_url", "style_url"):
             del spec["components"]["schemas"][body]["properties"][name]
@@ -54,7 +58,7 @@ def _spec_without_urls(path: Path) -> Path:
 def test_generated_requests_get_only_documented_answers_and_the_worker_survives(small_server, tmp_path):
     pids = small_server.worker_pids()
     har = tmp_path / "run.har"
-    spec = _spec_without_urls(tmp_path / "openapi.yaml")
+    spec = _fuzzed_spec(tmp_path / "openapi.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests/support"), "SCHEMATHESIS_HOOKS": "openapi_hooks",
            "NO_COLOR": "1"}
     run = subprocess.run(
