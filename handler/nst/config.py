@@ -60,6 +60,8 @@ DEADLINE_SLACK_S = 1.0
 # refused (503) without starting another, so a name server that never
 # answers cannot pile up threads in the worker.
 MAX_PENDING_LOOKUPS = 8
+# Longest URL input, in characters; longer ones are refused (400) unread.
+MAX_URL_CHARS = 2048
 
 
 # conv5_1 follows four 2x2 poolings: a side under 2**4 px leaves it no pixel

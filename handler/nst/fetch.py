@@ -28,7 +28,7 @@ import urllib3
 from requests_hardened import Config, Manager, ip_filter
 from requests_hardened.ip_filter import InvalidIPAddress
 
-from .config import MAX_PENDING_LOOKUPS, Limits
+from .config import MAX_PENDING_LOOKUPS, MAX_URL_CHARS, Limits
 from .errors import BadRequest, Busy, Forbidden, RequestError, TimedOut, TooLarge
 
 SessionFactory = Callable[[], requests.Session]
@@ -37,7 +37,8 @@ _PUBLIC_ONLY = Manager(Config(
     ip_filter_enable=True,
     ip_filter_allow_loopback_ips=False,
     never_redirect=True,  # redirects are followed below, one checked hop at a time
-    default_timeout=(3, 5),  # for a call that passes none; fetch() passes Limits' own
+    # for a call that passes none; fetch() passes its Limits' own
+    default_timeout=(Limits().url_connect_timeout_s, Limits().url_read_timeout_s),
     user_agent_override="style-transfer-fetch",
 ))
 # Ranges requests-hardened lets through (it blocks what Python calls private,
@@ -193,8 +194,8 @@ def fetch(
 ) -> bytes:
     """GET `url` -> its bytes, or a RequestError naming `field`:
     403 forbidden address, 400 unusable URL/answer, 413 too big, 504 too slow."""
-    if not isinstance(url, str) or len(url) > 2048:
-        raise BadRequest(field, f"{field}: expected a URL string of at most 2048 characters")
+    if not isinstance(url, str) or len(url) > MAX_URL_CHARS:
+        raise BadRequest(field, f"{field}: expected a URL string of at most {MAX_URL_CHARS} characters")
     deadline = time.monotonic() + limits.url_total_timeout_s
     timeout = (limits.url_connect_timeout_s, limits.url_read_timeout_s)
     sockets = _Sockets()

@@ -149,6 +149,12 @@ def test_booleans_layers_and_blends_are_the_parsers():
     assert json_style["maxItems"] == LIMITS.max_styles
 
 
+def test_a_url_input_is_bounded_as_the_fetcher_bounds_it():
+    from nst.config import MAX_URL_CHARS
+
+    assert SCHEMAS["Url"]["maxLength"] == MAX_URL_CHARS
+
+
 def test_the_json_example_is_a_request_the_parser_accepts():
     """The example a client generator or a fuzzer starts from: two PNGs the
     decoder reads, and parameters within the bounds."""
