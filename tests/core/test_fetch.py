@@ -225,15 +225,18 @@ class _StuckNameServer:
         self.release = threading.Event()
         self.asked = 0
         self.waiting = 0  # lookups blocked right now
+        count = threading.Lock()  # lookups run on threads of their own: += alone can lose a count
         real = socket.getaddrinfo
 
         def getaddrinfo(host, *args, **kwargs):
             if not str(host).endswith(".stuck.test"):
                 return real(host, *args, **kwargs)
-            self.asked += 1
-            self.waiting += 1
+            with count:
+                self.asked += 1
+                self.waiting += 1
             self.release.wait(60)
-            self.waiting -= 1
+            with count:
+                self.waiting -= 1
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
         monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
