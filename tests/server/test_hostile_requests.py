@@ -14,6 +14,8 @@ import pytest
 import requests
 from PIL import Image
 
+from example_images import thumbnail
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
 
@@ -176,14 +178,18 @@ def test_queued_work_past_the_clients_deadline_is_dropped_unstarted(server):
 
 
 def test_timeout_s_cuts_a_running_request(server):
-    """3000 steps cannot fit in 30 s on any CPU: the request stops at its
+    """3000 steps at 96x72 cannot fit in 20 s: the request stops at its
     second progress record (step 20), as soon as its pace shows it, not at
-    the deadline (config.DEADLINE_SLACK), and says what would fit. (30 s
-    leaves those 20 steps time on a loaded machine; with 3 s the deadline
-    could pass before the second record.)"""
+    the deadline (config.DEADLINE_SLACK), and says what would fit. It does
+    so for any pace from about 9 ms a step (2980 steps then need 1.25x the
+    time left, and 1 s more; this machine's bf16 steps take about 4x that)
+    to about 0.9 s (the 20 steps then still fit). At 48 px and 30 s its
+    12 ms bf16 steps passed for fitting, and the float32 ones stopped it at
+    step 80; at 3 s a loaded machine could miss the second record.)"""
     pids = server.worker_pids()
-    r = server.predict(json={"content": GOOD_B64, "style": GOOD_B64, "steps": 3000, "max_size": 48,
-                             "optimizer": "adam", "timeout_s": 30.0})
+    content = base64.b64encode(thumbnail("tubingen.jpg", 96)).decode()  # 96x72
+    r = server.predict(json={"content": content, "style": GOOD_B64, "steps": 3000, "max_size": 96,
+                             "optimizer": "adam", "timeout_s": 20.0})
     err = _assert_refused(r, 504, "timeout_s")
     assert err["message"].startswith("timeout_s: the client's deadline would pass first: stopped after 20 of "
                                      "3000 steps: at ")
