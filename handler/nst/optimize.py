@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 import secrets
@@ -327,6 +328,24 @@ def input_loss(objective: Objective, x: Tensor, dtype: torch.dtype) -> Tensor:
 # the Python function: one each for the process's life, like the kept
 # programs (_KEPT), since its compiled code is what warm-up paid for.
 _COMPILED: dict = {}
+# Device types whose worker could not compile the L-BFGS update at its
+# warm-up: their steps run the update uncompiled (see warm_up).
+_UPDATE_EAGER: set = set()
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch raises when a compiler (inductor, its code generation) fails;
+    each where this torch has it."""
+    found = []
+    for module, name in (("torch._dynamo.exc", "BackendCompilerFailed"), ("torch._inductor.exc", "InductorError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_COMPILE_ERRORS = _compile_errors()
 
 
 def loss_function(normalized_space: bool, device: torch.device, compile_new: bool = False) -> Callable:
@@ -404,14 +423,23 @@ def warm_up(vgg: VGGFeatures, sizes: Sequence[tuple[int, int]], params: Params |
                     _mark_batch_dynamic(objective, x)
                 with torch.enable_grad():
                     torch.autograd.grad(loss_of(objective, x, dtype).sum(), x)
-        if compiling and LBFGS_COMPILE and params.optimizer == "lbfgs":
+        if compiling and LBFGS_COMPILE and params.optimizer == "lbfgs" and device.type not in _UPDATE_EAGER:
             # The L-BFGS update, compiled through one eager step per dtype of
             # a program built for it and then dropped (its key says compile_new).
             content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
             program = _program(vgg, request_objective(vgg, content, [style], params), content, params, True)
-            with torch.enable_grad():
-                for dtype in step_dtypes(device, params):
-                    program.runner.step_fn(dtype)
+            try:
+                with torch.enable_grad():
+                    for dtype in step_dtypes(device, params):
+                        program.runner.step_fn(dtype)
+            except _COMPILE_ERRORS as e:
+                # A compiler that fails on the update (its options, LBFGS_COMPILE_OPTIONS,
+                # were never run on every torch and card) leaves the update
+                # uncompiled, a slower step, rather than a worker that cannot start.
+                log.error("compiling the L-BFGS update failed on %s (%s: %s); its steps run it uncompiled",
+                          device, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                _UPDATE_EAGER.add(device.type)
+                _COMPILED.pop(lbfgs_update, None)
             del program
         if capturing and keeps(device, (h, w)):
             content, style = (torch.rand((1, 3, h, w), generator=gen).to(device) for _ in range(2))
@@ -738,7 +766,7 @@ def _program(vgg: VGGFeatures, objective: Objective, x0: Tensor, p0: Params, com
 
     scale = scale_state(B, device)
     update = (_compiled(lbfgs_update, compile_new, LBFGS_COMPILE_OPTIONS)
-              if use_compile(device) and LBFGS_COMPILE else lbfgs_update)
+              if use_compile(device) and LBFGS_COMPILE and device.type not in _UPDATE_EAGER else lbfgs_update)
     state_tensors = tuple(lbfgs.tensors(state) for state in states)
 
     def one_step(dtype: torch.dtype) -> None:

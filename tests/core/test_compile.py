@@ -75,6 +75,35 @@ def test_requests_never_compile_only_the_warm_up_does(vgg, eager_backend_on_cpu)
     assert result.image.shape == (1, 3, 40, 56)
 
 
+def test_a_compiler_that_fails_on_the_update_leaves_it_uncompiled_and_the_worker_starts(vgg, fresh_compile,
+                                                                                       monkeypatch, caplog):
+    """LBFGS_COMPILE_OPTIONS were never compiled on every torch and card: where
+    the compiler fails on the update (here a backend that raises, for the
+    compile that carries options), the warm-up logs it and goes on, and the
+    steps run the update uncompiled, the loss still compiled."""
+    real = torch.compile
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("this compiler cannot do it")
+
+    def compile_(fn, **kw):
+        options = kw.pop("options", None)
+        return real(fn, backend=failing if options else "eager", **kw)
+
+    monkeypatch.setattr(optimize_mod, "use_compile", lambda device: True)
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(optimize_mod, "_UPDATE_EAGER", set())
+    monkeypatch.setattr(optimize_mod, "LBFGS_COMPILE", True)
+    with caplog.at_level("ERROR", logger="nst.optimize"):
+        warm_up(vgg, [(48, 32)])
+    assert "compiling the L-BFGS update failed" in caplog.text
+    assert optimize_mod._UPDATE_EAGER == {"cpu"} and optimize_mod.lbfgs_update not in optimize_mod._COMPILED
+    assert pixels_loss in optimize_mod._COMPILED  # the loss is compiled still
+    content, style = images(32, 48, 3)
+    result = stylize(vgg, content, [style], dataclasses.replace(Params(), steps=3))
+    assert result.steps == 3 and torch.isfinite(result.image).all()
+
+
 def test_a_warm_up_with_the_seed_presets_params_compiles_the_recipes_loss(vgg, eager_backend_on_cpu,
                                                                           monkeypatch):
     """preset=seed optimizes normalized values (the recipe's loss, another
