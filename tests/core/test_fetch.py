@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 from image_server import PNG, ImageServer
+from manage import wait_for
 from requests_hardened import Config, Manager
 
 from nst import Limits, RequestError, parse_request
@@ -271,7 +272,7 @@ def test_lookups_left_running_are_bounded_and_the_next_url_waits_for_none(site, 
             with pytest.raises(RequestError) as e:
                 fetch(f"http://img{i}.stuck.test/a.png", "content_url", fast)
             assert e.value.code == 504 and "longer than" in e.value.message
-        _wait_until(lambda: stuck.waiting == MAX_PENDING_LOOKUPS)  # each thread got as far as the resolver
+        assert wait_for(lambda: stuck.waiting == MAX_PENDING_LOOKUPS, 10, 0.01)  # each thread reached the resolver
         with pytest.raises(RequestError) as e:
             fetch("http://one-more.stuck.test/a.png", "content_url", fast)
         assert e.value.code == 503  # the server is busy: the request itself is fine
@@ -286,16 +287,7 @@ def test_lookups_left_running_are_bounded_and_the_next_url_waits_for_none(site, 
 def _wait_for_lookups_to_end():
     import threading
 
-    _wait_until(lambda: not any(t.name == "fetch-lookup" for t in threading.enumerate()))
-
-
-def _wait_until(condition, seconds=10.0):
-    import time
-
-    end = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < end, "not reached in time"
-        time.sleep(0.01)
+    assert wait_for(lambda: not any(t.name == "fetch-lookup" for t in threading.enumerate()), 10, 0.01)
 
 
 def test_a_lookup_slot_is_given_back_when_its_thread_cannot_start(monkeypatch):
