@@ -365,10 +365,11 @@ def _compiled(fn: Callable, compile_new: bool, options: Mapping[str, Any] | None
     compiled = _COMPILED.get(fn)
     if compiled is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
-        known = {k: v for k, v in (options or {}).items() if hasattr(torch._inductor.config, k)}
-        if len(known) < len(options or {}):  # 2.11 and 2.14 have emulate_precision_casts
+        options = options or {}
+        known = {k: v for k, v in options.items() if hasattr(torch._inductor.config, k)}
+        if len(known) < len(options):  # the pinned 2.14 has emulate_precision_casts; the GPU's 2.11 is unchecked
             log.warning("torch %s's inductor lacks %s: %s compiled without", torch.__version__,
-                        ", ".join(sorted(set(options or {}) - set(known))), fn.__name__)
+                        ", ".join(sorted(set(options) - set(known))), fn.__name__)
         extra = {"options": known} if known else {}
         compiled = _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC, **extra)
     if compile_new:
