@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 BOOKKEEPING = ("section_s", "skipped", "errors", "provenance")
+# Figures kept as a mapping from one section's variant to its figures.
+PER_SECTION = ("batching",)
 
 
 def merge(stored: dict, new: dict, label: str, provenance: str) -> dict:
@@ -34,6 +36,11 @@ def merge(stored: dict, new: dict, label: str, provenance: str) -> dict:
     # An empty container is a section the new run set up but did not reach
     # (batching's tables with --only core, say): not a measurement of nothing.
     merged = {**stored, **{k: v for k, v in new.items() if k not in BOOKKEEPING and v not in ({}, [])}}
+    # Batching is measured per image size, each size its own section: a run
+    # that measured 256 px leaves the 128 and 512 px tables of an earlier one.
+    for key in PER_SECTION:
+        if isinstance(stored.get(key), dict) and isinstance(new.get(key), dict):
+            merged[key] = {**stored[key], **new[key]}
     merged["section_s"] = {**stored.get("section_s", {}),
                            **{f"{name} ({label})": s for name, s in new.get("section_s", {}).items()}}
     merged["skipped"] = []  # what the new run skipped an earlier one measured, or nobody did: not a failure

@@ -473,6 +473,21 @@ def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_pat
     assert json.loads(into.read_text()) == merged
 
 
+def test_gpu_merge_keeps_the_batch_sizes_a_new_run_did_not_measure(tmp_path):
+    """A run that measured batching at 256 px replaces that table only."""
+    stored = {"card": "H100", "provenance": "Run 1.",
+              "batching": {"128": {"rows": 1}, "256": {"rows": 2}, "512": {"rows": 3}}}
+    new = {"card": "H100", "batching": {"256": {"rows": 9}}, "section_s": {"batching_256": 70.0}}
+    into, fresh = tmp_path / "gpu_results_h100.json", tmp_path / "new.json"
+    into.write_text(json.dumps(stored))
+    fresh.write_text(json.dumps(new))
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
+                        "--label", "run 2", "--provenance", "Run 2: batching at 256 px."],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(into.read_text())["batching"] == {"128": {"rows": 1}, "256": {"rows": 9}, "512": {"rows": 3}}
+
+
 def test_report_only_rewrites_docs_performance_from_the_stored_results(tmp_path):
     """`bench/run.py --report-only` measures nothing and renders the stored
     CPU and GPU results: docs/PERFORMANCE.md is exactly that rendering (but
