@@ -310,7 +310,8 @@ def gpu_sections() -> list[str]:
                   "measured after other runs in the same process, which already hold fixed workspaces"
                   + (", with cuDNN's autotuning on: it tries workspaces as large as the free memory (the 1024x768 "
                      "row)" if r.get("cudnn_benchmark") else "")
-                  + ". `tests/core/test_memory.py` measures each size fresh; its figures calibrate the estimate.)"]
+                  + ". `tests/core/test_memory.py` measures each size fresh; its figures calibrate the estimate."
+                  + (f" {r['memory_note']}" if r.get("memory_note") else "") + ")"]
         if r.get("gpu_tests"):
             lines += ["", "GPU tests: " + r["gpu_tests"]]
         equality = path.with_name(path.name.replace("gpu_results_", "gpu_batch_equality_"))

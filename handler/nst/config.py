@@ -314,7 +314,8 @@ CUDA_GRAPHS = True
 # bench/gpu_engine_h100.md, 512x384) preset=seed took 0.89x the recipe's
 # time per step eager, 0.53x in a graph, 0.40x in a graph with its loss
 # compiled (WARM_UP_PRESETS), each 300-step image at the eager one's loss
-# (1.000x); shipped since, run 4 measured 0.35x (bench/gpu_results_h100.json).
+# (1.000x); shipped since, runs 4 and 5 measured 0.35x and 0.38x
+# (bench/gpu_results_h100.json).
 ADAM_CUDA_GRAPHS = True
 # On a GPU, the fast preset's loss (VGG pass, Grams, losses) and its backward
 # go through torch.compile: fused kernels instead of one per elementwise op.
@@ -344,7 +345,9 @@ LBFGS_COMPILE = True
 # stored (nst.lbfgs.update_history). Without it the compiled update kept
 # pairs whose stored s.y is not positive (200 of 200 near-orthogonal pairs
 # took a slot on the CPU's inductor, against 105 eager) and took gamma from
-# the unrounded pair (2.5e-9 where eager kept 1.0).
+# the unrounded pair (2.5e-9 where eager kept 1.0). With it, H100 run 5 took
+# the default step at 512x512 in 1.83 ms (run 4, without: 1.90), and the GPU
+# compile test kept the compiled update's 60-step loss within 7% of eager.
 LBFGS_COMPILE_OPTIONS: Mapping[str, bool] = {"emulate_precision_casts": True}
 # On these device types the Gram matrices of 16-bit features (every
 # fast-preset step on a GPU, LOWP_DTYPE) by matmuls that read the features in
@@ -453,10 +456,11 @@ KEEP_PROGRAMS_MAX_PIXELS = 1024 * 1024
 # fast preset first optimizes at half the size for COARSE_FRACTION of its
 # steps (each costs a quarter), then carries the stylization, not the blurred
 # image, to full size (content + upsampled (coarse result - coarse content))
-# for the remaining steps. None = off: on an H100 (bench/gpu_results_h100.json)
-# 100 coarse-to-fine steps took 0.72 s against 0.99 s at 1024x768, and 2.52
-# against 3.55 s at 2048x1536, but ended at 2.6x and 1.7x single-scale's loss,
-# and never reached single-scale's loss within the same 100 steps.
+# for the remaining steps. None = off: on an H100 (bench/gpu_results_h100.json,
+# run 5, the shipped engine) 100 coarse-to-fine steps took 0.53 s against
+# 0.76 s at 1024x768, and 1.77 against 2.68 s at 2048x1536, but ended at 3.5x
+# and 1.7x single-scale's loss, and never reached single-scale's loss within
+# the same 100 steps (an earlier run, before kept optimizations: 2.6x, 1.7x).
 COARSE_TO_FINE_FROM: int | None = None
 COARSE_FRACTION = 0.5
 # False: one compiled program per image shape (each warmed up at worker start).
@@ -505,8 +509,9 @@ WARM_UP_SIZES = ((512, 512), (512, 384), (384, 512))
 # the list. preset=seed too by default: on an H100 (run 3,
 # bench/gpu_engine_h100.md) compiling its loss took its steps (in a CUDA
 # graph, ADAM_CUDA_GRAPHS) from 0.53x to 0.40x the recipe's time, for 10.6 s
-# of compiling per shape at a worker's start (13.2 s at 512x384 in run 4,
-# a fresh process; the fast preset's shapes took 29.1 s and 19.4 s there).
+# of compiling per shape at a worker's start (13.2 s and 9.3 s at 512x384
+# in runs 4 and 5, each a fresh process; the fast preset's shapes took
+# 29.1 s and 19.4 s in run 4, 36.9 s and 13.4 s in run 5).
 WARM_UP_PRESETS = ("fast", "seed")
 
 PRESETS = ("fast", "seed")
