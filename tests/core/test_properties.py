@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -121,3 +123,24 @@ def test_json_numbers_and_strings_agree():
         as_json = build_params({name: value}, LIMITS)
         as_form = build_params({name: bytearray(json.dumps(value).encode())}, LIMITS)
         assert as_json == as_form, name
+
+
+def test_the_property_tests_draw_the_same_examples_on_every_run():
+    """tests/conftest.py's Hypothesis profile: a CI run's verdict depends on
+    the commit, not on the draw (HYPOTHESIS_PROFILE=explore draws anew)."""
+    if os.environ.get("HYPOTHESIS_PROFILE") == "explore":
+        pytest.skip("HYPOTHESIS_PROFILE=explore draws new examples each run")
+
+    def draw() -> list:
+        seen = []
+
+        @settings(SETTINGS, max_examples=30, database=None)
+        @given(value=wire_values)
+        def probe(value):
+            seen.append(repr(value))
+
+        probe()
+        return seen
+
+    first = draw()
+    assert len(set(first)) > 5 and draw() == first
