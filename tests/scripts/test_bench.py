@@ -443,6 +443,19 @@ def test_a_lent_gpu_runs_exactly_the_core_tests_that_skip_without_one():
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_session.sh")]).returncode == 0
 
 
+def _gpu_merge(tmp_path, stored: dict | None, new: dict, label: str, provenance: str):
+    """bench/gpu_merge.py run on `new` laid over `stored` (each written to
+    tmp_path first, `stored` only where given); returns the process and the
+    stored file."""
+    into, fresh = tmp_path / "gpu_results_h100.json", tmp_path / "new.json"
+    if stored is not None:
+        into.write_text(json.dumps(stored))
+    fresh.write_text(json.dumps(new))
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
+                        "--label", label, "--provenance", provenance], capture_output=True, text=True, timeout=60)
+    return p, into
+
+
 def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_path):
     """bench/gpu_merge.py: the new run's figures replace the stored ones, the
     figures it did not measure stay, section times are kept per run, the
@@ -452,12 +465,7 @@ def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_pat
     stored["batching"] = {"256": {"warm_up_s": {"256x192": 30.0}}}
     new = {"card": "H100", "square_ms_per_step_default": 2.31, "profile": {"size": "512x512"}, "batching": {},
            "section_s": {"core": 120.0, "profile": 20.0}, "skipped": ["batching_256"], "errors": {"memory": "tb"}}
-    into, fresh = tmp_path / "gpu_results_h100.json", tmp_path / "new.json"
-    into.write_text(json.dumps(stored))
-    fresh.write_text(json.dumps(new))
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
-                        "--label", "run 2", "--provenance", "Run 2: the core and the profile."],
-                       capture_output=True, text=True, timeout=60)
+    p, into = _gpu_merge(tmp_path, stored, new, "run 2", "Run 2: the core and the profile.")
     assert p.returncode == 0, p.stderr
     merged = json.loads(into.read_text())
     assert merged["square_ms_per_step_default"] == 2.31 and merged["profile"] == {"size": "512x512"}
@@ -466,9 +474,7 @@ def test_gpu_merge_lays_a_new_run_over_the_stored_one_and_keeps_the_rest(tmp_pat
     assert merged["section_s"] == {"core": 100.0, "core (run 2)": 120.0, "profile (run 2)": 20.0}
     assert merged["errors"] == {"memory (run 2)": "tb"} and merged["skipped"] == []
     assert merged["provenance"] == "Run 1: all. Run 2: the core and the profile."
-    fresh.write_text(json.dumps({**new, "card": "H200"}))
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
-                        "--label", "run 3", "--provenance", "Run 3."], capture_output=True, text=True, timeout=60)
+    p, _ = _gpu_merge(tmp_path, None, {**new, "card": "H200"}, "run 3", "Run 3.")
     assert p.returncode == 2 and "each card has a file of its own" in p.stderr
     assert json.loads(into.read_text()) == merged
 
@@ -478,12 +484,7 @@ def test_gpu_merge_keeps_the_batch_sizes_a_new_run_did_not_measure(tmp_path):
     stored = {"card": "H100", "provenance": "Run 1.",
               "batching": {"128": {"rows": 1}, "256": {"rows": 2}, "512": {"rows": 3}}}
     new = {"card": "H100", "batching": {"256": {"rows": 9}}, "section_s": {"batching_256": 70.0}}
-    into, fresh = tmp_path / "gpu_results_h100.json", tmp_path / "new.json"
-    into.write_text(json.dumps(stored))
-    fresh.write_text(json.dumps(new))
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_merge.py"), str(fresh), str(into),
-                        "--label", "run 2", "--provenance", "Run 2: batching at 256 px."],
-                       capture_output=True, text=True, timeout=60)
+    p, into = _gpu_merge(tmp_path, stored, new, "run 2", "Run 2: batching at 256 px.")
     assert p.returncode == 0, p.stderr
     assert json.loads(into.read_text())["batching"] == {"128": {"rows": 1}, "256": {"rows": 9}, "512": {"rows": 3}}
 
