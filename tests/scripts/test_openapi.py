@@ -19,6 +19,7 @@ from nst.vgg import LAYER_NAMES
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "docs/openapi.yaml").read_text())
 SCHEMAS = SPEC["components"]["schemas"]
+POST = SPEC["paths"]["/predictions/style_transfer"]["post"]
 
 
 def _named(ref: dict) -> str:
@@ -67,7 +68,7 @@ def test_a_request_without_an_image_is_refused_as_the_spec_says():
         with pytest.raises(RequestError) as e:
             parse_request(fields, LIMITS)
         assert e.value.code == 400 and e.value.message.startswith(missing), e.value.message
-    content = SPEC["paths"]["/predictions/style_transfer"]["post"]["requestBody"]["content"]
+    content = POST["requestBody"]["content"]
     assert set(content) == {"multipart/form-data", "application/json"}
 
 
@@ -160,8 +161,7 @@ def test_the_json_example_is_a_request_the_parser_accepts():
     decoder reads, and parameters within the bounds."""
     from nst.imageio import decode
 
-    post = SPEC["paths"]["/predictions/style_transfer"]["post"]
-    example = post["requestBody"]["content"]["application/json"]["examples"]["tiny"]["value"]
+    example = POST["requestBody"]["content"]["application/json"]["examples"]["tiny"]["value"]
     request = parse_request(example, Limits())
     assert request.params.steps == example["steps"]
     for field in ("content", "style"):
@@ -169,11 +169,11 @@ def test_the_json_example_is_a_request_the_parser_accepts():
 
 
 def test_every_error_status_of_the_contract_is_documented_with_the_error_body():
-    responses = SPEC["paths"]["/predictions/style_transfer"]["post"]["responses"]
+    responses = POST["responses"]
     contract = {"400", "413", "415", "422", "503", "504", "507"}
     assert contract <= set(responses)
     for code, response in responses.items():
         if code != "200":
             assert response == {"$ref": "#/components/responses/Error"}, code
     error = SPEC["components"]["responses"]["Error"]["content"]["application/json"]["schema"]
-    assert SCHEMAS[error["$ref"].rsplit("/", 1)[1]]["required"] == ["code", "type", "message"]
+    assert SCHEMAS[_named(error)]["required"] == ["code", "type", "message"]
